@@ -1,0 +1,45 @@
+"""The model family: one SiT with optional semantic channels, [CLS] token and REPA projector; the compressor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from reglue.models.compressor import SemanticCompressor
+from reglue.models.config import ConfigError, ModelConfig, ProjectorConfig
+from reglue.models.projector import ReprProjector
+from reglue.models.sit import ModelOutput, SiT
+
+__all__ = [
+    "ConfigError", "ModelConfig", "ModelOutput", "ProjectorConfig", "ReprProjector", "SemanticCompressor", "SiT",
+    "build", "build_compressor", "count_parameters",
+]
+
+
+def _model_config(config: Mapping | ModelConfig) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    section = config.get("model", config)
+    return ModelConfig.from_dict(section)
+
+
+def build(config: Mapping | ModelConfig) -> SiT:
+    """Build the diffusion model from a resolved preset (or its ``model`` section, or a ModelConfig)."""
+    return SiT(_model_config(config))
+
+
+def build_compressor(config: Mapping) -> SemanticCompressor:
+    """Build the semantic compressor from a preset's ``compressor`` section (or the whole preset)."""
+    section = config.get("compressor", config)
+    return SemanticCompressor(section["channels"])
+
+
+def count_parameters(config: Mapping | ModelConfig) -> dict[str, int]:
+    """Total, trainable and without-projector parameter counts, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build(config)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    projector = sum(p.numel() for p in model.projector.parameters()) if model.projector is not None else 0
+    return {"total": total, "trainable": trainable, "without_projector": total - projector, "projector": projector}
