@@ -13,7 +13,7 @@ from reglue.models.sit import ModelOutput, SiT
 
 __all__ = [
     "ConfigError", "ModelConfig", "ModelOutput", "ProjectorConfig", "ReprProjector", "SemanticCompressor", "SiT",
-    "build", "build_compressor", "count_parameters",
+    "build", "build_compressor", "count_compressor_parameters", "count_parameters",
 ]
 
 
@@ -43,3 +43,12 @@ def count_parameters(config: Mapping | ModelConfig) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     projector = sum(p.numel() for p in model.projector.parameters()) if model.projector is not None else 0
     return {"total": total, "trainable": trainable, "without_projector": total - projector, "projector": projector}
+
+
+def count_compressor_parameters(config: Mapping) -> dict[str, int]:
+    """Encoder, decoder and total parameter counts of the semantic compressor."""
+    with torch.device("meta"):
+        compressor = build_compressor(config)
+    encoder = sum(p.numel() for p in compressor.encoder.parameters())
+    decoder = sum(p.numel() for p in compressor.decoder.parameters())
+    return {"total": encoder + decoder, "encoder": encoder, "decoder": decoder}

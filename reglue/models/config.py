@@ -85,9 +85,12 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field."""
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "latent_channels", "cls_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2 or self.hidden_size % 4:
+        if self.hidden_size % 4:
             raise ConfigError(f"model.hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos embedding)")
         if self.input_size % self.patch_size:
             raise ConfigError(f"model.input_size {self.input_size} is not divisible by patch_size {self.patch_size}")

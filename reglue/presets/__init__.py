@@ -1,0 +1,130 @@
+"""Presets: YAML files shipped with the package, resolved through ``base:`` chains and overrides.
+
+``load("sit-b2-reglue", train__global_batch=128)`` returns the resolved config as plain data. An override
+names a key by its path with ``__`` (or ``.``) between levels; a bare name is accepted when it is unique.
+Files whose name starts with ``_`` are building blocks, not presets.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from typing import Any, Iterable
+
+import yaml
+
+from reglue.models.config import ConfigError, ModelConfig
+
+
+class PresetError(ConfigError):
+    """An unknown preset, or an override that does not fit it."""
+
+
+def _preset_files() -> dict[str, Any]:
+    root = resources.files(__name__)
+    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def available() -> list[str]:
+    """Names of every loadable preset, sorted."""
+    return sorted(name for name in _preset_files() if not name.startswith("_"))
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of ``base`` with ``update`` merged in, recursively for nested dicts."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read(name: str, files: dict, chain: tuple[str, ...] = ()) -> dict:
+    """The file ``name`` with its bases merged underneath it."""
+    if name not in files:
+        raise PresetError(f"unknown preset {name!r}; valid presets: {', '.join(available())}")
+    if name in chain:
+        raise PresetError(f"preset {name!r} inherits from itself via {' -> '.join(chain)}")
+    data = yaml.safe_load(files[name].read_text()) or {}
+    bases = data.pop("base", None) or []
+    resolved: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        resolved = deep_merge(resolved, _read(base, files, chain + (name,)))
+    return deep_merge(resolved, data)
+
+
+def _leaf_paths(config: dict, prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, ...]]:
+    for key, value in config.items():
+        path = prefix + (key,)
+        yield path
+        if isinstance(value, dict):
+            yield from _leaf_paths(value, path)
+
+
+def _resolve_key(config: dict, key: str) -> tuple[str, ...]:
+    """Turn 'model__depth', 'model.depth' or a unique bare name into a key path."""
+    parts = tuple(key.replace("__", ".").split("."))
+    if len(parts) > 1:
+        return parts
+    matches = [p for p in _leaf_paths(config) if p[-1] == key and p[0] != "sources"]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise PresetError(f"override {key!r}: no such key in the preset")
+    raise PresetError(f"override {key!r} is ambiguous: use one of {', '.join('.'.join(p) for p in matches)}")
+
+
+def _check_type(path: tuple[str, ...], old: Any, new: Any) -> Any:
+    if old is None or new is None or isinstance(new, type(old)):
+        return new
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return float(new)
+    raise PresetError(f"override {'.'.join(path)}={new!r}: expected {type(old).__name__}, got {type(new).__name__}")
+
+
+def apply_override(config: dict, key: str, value: Any) -> dict:
+    """Set one key (path or unique name) in place, checking that it exists and the type fits."""
+    path = _resolve_key(config, key)
+    node = config
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise PresetError(f"override {'.'.join(path)}: {part!r} is not a section of this preset")
+        node = node[part]
+    if path[-1] not in node:
+        raise PresetError(f"override {'.'.join(path)}: no such key; valid here: {', '.join(sorted(node))}")
+    node[path[-1]] = _check_type(path, node[path[-1]], value)
+    return config
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """'model.depth=4' -> ('model.depth', 4), the value parsed as YAML."""
+    if "=" not in text:
+        raise PresetError(f"override {text!r}: expected KEY=VALUE, e.g. train.global_batch=128")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise PresetError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+
+
+def validate(config: dict) -> dict:
+    """Check the resolved config (the model section must build a ModelConfig)."""
+    if config.get("kind") == "diffusion":
+        ModelConfig.from_dict(config["model"])
+    elif config.get("kind") == "compressor":
+        channels = config.get("compressor", {}).get("channels")
+        if not channels or len(channels) < 2:
+            raise PresetError("compressor.channels needs at least two entries")
+    else:
+        raise PresetError(f"kind {config.get('kind')!r}: expected 'diffusion' or 'compressor'")
+    return config
+
+
+def load(name: str, **overrides: Any) -> dict:
+    """The resolved preset ``name`` with keyword overrides applied (``model__depth=4`` or a unique bare key)."""
+    config = {"preset": name, **_read(name, _preset_files())}
+    for key, value in overrides.items():
+        apply_override(config, key, value)
+    return validate(config)

@@ -1,0 +1,28 @@
+"""One-line errors and exit codes shared by every command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+EXIT_USAGE = 2  # bad input: wrong option, unreadable file, unknown preset
+
+
+class CommandError(click.ClickException):
+    """Bad input: printed as one line, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def fail(message: str) -> None:
+    """Raise a CommandError with ``message``."""
+    raise CommandError(message)
+
+
+def report(command: str | None, message: str, code: int = EXIT_USAGE) -> int:
+    """Print ``reglue <command>: error: <message>`` on one line to stderr and return the exit code."""
+    where = f"reglue {command}" if command else "reglue"
+    first = " ".join(str(message).split())  # collapse newlines: one line, always
+    print(f"{where}: error: {first}", file=sys.stderr)
+    return code

@@ -1,0 +1,65 @@
+"""The `reglue` command: encode -> train -> sample -> eval -> compare."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from reglue_cli.errors import EXIT_USAGE, report
+from reglue_cli.pending import compare, encode, eval_, sample
+from reglue_cli.train import train
+
+
+class PipelineGroup(click.Group):
+    """Lists commands in pipeline order rather than alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="reglue")
+def cli() -> None:
+    """Train, sample and evaluate REGLUE latent diffusion models and their baselines (SiT, REPA, ReDi, REG).
+
+    \b
+    The pipeline, one command per arrow:
+      images/ --encode--> data.h5 --train--> run/checkpoints/*.pt --sample--> samples.npz
+      samples.npz --eval--> metrics.json --compare--> tables beside the published numbers
+
+    Run `reglue COMMAND --help` for the options of each step.
+    """
+
+
+for command in (encode, train, sample, eval_, compare):
+    cli.add_command(command)
+
+
+def _command_name(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in cli.commands), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every expected failure is one line on stderr and a non-zero exit code, never a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cli.main(args=argv, prog_name="reglue", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return report(_command_name(argv), "aborted", 1)
+    except click.UsageError as exc:
+        return report(_command_name(argv), exc.format_message(), EXIT_USAGE)
+    except click.ClickException as exc:
+        return report(_command_name(argv), exc.format_message(), exc.exit_code)
+    return 0
+
+
+def entry_point() -> None:
+    """Console-script entry: ``reglue ...``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,90 @@
+"""`reglue train`: resolve a preset (plus overrides) and train it; `--dry-run` shows what would run."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import yaml
+
+from reglue import presets
+from reglue.models import ConfigError, count_compressor_parameters, count_parameters
+from reglue_cli.errors import fail
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Command-line options that are shortcuts for preset keys: option name -> key path.
+OPTION_KEYS = {
+    "max_steps": "train.max_steps",
+    "global_batch": "train.global_batch",
+    "precision": "train.precision",
+    "seed": "train.seed",
+    "ckpt_every": "train.ckpt_every",
+    "log_every": "train.log_every",
+}
+
+
+def resolve_config(preset: str, assignments: tuple[str, ...], options: dict) -> dict:
+    """The preset with ``--set KEY=VALUE`` assignments, then the shortcut options, applied."""
+    overrides = dict(presets.parse_assignment(a) for a in assignments)
+    overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
+    config = presets.load(preset)
+    for key, value in overrides.items():
+        presets.apply_override(config, key, value)
+    return presets.validate(config)
+
+
+def parameter_counts(config: dict) -> dict[str, int]:
+    """Parameter counts of what the preset trains."""
+    if config["kind"] == "compressor":
+        return count_compressor_parameters(config)
+    return count_parameters(config)
+
+
+def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
+    """The resolved config and parameter counts, as YAML-like text or as JSON."""
+    if as_json:
+        click.echo(json.dumps({"preset": config["preset"], "config": config, "parameters": counts}, indent=2))
+        return
+    click.echo(f"# preset {config['preset']}: {config.get('description', '')}")
+    click.echo(yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip())
+    click.echo("# parameters")
+    for name, value in counts.items():
+        click.echo(f"#   {name:<18} {value:>15,}")
+
+
+@click.command(short_help="Train a diffusion model or the semantic compressor from a preset.")
+@click.option("--preset", required=True, metavar="NAME",
+              help="Preset to train, e.g. sit-b2-reglue, sit-xl2-repa, compressor-dinov2-b, tiny-reglue.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override any preset key, e.g. --set model.qk_norm=true --set loss.semantic=0.5 (repeatable).")
+@click.option("--data", type=click.Path(dir_okay=False), help="Encoded dataset from `reglue encode` (data.h5).")
+@click.option("--outdir", type=click.Path(file_okay=False), help="Run directory; run the same command again to resume.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
+@click.option("--global-batch", type=click.IntRange(min=1), help="Images per optimiser step over all GPUs.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision (fp16 adds a loss scaler).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of every random draw of the run.")
+@click.option("--ckpt-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
+@click.option("--log-every", type=click.IntRange(min=1), help="Print and log the loss terms every N steps.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
+def train(preset, assignments, data, outdir, dry_run, as_json, **options) -> None:
+    """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
+
+    \b
+    Examples:
+      reglue train --preset sit-b2-reglue --dry-run
+      reglue train --preset tiny-reglue --set model.depth=4 --dry-run --json
+      reglue train --preset sit-b2-reglue --data data.h5 --outdir runs/b2
+    To resume, run the same command again.
+    """
+    try:
+        config = resolve_config(preset, assignments, options)
+    except ConfigError as exc:
+        fail(str(exc))
+    if as_json and not dry_run:
+        fail("--json only applies to --dry-run")
+    if dry_run:
+        print_dry_run(config, parameter_counts(config), as_json)
+        return
+    fail("training is not built yet (issue #4); `--dry-run` shows the resolved config")

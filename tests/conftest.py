@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny model configs; no network (hub libraries fail fast offline)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from reglue.models import ModelConfig, ProjectorConfig  # noqa: E402
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """A 2-block, 32-wide SiT with every optional part switched on (override with keywords)."""
+    base = dict(
+        depth=2, hidden_size=32, num_heads=2, input_size=8, semantic_channels=4, semantic_source="compressor",
+        cls_token=True, cls_dim=16, projector=ProjectorConfig(depth=1, hidden_dim=24, out_dim=16),
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Fill every parameter (zero-initialised heads included) with random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return module
