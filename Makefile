@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/reglue demo
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

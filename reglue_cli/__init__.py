@@ -1,0 +1,1 @@
+"""The `reglue` command line (joins the reglue and evaluation libraries)."""

@@ -1,0 +1,99 @@
+"""The `reglue` command line: help texts, dry runs, and one-line errors with exit code 2."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from reglue_cli.main import main
+
+COMMANDS = ("encode", "train", "sample", "eval", "compare")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_top_level_help_lists_every_command_in_pipeline_order(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    listed = re.findall(r"^  (\w+) ", out.split("Commands:")[1], flags=re.MULTILINE)
+    assert listed == list(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and f"Usage: reglue {command}" in out
+
+
+def test_train_help_teaches(capsys):
+    _, out, _ = run(capsys, "train", "--help")
+    for text in ("--preset", "--dry-run", "--set", "To resume, run the same command again", "sit-b2-reglue"):
+        assert text in out
+
+
+@pytest.mark.parametrize("preset, without, total", [
+    ("sit-b2-reglue", 131_781_968, 139_126_864),
+    ("sit-xl2-reglue", 677_033_552, 685_164_880),
+    ("sit-b2", 130_500_112, 130_500_112),
+    ("sit-xl2", 675_111_184, 675_111_184),
+])
+def test_dry_run_json_reports_the_paper_parameter_counts(capsys, preset, without, total):
+    code, out, err = run(capsys, "train", "--preset", preset, "--dry-run", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["parameters"]["without_projector"] == without and report["parameters"]["total"] == total
+    assert report["config"]["preset"] == preset
+    assert report["parameters"]["trainable"] < total  # the frozen sin-cos table is not trained
+
+
+def test_dry_run_text_and_overrides(capsys):
+    code, out, _ = run(capsys, "train", "--preset", "tiny-reglue", "--set", "model.depth=3", "--max-steps", "7",
+                       "--dry-run")
+    assert code == 0
+    assert "depth: 3" in out and "max_steps: 7" in out and "without_projector" in out
+
+
+def test_dry_run_of_a_compressor_preset(capsys):
+    code, out, _ = run(capsys, "train", "--preset", "compressor-dinov2-b", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["parameters"]["encoder"] == 8_296_208
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "sit-b3", "--dry-run"], "unknown preset 'sit-b3'; valid presets: "),
+    (["train", "--preset", "tiny-sit", "--max-steps", "0", "--dry-run"], "--max-steps"),
+    (["train", "--preset", "tiny-sit", "--precision", "fp8", "--dry-run"], "--precision"),
+    (["train", "--preset", "tiny-sit", "--set", "model.depth=deep", "--dry-run"], "model.depth"),
+    (["train", "--preset", "tiny-sit", "--set", "model.depth", "--dry-run"], "KEY=VALUE"),
+    (["train", "--preset", "tiny-sit", "--json"], "--json only applies to --dry-run"),
+    (["train", "--preset", "tiny-sit", "--bogus"], "No such option"),
+    (["train"], "--preset"),
+    (["frobnicate"], "No such command"),
+    (["encode", "images/"], "not built yet"),
+    (["sample"], "not built yet"),
+    (["eval"], "not built yet"),
+    (["compare"], "not built yet"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_installed_console_script_runs():
+    exe = shutil.which("reglue", path=os.path.dirname(sys.executable))
+    assert exe, "the console script `reglue` is not installed beside this Python"
+    done = subprocess.run([exe, "train", "--preset", "tiny-sit", "--dry-run", "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["preset"] == "tiny-sit"
+    bad = subprocess.run([exe, "train", "--preset", "nope", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
