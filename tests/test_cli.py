@@ -76,7 +76,7 @@ def test_dry_run_of_a_compressor_preset(capsys):
     (["train", "--preset", "tiny-sit", "--bogus"], "No such option"),
     (["train"], "--preset"),
     (["frobnicate"], "No such command"),
-    (["encode", "images/"], "not built yet"),
+    (["encode", "images/"], "Missing option '--out'"),
     (["sample"], "not built yet"),
     (["eval"], "not built yet"),
     (["compare"], "not built yet"),

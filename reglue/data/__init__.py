@@ -1,0 +1,1 @@
+"""Data: the ADM crop, image sources, the encoded HDF5 format (writer, pipeline, training reader)."""

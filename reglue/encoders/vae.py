@@ -1,0 +1,95 @@
+"""The SD-VAE: posterior moments for encoding, latent sampling for training, a tiny random stand-in for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from reglue.constants import LATENT_CHANNELS, LATENT_SCALE
+from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # encoder (identical to ft-ema's encoder)
+DEFAULT_DECODER = "stabilityai/sd-vae-ft-ema"  # decoder at sampling time
+TINY_VAE = "tiny"  # random-weight stand-in: outputs are not comparable to anything
+VAE_ENV = "REGLUE_VAE"  # a local directory used instead of DEFAULT_VAE
+TINY_VAE_SEED = 1234
+
+
+def build_tiny_vae() -> torch.nn.Module:
+    """A deterministic random AutoencoderKL with the SD-VAE layout (8x downsampling, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_VAE_SEED)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=LATENT_CHANNELS,
+            norm_num_groups=4, mid_block_add_attention=False,
+        )
+    return vae.eval().requires_grad_(False)
+
+
+def _from_pretrained(source: str, **kwargs) -> torch.nn.Module:
+    import warnings
+
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # keep hub chatter (accelerate hints, deprecations) off the console
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return AutoencoderKL.from_pretrained(source, **kwargs).eval().requires_grad_(False)
+
+
+def _how_to_fetch(name: str) -> str:
+    return (f"fetch it on a machine with network (`hf download {name} --local-dir DIR`), copy DIR here and pass "
+            f"--vae DIR or set {VAE_ENV}=DIR")
+
+
+def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The VAE named by ``spec`` (hub id, local directory, or 'tiny') and a description for file attributes."""
+    spec = spec or os.environ.get(VAE_ENV) or DEFAULT_VAE
+    if spec == TINY_VAE:
+        return build_tiny_vae(), {"id": TINY_VAE, "comparable": False}
+    path = Path(spec)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"VAE {spec}: expected a diffusers folder with config.json and the weights")
+        return _from_pretrained(str(path)), {"id": str(path.resolve()), "comparable": True}
+    if spec.count("/") != 1:
+        raise ModelLoadError(f"unknown VAE {spec!r}: give a hub id like {DEFAULT_VAE}, a local folder, or 'tiny'")
+    try:
+        return _from_pretrained(spec, local_files_only=True), {"id": spec, "comparable": True}
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"cannot load VAE {spec}: not in the cache ({hub_cache_dir()}) and the hub is unreachable; "
+            + _how_to_fetch(spec)
+        )
+    try:
+        return _from_pretrained(spec), {"id": spec, "comparable": True}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load VAE {spec}: {str(exc).splitlines()[0]}; " + _how_to_fetch(spec)) from None
+
+
+def images_to_vae_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def posterior_moments(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> posterior (mean, std) stacked on channels: (N, 8, H/8, W/8) float32."""
+    device = next(vae.parameters()).device
+    dist = vae.encode(images_to_vae_input(images).to(device)).latent_dist
+    return torch.cat([dist.mean, dist.std], dim=1).float()
+
+
+def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = (mean + std * eps) * LATENT_SCALE from moments (N, 8, h, w), drawn fresh each training step."""
+    mean, std = moments.float().chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * LATENT_SCALE
