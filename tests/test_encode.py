@@ -308,3 +308,17 @@ def test_posterior_sample_is_mean_plus_std_times_eps_scaled():
     eps = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5)).double().numpy()
     m = moments.double().numpy()
     np.testing.assert_allclose(z.numpy(), (m[:, :4] + m[:, 4:] * eps) * LATENT_SCALE, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_loader_reads_whole_batches_in_workers(folder, tiny_vae, tmp_path):
+    from reglue.data.dataset import batch_loader
+
+    encode(folder, tmp_path / "d.h5", tiny_vae)
+    dataset = EncodedDataset(tmp_path / "d.h5")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = list(batch_loader(dataset, 4, order, workers=2))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 4, 3]
+    images, moments, labels = (torch.cat(parts) for parts in zip(*batches))
+    for j, index in enumerate(order):
+        image, moment, label = dataset[index]
+        assert torch.equal(images[j], image) and torch.equal(moments[j], moment) and labels[j].item() == label

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from reglue.data import h5format as fmt
 
@@ -44,6 +44,20 @@ def _inspect(path: Path) -> dict:
         raise DatasetError(f"{path}: cannot open as HDF5 ({exc})") from None
 
 
+def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when ``shared`` (no copy, unlike share_memory_())."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[fmt.LABELS][...]
+
+
 class EncodedDataset(Dataset):
     """Rows of one or more encoded files: ``(image uint8 (3, H, W), moments (8, h, w) float32, label)``.
 
@@ -57,36 +71,71 @@ class EncodedDataset(Dataset):
         self.attrs = infos[0]["attrs"]
         self.class_names = infos[0]["class_names"]
         self.resolution = int(self.attrs["resolution"])
-        self._files: dict[int, h5py.File] = {}
+        self._handles: dict[int, tuple] = {}
         self._pid: int | None = None
+        self._labels = np.concatenate([_read_labels(p) for p in self.paths])
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def _file(self, k: int) -> h5py.File:
+    def _datasets(self, k: int) -> tuple:
+        """(images, moments) dataset handles of file k, opened once per process."""
         if self._pid != os.getpid():  # a fresh process (worker after fork): never reuse the parent's handles
-            self._files, self._pid = {}, os.getpid()
-        if k not in self._files:
-            self._files[k] = h5py.File(self.paths[k], "r")
-        return self._files[k]
+            self._handles, self._pid = {}, os.getpid()
+        if k not in self._handles:
+            f = h5py.File(self.paths[k], "r")
+            self._handles[k] = (f[fmt.IMAGES], f[fmt.MOMENTS])
+        return self._handles[k]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        """One row ``(image (3, H, W) uint8, moments float32, label)``, or a whole batch for a list of indices."""
+        if not isinstance(index, (int, np.integer)):
+            return self.read_batch(list(index))
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} rows")
         k = bisect.bisect_right(self.offsets, index) - 1
-        f, row = self._file(k), index - self.offsets[k]
-        image = torch.from_numpy(f[fmt.IMAGES][row]).permute(2, 0, 1)  # (3, H, W) uint8
-        moments = torch.from_numpy(f[fmt.MOMENTS][row].astype(np.float32))
-        return image, moments, int(f[fmt.LABELS][row])
+        images, moments = self._datasets(k)
+        row = index - self.offsets[k]
+        image = torch.from_numpy(images[row]).permute(2, 0, 1)  # (3, H, W) uint8
+        m = moments[row]
+        return image, torch.from_numpy(m if m.dtype == np.float32 else m.astype(np.float32)), int(self._labels[index])
+
+    def read_batch(self, indices: list[int]):
+        """A whole batch at once: (images (B, 3, H, W) uint8, moments (B, 8, h, w) float32, labels (B,)).
+
+        Rows are read straight into one shared-memory tensor per field, so a DataLoader worker hands the batch
+        over without the per-sample stacking copy (see ``batch_loader``).
+        """
+        first_images, first_moments = self._datasets(0)
+        n = len(indices)
+        res = first_images.shape[1]
+        shared = torch.utils.data.get_worker_info() is not None  # in a worker: allocate where the parent can map it
+        images = _empty((n, res, res, 3), torch.uint8, shared)
+        moments = _empty((n, *first_moments.shape[1:]), torch.float32, shared)
+        img_np, mom_np = images.numpy(), moments.numpy()
+        for j, index in enumerate(indices):
+            if not 0 <= index < len(self):
+                raise IndexError(f"index {index} out of range for {len(self)} rows")
+            k = bisect.bisect_right(self.offsets, index) - 1
+            ds_images, ds_moments = self._datasets(k)
+            row = index - self.offsets[k]
+            img_np[j] = ds_images[row]
+            mom_np[j] = ds_moments[row]
+        labels = torch.from_numpy(self._labels[np.asarray(indices, dtype=np.int64)])
+        return images.permute(0, 3, 1, 2), moments, labels
 
     def labels(self) -> np.ndarray:
         """Every label, in row order."""
-        out = []
-        for k in range(len(self.paths)):
-            out.append(self._file(k)[fmt.LABELS][...])
-        return np.concatenate(out)
+        return self._labels.copy()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None  # handles never cross a process boundary
+        state["_handles"], state["_pid"] = {}, None  # handles never cross a process boundary
         return state
+
+
+def batch_loader(dataset: EncodedDataset, batch_size: int, sampler=None, workers: int = 4, **kwargs) -> DataLoader:
+    """A DataLoader whose workers read whole batches (``sampler`` yields row indices; default: in order)."""
+    sampler = sampler if sampler is not None else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
+                      num_workers=workers, **kwargs)
