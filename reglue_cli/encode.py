@@ -26,8 +26,8 @@ def _summary_line(summary, source_size: int) -> str:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, e.g. data.h5.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
               help="Labels file (JSON path->label or 'path label' lines) instead of class sub-folders.")
-@click.option("--resolution", type=click.Choice(["256", "512"]) , default="256", show_default=True,
-              help="ADM centre-crop size.")
+@click.option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
+              help="ADM centre-crop size: 256 or 512 for ImageNet; a multiple of 8 (64 for the tiny presets).")
 @click.option("--vae", default=None, metavar="ID|PATH|tiny",
               help=f"VAE encoder: hub id, local diffusers folder, or 'tiny' (random stand-in for tests). "
                    f"[default: ${VAE_ENV} or {DEFAULT_VAE}]")
@@ -53,7 +53,9 @@ def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch
     Example (tests, demo):
       reglue encode images/ --out data.h5 --resolution 256 --vae tiny
     """
-    options = EncodeOptions(resolution=int(resolution), flip=flip, moments_dtype=moments_dtype,
+    if resolution % 8:
+        fail(f"--resolution {resolution}: must be a multiple of 8 (the VAE downsamples by 8)")
+    options = EncodeOptions(resolution=resolution, flip=flip, moments_dtype=moments_dtype,
                             batch_size=batch_size, workers=workers, shard_size=shard_size, overwrite=overwrite)
     try:
         images = open_source(source, labels_file)

@@ -244,7 +244,8 @@ def test_bad_input_is_one_line_and_exit_2(capsys, folder, tmp_path):
         ([folder, "--out", tmp_path / "other.h5", "--vae", "tiny"], "pass --overwrite"),
         ([folder, "--out", tmp_path / "o.h5", "--vae", "not-a-vae"], "unknown VAE 'not-a-vae'"),
         ([tmp_path / "nope", "--out", tmp_path / "o.h5"], "no such file or folder"),
-        ([folder, "--out", tmp_path / "o.h5", "--resolution", "300"], "--resolution"),
+        ([folder, "--out", tmp_path / "o.h5", "--resolution", "300"], "multiple of 8"),
+        ([folder, "--out", tmp_path / "o.h5", "--resolution", "0"], "--resolution"),
     ]
     for argv, message in cases:
         code, out, err = run_cli(capsys, *argv)
