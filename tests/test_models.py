@@ -221,3 +221,12 @@ def test_compressor_matches_method_md():
     kinds = [type(m).__name__ for m in comp.encoder.layers]
     assert kinds == ["Conv2d", "ResidualBlock", "Conv2d"]
     assert (code < 0).any()  # no activation on the code
+
+
+def test_explicit_drop_mask_replaces_exactly_those_labels():
+    model = randomize_(SiT(tiny_config(class_dropout=0.0))).eval()
+    x, t, y, cls = _inputs(model.config, n=4)
+    mask = torch.tensor([True, False, True, False])
+    dropped = model(x, t, y, cls=cls, drop_mask=mask).velocity
+    manual = model(x, t, torch.where(mask, torch.full_like(y, NULL_CLASS), y), cls=cls).velocity
+    assert torch.equal(dropped, manual)

@@ -136,7 +136,7 @@ def test_same_t_for_latents_and_cls_and_independent_noise():
     seen = {}
 
     class Spy(torch.nn.Module):
-        def forward(self, x, t, y, cls=None, return_projections=None):
+        def forward(self, x, t, y, cls=None, return_projections=None, drop_mask=None):
             seen.update(x=x, t=t, cls=cls)
             return SiT(config).eval()(x, t, y, cls=cls, return_projections=return_projections)
 

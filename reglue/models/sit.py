@@ -77,14 +77,15 @@ class LabelEmbedder(nn.Module):
         self.null_class = num_classes
         self.dropout_prob = dropout_prob
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """Replace each label by the null class with probability dropout_prob."""
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+    def drop_labels(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by the null class where ``drop_mask`` is true (default: with probability dropout_prob)."""
+        if drop_mask is None:
+            drop_mask = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(drop_mask, torch.full_like(labels, self.null_class), labels)
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            labels = self.drop_labels(labels)
+    def forward(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if drop_mask is not None or (self.training and self.dropout_prob > 0):
+            labels = self.drop_labels(labels, drop_mask)
         return self.embedding_table(labels)
 
 
@@ -242,8 +243,13 @@ class SiT(nn.Module):
         y: torch.Tensor,
         cls: torch.Tensor | None = None,
         return_projections: bool | None = None,
+        drop_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Velocity of x (N, C, H, W) [and cls (N, cls_dim)] at times t (N,) for labels y (N,)."""
+        """Velocity of x (N, C, H, W) [and cls (N, cls_dim)] at times t (N,) for labels y (N,).
+
+        ``drop_mask`` (N,) bool replaces those labels by the null class (the training loop draws it from its own
+        generator so that a run is reproducible); without it, training mode drops labels at random.
+        """
         if (cls is None) == self.config.cls_token:
             need = "needs a [CLS] state (cls=...)" if self.config.cls_token else "has no [CLS] token; pass cls=None"
             raise ValueError(f"this model {need}")
@@ -251,7 +257,7 @@ class SiT(nn.Module):
         if cls is not None:
             tokens = torch.cat([self.cls_embedder(cls), tokens], dim=1)  # (N, 1 + T, D)
         tokens = tokens + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (N, D)
         want_projections = self.training if return_projections is None else return_projections
         projections = None
         for depth, block in enumerate(self.blocks, start=1):

@@ -112,6 +112,7 @@ class JointLoss:
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         cls_noise: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
     ) -> LossTerms:
         """x0 (N, C, H, W) clean latents+semantics, y (N,), cls0 (N, cls_dim), repa_target (N, 1 + P, D)."""
         n = x0.shape[0]
@@ -122,7 +123,7 @@ class JointLoss:
         if cls0 is not None:
             cls_noise = torch.randn_like(cls0) if cls_noise is None else cls_noise
             cls_t = self.path.interpolate(cls0, cls_noise, t)  # the same t as the spatial state
-        out = model(xt, t, y, cls=cls_t, return_projections=repa_target is not None)
+        out = model(xt, t, y, cls=cls_t, return_projections=repa_target is not None, drop_mask=drop_mask)
         return self.combine(out, x0, noise, t, cls0, cls_noise, repa_target, step)
 
     def combine(self, out, x0, noise, t, cls0, cls_noise, repa_target, step) -> LossTerms:
