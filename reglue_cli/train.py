@@ -9,13 +9,26 @@ import yaml
 
 from reglue import presets
 from reglue.models import ConfigError, count_compressor_parameters, count_parameters
+from reglue.checkpoints import CheckpointError
+from reglue.data.dataset import DatasetError
+from reglue.distributed import shutdown
+from reglue.encoders.loading import ModelLoadError
+from reglue.training.compressor import train_compressor
+from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
+from reglue.training.rundir import RunError
+from reglue.training.semantics import SemanticsError
 from reglue_cli.errors import fail
+
+# Failures caused by the input (files, models, configs): one line, exit code 2.
+EXPECTED_ERRORS = (CheckpointError, DatasetError, ModelLoadError, RunError, SemanticsError, ConfigError)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Command-line options that are shortcuts for preset keys: option name -> key path.
 OPTION_KEYS = {
     "max_steps": "train.max_steps",
+    "sample_every": "train.sample_every",
+    "compressor": "compressor.path",
     "global_batch": "train.global_batch",
     "precision": "train.precision",
     "seed": "train.seed",
@@ -66,9 +79,23 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of every random draw of the run.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), help="Print and log the loss terms every N steps.")
+@click.option("--sample-every", type=click.IntRange(min=0), help="Save a grid of EMA samples every N steps (0: never).")
+@click.option("--compressor", type=click.Path(dir_okay=False),
+              help="Frozen semantic compressor for REGLUE presets: ours (from a compressor-* run) or the official file.")
+@click.option("--vfm-weights", type=click.Path(dir_okay=False),
+              help="Local DINOv2 weights file (torch.hub or timm format) for machines without network.")
+@click.option("--batch-gpu", type=click.IntRange(min=1),
+              help="Samples per GPU per forward pass; the global batch is reached by gradient accumulation.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes per GPU.")
+@click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep.")
+@click.option("--keep-every", type=click.IntRange(min=1), help="Also keep every checkpoint whose step is a multiple of N.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
-def train(preset, assignments, data, outdir, dry_run, as_json, **options) -> None:
+def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
+          use_compile, device, quiet, **options) -> None:
     """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
 
     \b
@@ -87,4 +114,19 @@ def train(preset, assignments, data, outdir, dry_run, as_json, **options) -> Non
     if dry_run:
         print_dry_run(config, parameter_counts(config), as_json)
         return
-    fail("training is not built yet (issue #4); `--dry-run` shows the resolved config")
+    if not data or not outdir:
+        fail("--data and --outdir are required to train (or pass --dry-run)")
+    run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
+                               keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights,
+                               progress=not quiet, device=device)
+    run = train_compressor if config["kind"] == "compressor" else train_diffusion
+    try:
+        trainer = run(config, run_options)
+    except TrainingStopped as exc:
+        raise click.ClickException(str(exc)) from None  # exit 1: the run failed, the input was fine
+    except EXPECTED_ERRORS as exc:
+        fail(str(exc))
+    finally:
+        shutdown()
+    if trainer.dist.is_main:
+        click.echo(f"done: step {trainer.step} in {outdir} (run the same command with a larger --max-steps to go on)")

@@ -88,8 +88,18 @@ def posterior_moments(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tenso
     return torch.cat([dist.mean, dist.std], dim=1).float()
 
 
-def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
     """z = (mean + std * eps) * LATENT_SCALE from moments (N, 8, h, w), drawn fresh each training step."""
     mean, std = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * eps) * LATENT_SCALE
+    if eps is None:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps.to(mean)) * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (N, 4, h, w) -> uint8 images (N, H, W, 3), quantised as SAMPLE_QUANTISATION says."""
+    device = next(vae.parameters()).device
+    x = vae.decode(z.to(device).float() / LATENT_SCALE).sample
+    return ((x + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,1 @@
+"""Training: the semantic pipeline (VFM -> standardise -> compressor), the diffusion and compressor loops."""

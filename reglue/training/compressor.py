@@ -1,0 +1,151 @@
+"""Pretraining the semantic compressor (method.md section 3): norm statistics, then an autoencoder on VFM maps."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from reglue import checkpoints
+from reglue.data.dataset import EncodedDataset
+from reglue.distributed import DistInfo, all_sum, barrier, init_distributed
+from reglue.encoders.vfm import load_vfm
+from reglue.models import SemanticCompressor
+from reglue.training.diffusion import TrainOptions
+from reglue.training.order import StepSampler, data_position, make_split
+from reglue.training.rundir import RunDir, RunError
+from reglue.training.semantics import RunningMoments, standardise
+from reglue.training.state import make_optimizer
+
+COMPRESSOR_FILE = "compressor.pt"  # the run's product: what `reglue train --compressor` takes
+
+
+@dataclass
+class CompressorRun:
+    """What a finished (or resumed) compressor run reports."""
+
+    dist: DistInfo
+    step: int
+    path: str
+
+
+def steps_for(config: dict, n: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): ``train.max_steps`` when set, else epochs * steps per epoch."""
+    per_epoch = max(1, math.ceil(n / config["train"]["global_batch"]))
+    return per_epoch, config["train"].get("max_steps") or config["train"]["epochs"] * per_epoch
+
+
+def cosine_lr(optim: dict, epoch: int) -> float:
+    """Cosine annealing per epoch from lr to eta_min over t_max_epochs (PyTorch's CosineAnnealingLR, closed form)."""
+    t = min(epoch, optim["t_max_epochs"]) / optim["t_max_epochs"]
+    return optim["eta_min"] + (optim["lr"] - optim["eta_min"]) * (1 + math.cos(math.pi * t)) / 2
+
+
+@torch.no_grad()
+def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInfo, batch: int = 64):
+    """Per-channel mean/std of the stacked VFM maps over a shuffled sample of ``samples`` images (all ranks)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 17))[:samples]
+    mine = order[dist.rank :: dist.world].tolist()
+    moments = RunningMoments(vfm.embed_dim * len(layers))
+    for start in tqdm(range(0, len(mine), batch), desc="norm stats", disable=not dist.is_main, leave=False):
+        images = dataset.read_batch(mine[start : start + batch])[0].to(dist.device)
+        moments.update(vfm(images, layers).local.float())
+    c = moments.sum.numel()
+    summed = all_sum([float(moments.count), *moments.sum.tolist(), *moments.sum_sq.tolist()])
+    moments.count = int(summed[0])
+    moments.sum = torch.tensor(summed[1 : 1 + c], dtype=torch.float64)
+    moments.sum_sq = torch.tensor(summed[1 + c :], dtype=torch.float64)
+    return moments.result()
+
+
+def _setup(config: dict, options: TrainOptions):
+    dist = init_distributed(options.device)
+    run = RunDir(options.outdir)
+    run.prepare(config, dist.is_main)
+    barrier()
+    dataset = EncodedDataset(options.data)
+    v = config["vfm"]
+    vfm = load_vfm(v["name"], v["image_size"], options.vfm_weights).to(dist.device)
+    channels = config["compressor"]["channels"]
+    if channels[0] != vfm.embed_dim * len(v["layers"]):
+        raise RunError(f"compressor.channels starts at {channels[0]} but {len(v['layers'])} layers of {v['name']} "
+                       f"give {vfm.embed_dim * len(v['layers'])} channels")
+    torch.manual_seed(config["train"]["seed"])
+    compressor = SemanticCompressor(channels).to(dist.device)
+    return dist, run, dataset, vfm, compressor, make_optimizer(compressor, config["optim"])
+
+
+def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
+    """Train the compressor; saves run checkpoints and, at the end, ``outdir/compressor.pt``."""
+    dist, run, dataset, vfm, compressor, optimizer = _setup(config, options)
+    tc, layers = config["train"], config["vfm"]["layers"]
+    step, stats = 0, None
+    latest = checkpoints.find_latest_checkpoint(run.checkpoints)
+    if latest is not None:
+        state = checkpoints.load_checkpoint(latest)
+        compressor.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore_rng_state(state["rng"])
+        step, stats = int(state["step"]), (state["extra"]["mean"], state["extra"]["std"])
+        if dist.is_main:
+            run.log(f"resumed from {latest} at step {step}", options.echo)
+    if stats is None:
+        stats = norm_statistics(vfm, layers, dataset, config["compressor"]["norm_stats_samples"], tc["seed"], dist)
+    mean, std = (s.to(dist.device) for s in stats)
+    per_epoch, max_steps = steps_for(config, len(dataset))
+    split = make_split(tc["global_batch"], dist.world, options.batch_gpu)
+    net = DistributedDataParallel(compressor) if dist.world > 1 else compressor
+    loader = DataLoader(dataset, sampler=StepSampler(len(dataset), split, dist.rank, tc["seed"], step, max_steps),
+                        batch_size=None, num_workers=options.workers)
+    batches, started, first_step = iter(loader), time.time(), step
+
+    def save() -> None:
+        if dist.is_main:
+            path = checkpoints.save_checkpoint(
+                run.checkpoint_path(step), config=config, step=step, model=compressor, optimizer=optimizer,
+                data_state=data_position(step, len(dataset), tc["global_batch"]), rng=checkpoints.capture_rng_state(),
+                extra={"mean": stats[0].cpu(), "std": stats[1].cpu()})
+            run.prune(options.keep_last, options.keep_every)
+            run.log(f"step {step}: saved {path}", options.echo)
+        barrier()
+
+    bar = tqdm(total=max_steps, initial=step, desc="compressor", unit="step", disable=not (options.progress and dist.is_main))
+    with bar:
+        while step < max_steps:
+            epoch = step // per_epoch
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(config["optim"], epoch)
+            total = 0.0
+            for k in range(split.accum):
+                images = next(batches)[0].to(dist.device)
+                target = standardise(vfm(images, layers).local.float(), mean, std)
+                recon, _ = net(target)
+                loss = F.mse_loss(recon, target) * images.shape[0] / split.per_rank
+                loss.backward()
+                total += float(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_avg = all_sum([total])[0] / dist.world
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
+            if dist.is_main and step % tc["log_every"] == 0:
+                rate = ((step - first_step) * tc["global_batch"]) / max(time.time() - started, 1e-9)
+                run.log(f"step {step} (epoch {epoch}): mse {loss_avg:.5f} lr {optimizer.param_groups[0]['lr']:.2e}",
+                        options.echo)
+                run.metrics({"step": step, "epoch": epoch, "mse": loss_avg, "lr": optimizer.param_groups[0]["lr"],
+                             "images_per_s": rate})
+            if step % tc["ckpt_every"] == 0 or step == max_steps:
+                save()
+    product = run.root / COMPRESSOR_FILE
+    if dist.is_main:
+        checkpoints.save_compressor(product, compressor.eval(), stats[0], stats[1], config["vfm"]["name"], layers)
+        run.log(f"compressor written to {product}", options.echo)
+    barrier()
+    return CompressorRun(dist, step, str(product))

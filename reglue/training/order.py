@@ -1,0 +1,114 @@
+"""Data order and per-step randomness as pure functions of (seed, step): resume and any GPU count agree.
+
+The global batch of step s is rows [s * B, (s + 1) * B) of an endless stream of permutations, epoch e being
+``randperm(n)`` drawn from seed + e. Each rank reads its slice of it, split into micro-batches of batch_gpu.
+Noise, times, label dropout and the posterior draw come from a generator seeded by (seed, step) for the
+whole global batch; a rank uses its slice. So a run does not depend on the number of processes, and a resume
+needs only the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch.utils.data import Sampler
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def global_batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """Dataset rows of step ``step`` (0-based), in order."""
+    start, rows = step * global_batch, []
+    while len(rows) < global_batch:
+        epoch, offset = divmod(start + len(rows), n)
+        take = min(global_batch - len(rows), n - offset)
+        rows += _epoch_permutation(n, seed, epoch)[offset : offset + take].tolist()
+    return rows
+
+
+def data_position(step: int, n: int, global_batch: int) -> dict:
+    """Where step ``step`` starts in the stream (recorded in checkpoints)."""
+    epoch, offset = divmod(step * global_batch, n)
+    return {"step": step, "epoch": epoch, "offset": offset}
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a global batch is divided: ``world`` ranks, each taking ``accum`` micro-batches of ``batch_gpu``."""
+
+    global_batch: int
+    world: int
+    batch_gpu: int
+
+    @property
+    def per_rank(self) -> int:
+        """Samples per rank per step."""
+        return self.global_batch // self.world
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per rank per step (gradient accumulation)."""
+        return -(-self.per_rank // self.batch_gpu)
+
+    def micro_slices(self, rank: int) -> list[slice]:
+        """Positions within the global batch of this rank's micro-batches."""
+        base = rank * self.per_rank
+        return [slice(base + i, min(base + self.per_rank, base + i + self.batch_gpu))
+                for i in range(0, self.per_rank, self.batch_gpu)]
+
+
+def make_split(global_batch: int, world: int, batch_gpu: int | None) -> Split:
+    """Validate and build the split; batch_gpu defaults to the whole per-rank batch."""
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+    per_rank = global_batch // world
+    return Split(global_batch, world, min(batch_gpu or per_rank, per_rank))
+
+
+class StepSampler(Sampler):
+    """Yields this rank's micro-batches (lists of rows) for steps start..stop-1, for a DataLoader with batch_size=None."""
+
+    def __init__(self, n: int, split: Split, rank: int, seed: int, start: int, stop: int):
+        self.n, self.split, self.rank, self.seed, self.start, self.stop = n, split, rank, seed, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.split.accum
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            rows = global_batch_indices(step, self.n, self.split.global_batch, self.seed)
+            for part in self.split.micro_slices(self.rank):
+                yield rows[part]
+
+
+@dataclass(frozen=True)
+class StepNoise:
+    """Every random draw of one step, for the whole global batch."""
+
+    t: torch.Tensor  # (B,)
+    drop: torch.Tensor  # (B,) bool label dropout
+    posterior: torch.Tensor  # (B, 4, h, w) eps of the VAE posterior sample
+    noise: torch.Tensor  # (B, C, h, w)
+    cls_noise: torch.Tensor | None  # (B, D)
+
+    def take(self, part: slice, device) -> "StepNoise":
+        """The slice for one micro-batch, on ``device``."""
+        pick = lambda x: None if x is None else x[part].to(device)  # noqa: E731
+        return StepNoise(pick(self.t), pick(self.drop), pick(self.posterior), pick(self.noise), pick(self.cls_noise))
+
+
+def step_noise(step: int, seed: int, global_batch: int, channels: int, latent_channels: int, size: int,
+               cls_dim: int | None, dropout: float, time_sampler) -> StepNoise:
+    """Draw the randomness of step ``step`` (CPU generator: identical on every device and process count)."""
+    gen = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+    t = time_sampler(global_batch, gen)
+    drop = torch.rand(global_batch, generator=gen) < dropout
+    posterior = torch.randn(global_batch, latent_channels, size, size, generator=gen)
+    noise = torch.randn(global_batch, channels, size, size, generator=gen)
+    cls_noise = torch.randn(global_batch, cls_dim, generator=gen) if cls_dim else None
+    return StepNoise(t, drop, posterior, noise, cls_noise)

@@ -1,0 +1,142 @@
+"""From images to the clean joint state: semantic channels, [CLS] token and REPA target (method.md 2-3)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reglue.encoders.vfm import VisionFoundationModel
+from reglue.models.compressor import SemanticCompressor
+
+
+class Semantics(NamedTuple):
+    """The VFM-derived parts of one batch."""
+
+    channels: torch.Tensor | None  # (N, S, h, w) semantic channels on the latent grid, or None
+    cls: torch.Tensor  # (N, D) global [CLS]
+    repa_target: torch.Tensor  # (N, 1 + P, D) [CLS] + patch tokens
+
+
+def standardise(local: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-channel (x - mean) / std of (N, C, g, g) features."""
+    return (local - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+class SemanticEncoder(nn.Module):
+    """Frozen VFM (+ frozen compressor or PCA basis) producing the semantic inputs of one training batch."""
+
+    def __init__(self, vfm: VisionFoundationModel, layers, latent_size: int, compressor: SemanticCompressor | None = None,
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, pca: torch.Tensor | None = None):
+        super().__init__()
+        if compressor is not None and (mean is None or std is None):
+            raise ValueError("a compressor needs the per-channel norm statistics it was trained with")
+        self.vfm, self.layers, self.latent_size = vfm, list(layers), latent_size
+        self.compressor = compressor.eval().requires_grad_(False) if compressor is not None else None
+        self.register_buffer("mean", mean.float() if mean is not None else None)
+        self.register_buffer("std", std.float() if std is not None else None)
+        self.register_buffer("pca", pca.float() if pca is not None else None)  # (C, S) projection basis
+
+    def train(self, mode: bool = True) -> "SemanticEncoder":
+        return super().train(False)  # frozen: BatchNorm running statistics, never batch statistics
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Semantics:
+        """uint8 images (N, 3, H, W) -> Semantics."""
+        features = self.vfm(images, self.layers)
+        channels = None
+        if self.compressor is not None:
+            channels = self.compressor.encode(standardise(features.local.float(), self.mean, self.std))
+        elif self.pca is not None:
+            channels = project_pca(features.local.float(), self.pca)
+        if channels is not None and channels.shape[-1] != self.latent_size:
+            channels = F.interpolate(channels, size=self.latent_size, mode="bilinear", align_corners=False)
+        return Semantics(channels, features.cls.float(), features.tokens.float())
+
+
+def project_pca(local: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(N, C, g, g) features onto a (C, S) basis -> (N, S, g, g) (ReDi's linear semantics)."""
+    return torch.einsum("ncxy,cs->nsxy", local, basis)
+
+
+def fit_pca(local: torch.Tensor, components: int) -> torch.Tensor:
+    """Principal directions (C, S) of (N, C, g, g) features, every spatial position a sample (centred, unit norm)."""
+    flat = local.permute(0, 2, 3, 1).reshape(-1, local.shape[1]).double()
+    flat = flat - flat.mean(dim=0)
+    _, _, v = torch.linalg.svd(flat, full_matrices=False)
+    return v[:components].T.float()
+
+
+class RunningMoments:
+    """Per-channel mean and std of (N, C, g, g) features, every spatial position one sample (float64 sums)."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, local: torch.Tensor) -> None:
+        """Add a batch of features."""
+        flat = local.detach().permute(0, 2, 3, 1).reshape(-1, local.shape[1]).double().cpu()
+        self.count += flat.shape[0]
+        self.sum += flat.sum(dim=0)
+        self.sum_sq += (flat * flat).sum(dim=0)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) float32; std uses the population formula."""
+        mean = self.sum / self.count
+        var = (self.sum_sq / self.count - mean * mean).clamp_min(0)
+        return mean.float(), var.sqrt().clamp_min(1e-6).float()
+
+
+class SemanticsError(ValueError):
+    """The frozen encoders do not fit the model (widths, channels) or cannot be found."""
+
+
+PCA_FIT_IMAGES = 1024  # images whose VFM features fit ReDi's PCA basis (a fixed, seeded sample of the dataset)
+
+
+def _fit_pca_from_dataset(vfm, layers, dataset, components: int, device, seed: int) -> torch.Tensor:
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:PCA_FIT_IMAGES]
+    feats = []
+    for start in range(0, len(order), 64):
+        images = dataset.read_batch(order[start : start + 64].tolist())[0]
+        feats.append(vfm(images.to(device), layers).local.float().cpu())
+    return fit_pca(torch.cat(feats), components)
+
+
+def build_semantic_encoder(config: dict, dataset, vfm_weights: str | None, device) -> SemanticEncoder | None:
+    """The frozen VFM (+ compressor or PCA) a preset needs, or None for a plain SiT."""
+    from reglue import checkpoints
+    from reglue.encoders.vfm import load_vfm
+
+    m, v = config["model"], config["vfm"]
+    if not (m["semantic_channels"] or m["cls_token"] or m["projector"]):
+        return None
+    vfm = load_vfm(v["name"], v["image_size"], vfm_weights).to(device)
+    width = vfm.embed_dim
+    if m["cls_token"] and m["cls_dim"] != width:
+        raise SemanticsError(f"model.cls_dim {m['cls_dim']} differs from the VFM width {width}")
+    if m["projector"] and m["projector"]["out_dim"] != width:
+        raise SemanticsError(f"model.projector.out_dim {m['projector']['out_dim']} differs from the VFM width {width}")
+    layers, latent = v["layers"], m["input_size"]
+    if m["semantic_source"] == "compressor":
+        path = config["compressor"]["path"]
+        if not path:
+            raise SemanticsError("this preset needs a trained compressor: pass --compressor PATH "
+                                 "(train one with `reglue train --preset compressor-...`)")
+        compressor, stats = checkpoints.load_compressor(path, norm_stats=config["compressor"]["norm_stats"])
+        if stats is None:
+            raise SemanticsError(f"{path}: no norm statistics; pass them with --set compressor.norm_stats=FILE")
+        expected = [width * len(layers), m["semantic_channels"]]
+        if [compressor.channels[0], compressor.channels[-1]] != expected:
+            raise SemanticsError(f"{path}: compressor maps {compressor.channels[0]} -> {compressor.channels[-1]} "
+                                 f"channels, the preset needs {expected[0]} -> {expected[1]}")
+        return SemanticEncoder(vfm, layers, latent, compressor.to(device), stats[0].to(device),
+                               stats[1].to(device)).to(device)
+    if m["semantic_source"] == "pca":
+        basis = _fit_pca_from_dataset(vfm, layers, dataset, m["semantic_channels"], device, config["train"]["seed"])
+        return SemanticEncoder(vfm, layers, latent, pca=basis.to(device)).to(device)
+    return SemanticEncoder(vfm, layers, latent).to(device)

@@ -1,0 +1,61 @@
+"""Training state pieces: precision, optimiser, EMA, and the non-finite-step guard."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, precision: str, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only for fp16 (its state is checkpointed either way)."""
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16")
+
+
+def make_optimizer(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer:
+    """AdamW or Adam over the trainable parameters, from a preset's ``optim`` section."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], weight_decay=optim["weight_decay"])
+    if optim["name"] == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if optim["name"] == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    raise ValueError(f"optim.name {optim['name']!r}: choose adamw or adam")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for parameters; buffers copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts skipped steps; too many in a row stops the run."""
+
+    limit: int = 10
+    in_a_row: int = 0
+    total: int = 0
+
+    def record(self, finite: bool) -> bool:
+        """Register one step; returns True when the run must stop."""
+        if finite:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        return self.in_a_row >= self.limit
