@@ -128,7 +128,7 @@ def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
                 recon, _ = net(target)
                 loss = F.mse_loss(recon, target) * images.shape[0] / split.per_rank
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -202,6 +202,9 @@ def _loader(trainer: Trainer, split) -> DataLoader:
 
 
 def _status(trainer: Trainer, logged: dict, rate: float) -> str:
+    if logged["skipped"]:
+        return (f"step {trainer.step}: non-finite loss or gradients, step skipped "
+                f"({trainer.guard.in_a_row} in a row, {trainer.guard.total} in total)")
     mem = torch.cuda.max_memory_allocated() / 2**30 if trainer.dist.device.type == "cuda" else 0.0
     terms = " ".join(f"{k} {logged[k]:.4f}" for k in TERMS)
     return (f"step {trainer.step}: {terms} grad_norm {logged.get('grad_norm', float('nan')):.3f} "
@@ -244,9 +247,7 @@ def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
             logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split)
             trainer.step += 1
             images_done += split.global_batch
-            if trainer.guard.record(not logged["skipped"]):
-                raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
-                                      f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
+            stop = trainer.guard.record(not logged["skipped"])
             rate = images_done / max(time.time() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
@@ -254,6 +255,9 @@ def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
                 trainer.run.log(_status(trainer, logged, rate), options.echo)
                 trainer.run.metrics({"step": trainer.step, **logged, "images_per_s": rate,
                                      "lam": loss_fn.weights.semantic_at(trainer.step - 1)})
+            if stop:
+                raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
+                                      f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
             if trainer.step % tc["ckpt_every"] == 0 or trainer.step == tc["max_steps"]:
                 trainer.checkpoint()
             if vae is not None and trainer.step % tc["sample_every"] == 0:

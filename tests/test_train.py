@@ -1,0 +1,204 @@
+"""`reglue train`: loss goes down, resume is bit-exact (also after SIGKILL), torchrun matches one process,
+non-finite steps are skipped, and a trained compressor feeds a REGLUE run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from reglue import checkpoints, presets
+from reglue.data.encode import EncodeOptions, encode_dataset
+from reglue.data.sources import open_source
+from reglue.encoders.vae import load_vae
+from reglue.training.compressor import train_compressor
+from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
+from reglue_cli.main import main
+from test_encode import make_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    images = make_folder(root / "images", per_class=8, seed=11, corrupt=False)
+    encode_dataset(open_source(images), root / "data.h5", *load_vae("tiny"),
+                   EncodeOptions(resolution=64, workers=0), progress=False, log=lambda m: None)
+    return root / "data.h5"
+
+
+@pytest.fixture(scope="module")
+def compressor(data, tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("comp") / "run"
+    config = presets.load("compressor-tiny", train__max_steps=6, train__global_batch=8)
+    result = train_compressor(config, _options(data, outdir))
+    return Path(result.path)
+
+
+def _options(data, outdir, **kw):
+    return TrainOptions(data=str(data), outdir=str(outdir), workers=0, progress=False, echo=lambda s: None, **kw)
+
+
+def _config(name="tiny-reglue", compressor=None, **overrides):
+    base = dict(train__global_batch=8, train__sample_every=0, train__log_every=1, train__ckpt_every=1000)
+    if compressor is not None:
+        base["compressor__path"] = str(compressor)
+    return presets.load(name, **{**base, **overrides})
+
+
+def _states(path):
+    state = checkpoints.load_checkpoint(path)
+    return state["model"], state["ema"], state["optimizer"]["state"]
+
+
+def _assert_bit_identical(a, b):
+    for sa, sb in zip(_states(a), _states(b)):
+        flat_a = sa if all(torch.is_tensor(v) for v in sa.values()) else {
+            f"{k}.{n}": t for k, d in sa.items() for n, t in d.items()}
+        flat_b = sb if all(torch.is_tensor(v) for v in sb.values()) else {
+            f"{k}.{n}": t for k, d in sb.items() for n, t in d.items()}
+        assert flat_a.keys() == flat_b.keys()
+        for key in flat_a:
+            assert torch.equal(flat_a[key], flat_b[key]), key
+
+
+def test_loss_decreases_over_50_steps(data, tmp_path):
+    config = _config("tiny-sit", train__max_steps=50, train__global_batch=16, optim__lr=1e-3)
+    train_diffusion(config, _options(data, tmp_path / "run"))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 50
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+
+
+def test_resume_is_bit_exact(data, compressor, tmp_path):
+    straight = train_diffusion(_config(compressor=compressor, train__max_steps=6), _options(data, tmp_path / "a"))
+    assert straight.step == 6
+    train_diffusion(_config(compressor=compressor, train__max_steps=3), _options(data, tmp_path / "b"))
+    resumed = train_diffusion(_config(compressor=compressor, train__max_steps=6), _options(data, tmp_path / "b"))
+    assert resumed.step == 6
+    _assert_bit_identical(tmp_path / "a/checkpoints/0000006.pt", tmp_path / "b/checkpoints/0000006.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "b/checkpoints/0000006.pt")
+    assert state["data_state"] == {"step": 6, "epoch": 2, "offset": 0}  # 48 rows seen of 24 images
+
+
+def test_truncated_latest_checkpoint_is_skipped(data, compressor, tmp_path):
+    train_diffusion(_config(compressor=compressor, train__max_steps=4, train__ckpt_every=2),
+                    _options(data, tmp_path / "run", keep_last=5))
+    latest = tmp_path / "run/checkpoints/0000004.pt"
+    latest.write_bytes(latest.read_bytes()[:5000])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train_diffusion(_config(compressor=compressor, train__max_steps=4, train__ckpt_every=2),
+                                  _options(data, tmp_path / "run", keep_last=5))
+    assert any("0000004.pt" in str(w.message) for w in caught)
+    assert "resumed from" in (tmp_path / "run/log.txt").read_text() and "0000002.pt" in (
+        tmp_path / "run/log.txt").read_text()
+    assert trainer.step == 4
+
+
+def test_changed_config_in_an_existing_run_is_refused(data, tmp_path):
+    train_diffusion(_config("tiny-sit", train__max_steps=1), _options(data, tmp_path / "run"))
+    with pytest.raises(Exception, match="another config: model.depth"):
+        train_diffusion(_config("tiny-sit", train__max_steps=1, model__depth=3), _options(data, tmp_path / "run"))
+
+
+def _cli_train(outdir, data, compressor, *extra, env=None):
+    args = [sys.executable, "-m", "reglue_cli", "train", "--preset", "tiny-reglue", "--data", str(data), "--outdir",
+            str(outdir), "--compressor", str(compressor), "--workers", "0", "--quiet", "--sample-every", "0",
+            "--set", "train.global_batch=8", *extra]
+    return subprocess.Popen(args, cwd=REPO, env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_is_bit_exact(data, compressor, tmp_path):
+    straight = _cli_train(tmp_path / "a", data, compressor, "--max-steps", "12", "--ckpt-every", "2")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    killed = _cli_train(tmp_path / "b", data, compressor, "--max-steps", "12", "--ckpt-every", "2")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "b/checkpoints/0000004.pt").exists():
+        time.sleep(0.01)
+    assert killed.poll() is None, "training finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "b/checkpoints/0000012.pt").exists()
+    again = _cli_train(tmp_path / "b", data, compressor, "--max-steps", "12", "--ckpt-every", "2")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log
+    assert "resumed from" in log
+    _assert_bit_identical(tmp_path / "a/checkpoints/0000012.pt", tmp_path / "b/checkpoints/0000012.pt")
+
+
+def test_torchrun_two_processes_match_one(data, compressor, tmp_path):
+    one = _cli_train(tmp_path / "one", data, compressor, "--max-steps", "3")
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m",
+           "reglue_cli", "train", "--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "two"),
+           "--compressor", str(compressor), "--workers", "0", "--quiet", "--sample-every", "0", "--set",
+           "train.global_batch=8", "--max-steps", "3", "--batch-gpu", "2"]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (checkpoints.load_checkpoint(tmp_path / f"{r}/checkpoints/0000003.pt") for r in ("one", "two"))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fp16_overflow_skips_the_step_and_keeps_weights_finite(data, tmp_path, monkeypatch):
+    import reglue.training.diffusion as diffusion
+
+    monkeypatch.setattr(diffusion, "make_scaler",
+                        lambda device, precision: torch.amp.GradScaler(device.type, init_scale=2.0**126))
+    config = _config("tiny-sit", train__max_steps=2, train__precision="fp16")
+    trainer = train_diffusion(config, _options(data, tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["skipped"] and trainer.guard.total >= 1
+    assert trainer.scaler.get_scale() < 2.0**126  # the scaler backed off
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(data, tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(Path(data).read_bytes())
+    with h5py.File(bad, "a") as f:
+        f["moments"][0:24] = np.nan
+    config = _config("tiny-sit", train__max_steps=20)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row at step 3"):
+        train_diffusion(config, _options(bad, tmp_path / "run", max_nonfinite=3))
+    log = (tmp_path / "run/log.txt").read_text()
+    assert log.count("skipped") >= 3
+    state = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] for r in state)
+
+
+def test_compressor_checkpoint_loads_into_a_diffusion_run(data, compressor, tmp_path):
+    comp, (mean, std) = checkpoints.load_compressor(compressor)
+    assert comp.channels == [64, 32, 4] and mean.shape == (64,) and (std > 0).all()
+    raw = torch.load(compressor, weights_only=True)
+    assert raw["vfm"] == "tiny-dinov2" and raw["layers"] == [2, 3]
+    trainer = train_diffusion(_config(compressor=compressor, train__max_steps=1), _options(data, tmp_path / "run"))
+    assert trainer.semantics.compressor is not None and not trainer.semantics.compressor.training
+
+
+def test_cli_errors_are_one_line(data, tmp_path, capsys):
+    cases = [
+        (["--preset", "tiny-sit", "--outdir", str(tmp_path / "r")], "--data and --outdir are required"),
+        (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r2")], "needs a trained compressor"),
+        (["--preset", "tiny-sit", "--data", str(tmp_path / "none.h5"), "--outdir", str(tmp_path / "r3")], "no such dataset"),
+        (["--preset", "sit-b2", "--data", str(data), "--outdir", str(tmp_path / "r4")], "model.input_size is 32"),
+        (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r5"), "--compressor",
+          str(data)], "cannot be read safely"),
+    ]
+    for argv, message in cases:
+        code = main(["train", *argv, "--quiet", "--workers", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
