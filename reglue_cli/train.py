@@ -90,20 +90,24 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep.")
 @click.option("--keep-every", type=click.IntRange(min=1), help="Also keep every checkpoint whose step is a multiple of N.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--tensorboard", is_flag=True, help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
 def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
-          use_compile, device, quiet, **options) -> None:
+          use_compile, tensorboard, device, quiet, **options) -> None:
     """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
 
     \b
     Examples:
       reglue train --preset sit-b2-reglue --dry-run
-      reglue train --preset tiny-reglue --set model.depth=4 --dry-run --json
-      reglue train --preset sit-b2-reglue --data data.h5 --outdir runs/b2
-    To resume, run the same command again.
+      reglue train --preset compressor-dinov2-b --data data.h5 --outdir runs/comp
+      reglue train --preset sit-b2-reglue --data data.h5 --outdir runs/b2 --compressor runs/comp/compressor.pt
+      torchrun --nproc_per_node 8 -m reglue_cli train --preset sit-xl2-reglue --data data.h5 \\
+          --outdir runs/xl --compressor runs/comp/compressor.pt --batch-gpu 32
+    The official compressor works too: --compressor compressor.pth --set compressor.norm_stats=stats.pth
+    To resume, run the same command again (a larger --max-steps continues a finished run).
     """
     try:
         config = resolve_config(preset, assignments, options)
@@ -117,7 +121,7 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
     if not data or not outdir:
         fail("--data and --outdir are required to train (or pass --dry-run)")
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
-                               keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights,
+                               keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights, tensorboard=tensorboard,
                                progress=not quiet, device=device)
     run = train_compressor if config["kind"] == "compressor" else train_diffusion
     try:

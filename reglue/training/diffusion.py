@@ -219,6 +219,15 @@ def _make_net(trainer: Trainer):
     return torch.compile(net) if trainer.options.compile else net
 
 
+def open_tensorboard(run: RunDir):
+    """A SummaryWriter in run/tensorboard; RunError naming the missing package when it is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run.root / "tensorboard"))
+
+
 def _sample_grid(trainer: Trainer, vae) -> None:
     from reglue.training.grid import save_sample_grid
 
@@ -238,6 +247,7 @@ def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
                         if model_cfg.projector else (True, True))
     net, main = _make_net(trainer), trainer.dist.is_main
     vae = load_vae(config["data"]["vae_decoder"])[0].to(trainer.dist.device) if main and tc["sample_every"] else None
+    board = open_tensorboard(trainer.run) if options.tensorboard and main else None
     bar = tqdm(total=tc["max_steps"], initial=trainer.step, disable=not (options.progress and main), unit="step",
                dynamic_ncols=True, desc="train")
     batches = iter(_loader(trainer, split))
@@ -253,8 +263,10 @@ def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
             bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
             if main and (trainer.step % tc["log_every"] == 0 or logged["skipped"]):
                 trainer.run.log(_status(trainer, logged, rate), options.echo)
-                trainer.run.metrics({"step": trainer.step, **logged, "images_per_s": rate,
-                                     "lam": loss_fn.weights.semantic_at(trainer.step - 1)})
+                record = {**logged, "images_per_s": rate, "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
+                trainer.run.metrics({"step": trainer.step, **record})
+                for key, value in record.items() if board is not None else ():
+                    board.add_scalar(f"train/{key}", float(value), trainer.step)
             if stop:
                 raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
                                       f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
