@@ -21,6 +21,7 @@ from reglue.constants import LATENT_CHANNELS, VAE_DOWNSAMPLE
 from reglue.data import h5format as fmt
 from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import ImageSource
+from reglue.data.append import ATTR_WRITTEN
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
 from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vae import posterior_moments
@@ -235,7 +236,7 @@ def merge_parts(parts: list[Path], out: Path) -> None:
             row += n
         attrs.update(source_start=infos[0][0]["source_start"], source_end=infos[-1][0]["source_end"],
                      skipped=sum(int(info[0]["skipped"]) for info in infos))
-        attrs[fmt.ATTR_WRITTEN], attrs[fmt.ATTR_POSITION] = row, attrs["source_end"]
+        attrs[ATTR_WRITTEN], attrs[fmt.ATTR_POSITION] = row, attrs["source_end"]
         dst.attrs.update(attrs)
         dst.attrs.update(content_hashes(dst))
     tmp.replace(out)

@@ -10,9 +10,8 @@ LABELS = "labels"  # (N,) int64
 KEYS = "keys"  # (N,) the source path of each image, for provenance
 CLASS_NAMES = "class_names"  # (K,) class folder names, label order
 
-# Attributes: progress while the file is partial, provenance once complete.
+# Attributes: progress while the file is partial, provenance once complete (the row counter and run id are
+# reglue.data.append's ATTR_WRITTEN and ATTR_RUN_ID).
 ATTR_COMPLETE = "complete"
-ATTR_WRITTEN = "written"  # rows written so far
 ATTR_POSITION = "source_position"  # next source index to process
-ATTR_RUN_ID = "run_id"  # hash of everything that determines the content; a partial file resumes only if equal
 PARTIAL_SUFFIX = ".partial"

@@ -1,16 +1,16 @@
-"""Append-only, resumable HDF5 writer for one output file (a shard or a rank's part)."""
+"""The encoded-dataset writer for one output file (a shard or a rank's part), on top of AppendFile."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from reglue.data import h5format as fmt
+from reglue.data.append import AppendFile
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -27,85 +27,49 @@ class EncodedWriter:
 
     def __init__(self, path, run_id: str, resolution: int, moments_shape: tuple, moments_dtype: str,
                  flip: bool, class_names, attrs: dict):
-        self.path, self.partial = Path(path), partial_path(path)
-        self.file = self._open_or_resume(run_id)
-        if fmt.IMAGES not in self.file:
-            self._create(run_id, resolution, moments_shape, moments_dtype, flip, class_names, attrs)
+        self.path = Path(path)
+        image = (resolution, resolution, 3)
+        columns = {fmt.IMAGES: (image, np.uint8, 1), fmt.MOMENTS: (tuple(moments_shape), moments_dtype, 1),
+                   fmt.LABELS: ((), np.int64, 4096), fmt.KEYS: ((), h5py.string_dtype(), 4096)}
+        if flip:
+            columns[fmt.MOMENTS_FLIP] = (tuple(moments_shape), moments_dtype, 1)
+        self.out = AppendFile(partial_path(path), run_id, columns, {
+            **attrs, fmt.ATTR_POSITION: 0, fmt.ATTR_COMPLETE: False, "format": fmt.FORMAT,
+            "version": fmt.FORMAT_VERSION})
+        if fmt.CLASS_NAMES not in self.out.file:
+            self.out.file.create_dataset(fmt.CLASS_NAMES, data=np.array(list(class_names), dtype=object),
+                                         dtype=h5py.string_dtype())
 
-    def _open_or_resume(self, run_id: str) -> h5py.File:
-        if self.partial.exists():
-            try:
-                file = h5py.File(self.partial, "a")
-                if file.attrs.get(fmt.ATTR_RUN_ID) == run_id and fmt.IMAGES in file:
-                    self._truncate(file, int(file.attrs[fmt.ATTR_WRITTEN]))
-                    return file
-                file.close()
-                warnings.warn(f"{self.partial}: left by a different run; starting it again")
-            except (OSError, KeyError):
-                warnings.warn(f"{self.partial}: unreadable after an interruption; starting it again")
-            self.partial.unlink()
-        return h5py.File(self.partial, "w")
-
-    @staticmethod
-    def _truncate(file: h5py.File, rows: int) -> None:
-        """Drop rows past the last recorded flush (written by a process killed mid-append)."""
-        for name in (fmt.IMAGES, fmt.MOMENTS, fmt.MOMENTS_FLIP, fmt.LABELS, fmt.KEYS):
-            if name in file and file[name].shape[0] != rows:
-                file[name].resize(rows, axis=0)
-
-    def _create(self, run_id, resolution, moments_shape, moments_dtype, flip, class_names, attrs) -> None:
-        f = self.file
-        f.create_dataset(fmt.IMAGES, (0, resolution, resolution, 3), np.uint8,
-                         maxshape=(None, resolution, resolution, 3), chunks=(1, resolution, resolution, 3))
-        for name in (fmt.MOMENTS, fmt.MOMENTS_FLIP) if flip else (fmt.MOMENTS,):
-            f.create_dataset(name, (0, *moments_shape), moments_dtype, maxshape=(None, *moments_shape),
-                             chunks=(1, *moments_shape))
-        f.create_dataset(fmt.LABELS, (0,), np.int64, maxshape=(None,), chunks=(4096,))
-        f.create_dataset(fmt.KEYS, (0,), h5py.string_dtype(), maxshape=(None,), chunks=(4096,))
-        f.create_dataset(fmt.CLASS_NAMES, data=np.array(list(class_names), dtype=object), dtype=h5py.string_dtype())
-        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-        f.attrs.update({fmt.ATTR_RUN_ID: run_id, fmt.ATTR_WRITTEN: 0, fmt.ATTR_POSITION: 0,
-                        fmt.ATTR_COMPLETE: False, "format": fmt.FORMAT, "version": fmt.FORMAT_VERSION})
-        f.flush()
+    @property
+    def file(self) -> h5py.File:
+        """The open partial file."""
+        return self.out.file
 
     @property
     def written(self) -> int:
         """Rows durably written."""
-        return int(self.file.attrs[fmt.ATTR_WRITTEN])
+        return self.out.written
 
     @property
     def position(self) -> int:
         """Next source index to process (skipped images count as processed)."""
-        return int(self.file.attrs[fmt.ATTR_POSITION])
+        return int(self.out.file.attrs[fmt.ATTR_POSITION])
 
     def append(self, images, moments, labels, keys, position: int, moments_flip=None) -> None:
         """Append rows, then record ``position`` and flush: the unit of resumption."""
-        n, start = len(labels), self.written
         rows = {fmt.IMAGES: images, fmt.MOMENTS: moments, fmt.LABELS: labels, fmt.KEYS: keys}
         if moments_flip is not None:
             rows[fmt.MOMENTS_FLIP] = moments_flip
-        for name, values in rows.items():
-            ds = self.file[name]
-            ds.resize(start + n, axis=0)
-            if n:
-                ds[start:] = values
-        self.file.attrs[fmt.ATTR_WRITTEN] = start + n
-        self.file.attrs[fmt.ATTR_POSITION] = position
-        self.file.flush()
+        self.out.append(rows, {fmt.ATTR_POSITION: position})
 
     def finish(self, extra_attrs: dict | None = None) -> Path:
         """Record the content hashes, mark complete, close and rename to the final path."""
-        self.file.attrs.update(content_hashes(self.file))
-        self.file.attrs.update(extra_attrs or {})
-        self.file.attrs[fmt.ATTR_COMPLETE] = True
-        self.file.close()
-        os.replace(self.partial, self.path)
-        return self.path
+        attrs = {**content_hashes(self.out.file), **(extra_attrs or {}), fmt.ATTR_COMPLETE: True}
+        return self.out.finish(self.path, attrs)
 
     def close(self) -> None:
         """Close without finishing (the partial file stays for a later resume)."""
-        if self.file.id.valid:
-            self.file.close()
+        self.out.close()
 
 
 def content_hashes(file: h5py.File, block: int = 1024) -> dict[str, str]:
@@ -117,3 +81,4 @@ def content_hashes(file: h5py.File, block: int = 1024) -> dict[str, str]:
         content.update(np.ascontiguousarray(file[fmt.LABELS][start : start + block]).tobytes())
         moments.update(np.ascontiguousarray(file[fmt.MOMENTS][start : start + block]).tobytes())
     return {"content_sha256": content.hexdigest(), "moments_sha256": moments.hexdigest()}
+
