@@ -19,6 +19,5 @@ def _pending(name: str, summary: str, issue: int) -> click.Command:
     return command
 
 
-sample = _pending("sample", "Generate samples (ADM .npz + HDF5) from any checkpoint, on any number of GPUs.", 5)
 eval_ = _pending("eval", "FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.", 6)
 compare = _pending("compare", "Tables of your runs beside the published REPA, ReDi, REG and REGLUE numbers.", 7)

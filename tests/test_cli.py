@@ -77,7 +77,7 @@ def test_dry_run_of_a_compressor_preset(capsys):
     (["train"], "--preset"),
     (["frobnicate"], "No such command"),
     (["encode", "images/"], "Missing option '--out'"),
-    (["sample"], "not built yet"),
+    (["sample"], "Missing option '--ckpt'"),
     (["eval"], "not built yet"),
     (["compare"], "not built yet"),
 ])

@@ -95,20 +95,42 @@ class Guidance:
 VelocityFn = Callable[[torch.Tensor, torch.Tensor | None, float, torch.Tensor], tuple]
 
 
-def guided_velocity(model, guidance: Guidance) -> VelocityFn:
-    """A velocity function over ``model``: one conditional pass, or a doubled batch with the null label inside the
-    guidance interval (the same noisy x and cls go to both halves)."""
+def evaluate_in_chunks(model, x, t: float, y, cls, chunk: int | None):
+    """Model velocities for a batch, computed ``chunk`` rows at a time with the last chunk padded.
+
+    Matrix kernels pick their algorithm by the number of rows, so a row's result can change in the last bit
+    with the batch it is computed in. Evaluating every row in calls of exactly ``chunk`` rows makes each
+    sample's result independent of the batch size and of the number of processes.
+    """
     dtype = next(model.parameters()).dtype
+    n = x.shape[0]
+    size = chunk or n
+    pad = (-n) % size
+    if pad:
+        x, y = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]), torch.cat([y, y[-1:].expand(pad)])
+        cls = None if cls is None else torch.cat([cls, cls[-1:].expand(pad, *cls.shape[1:])])
+    vs, cls_vs = [], []
+    for start in range(0, x.shape[0], size):
+        part = slice(start, start + size)
+        time = torch.full((size,), t, device=x.device, dtype=dtype)
+        out = model(x[part].to(dtype), time, y[part], cls=None if cls is None else cls[part].to(dtype),
+                    return_projections=False)
+        vs.append(out.velocity.double())
+        cls_vs.append(None if out.cls_velocity is None else out.cls_velocity.double())
+    v = torch.cat(vs)[:n]
+    return v, (None if cls_vs[0] is None else torch.cat(cls_vs)[:n])
+
+
+def guided_velocity(model, guidance: Guidance, chunk: int | None = None) -> VelocityFn:
+    """A velocity function over ``model``: one conditional pass, or a doubled batch with the null label inside the
+    guidance interval (the same noisy x and cls go to both halves). ``chunk``: see evaluate_in_chunks."""
 
     def velocity(x, cls, t, y):
         guided = guidance.active(t)
         if guided:
             x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
             cls = None if cls is None else torch.cat([cls, cls])
-        time = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
-        out = model(x.to(dtype), time, y, cls=None if cls is None else cls.to(dtype), return_projections=False)
-        v = out.velocity.double()
-        cls_v = None if out.cls_velocity is None else out.cls_velocity.double()
+        v, cls_v = evaluate_in_chunks(model, x, t, y, cls, chunk)
         if not guided:
             return v, cls_v
         v_c, v_u = v.chunk(2)

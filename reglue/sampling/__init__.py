@@ -1,0 +1,1 @@
+"""Sampling many images from a checkpoint: per-sample seeds and labels, resumable sharded storage, ADM output."""

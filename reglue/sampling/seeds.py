@@ -1,0 +1,51 @@
+"""Per-sample randomness: every sample's labels and noise depend only on (seed, sample index).
+
+So the same command gives the same images on 1 or 8 GPUs and with any batch size (the reference seeds each
+rank with seed * world + rank, so its sample set changes with the GPU count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEED_STRIDE = 1 << 32  # sample i of run seed s uses generator seed s * SEED_STRIDE + i
+LABEL_SALT = 0x5EED_1ABE1  # a separate stream for the uniform labels
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index``."""
+    return seed * SEED_STRIDE + index
+
+
+def make_labels(n: int, num_classes: int, seed: int, balanced: bool, classes: list[int] | None = None) -> torch.Tensor:
+    """Labels of samples 0..n-1: uniform per sample (as the reference), or balanced in a seeded random order."""
+    pool = torch.tensor(classes if classes else range(num_classes), dtype=torch.long)
+    if balanced:
+        if n % len(pool):
+            raise ValueError(f"--balanced needs N divisible by the number of classes ({len(pool)}), got N={n}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return pool[order % len(pool)]
+    picks = [int(torch.randint(len(pool), (1,), generator=torch.Generator().manual_seed(
+        sample_seed(seed, i) ^ LABEL_SALT))) for i in range(n)]
+    return pool[torch.tensor(picks, dtype=torch.long)]
+
+
+class SampleNoise:
+    """One generator per sample of a batch: the initial state, then the noise of each SDE step."""
+
+    def __init__(self, seeds: list[int], x_shape: tuple, cls_dim: int | None, device):
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.x_shape, self.cls_dim, self.device = x_shape, cls_dim, device
+
+    def _draw(self) -> tuple:
+        x = torch.stack([torch.randn(self.x_shape, generator=g) for g in self.gens])
+        cls = torch.stack([torch.randn(self.cls_dim, generator=g) for g in self.gens]) if self.cls_dim else None
+        return x.to(self.device, torch.float64), None if cls is None else cls.to(self.device, torch.float64)
+
+    def initial(self) -> tuple:
+        """x (B, C, H, W) and cls (B, D) at t = 1."""
+        return self._draw()
+
+    def step(self, i: int) -> tuple:
+        """(xi, cls_xi) of SDE step ``i`` (drawn in order: call once per step)."""
+        return self._draw()
