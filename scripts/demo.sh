@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# The whole pipeline on tiny stand-ins, printed command by command so that it doubles as the tutorial.
-# Stages whose command has not landed yet are listed, not run; `make demo` stays green meanwhile.
+# The pipeline on a generated toy dataset with tiny random-weight stand-ins (VAE, DINOv2), printed command by
+# command so that it doubles as the tutorial. Run it again: finished stages are reused or resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
 REGLUE=${REGLUE:-.venv/bin/reglue}
+OUT=${DEMO_OUT:-demo_out}
+export HF_HUB_OFFLINE=1
 
 step() { printf '\n$ %s\n' "$*"; "$@"; }
 
 echo "reglue demo: tiny random-weight stand-ins; no number printed here is comparable to a paper."
-step "$REGLUE" train --preset compressor-tiny --dry-run
-step "$REGLUE" train --preset tiny-reglue --dry-run
+mkdir -p "$OUT"
+step "$PY" scripts/toy_dataset.py "$OUT/images" --per-class 40
+step "$REGLUE" encode "$OUT/images" --out "$OUT/data.h5" --resolution 64 --vae tiny --workers 2 --quiet
+step "$REGLUE" train --preset compressor-tiny --data "$OUT/data.h5" --outdir "$OUT/compressor" --workers 0 --quiet
+step "$REGLUE" train --preset tiny-reglue --data "$OUT/data.h5" --outdir "$OUT/reglue" \
+    --compressor "$OUT/compressor/compressor.pt" --max-steps 200 --workers 0 --quiet --log-every 50
+step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/0000200.pt" --out "$OUT/samples" --n 100 --steps 50 \
+    --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples/grid.png" --quiet
 cat <<'MSG'
 
-Not built yet, so not run: reglue encode (issue #3), reglue train without --dry-run (#4),
-reglue sample (#5), reglue eval (#6), reglue compare (#7). The demo grows with them (#8).
+Not built yet, so not run: reglue eval (issue #6) and reglue compare (#7); the demo grows with them (#8).
 MSG

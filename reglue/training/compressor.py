@@ -48,12 +48,13 @@ def cosine_lr(optim: dict, epoch: int) -> float:
 
 
 @torch.no_grad()
-def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInfo, batch: int = 64):
+def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInfo, batch: int = 64,
+                    progress: bool = True):
     """Per-channel mean/std of the stacked VFM maps over a shuffled sample of ``samples`` images (all ranks)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 17))[:samples]
     mine = order[dist.rank :: dist.world].tolist()
     moments = RunningMoments(vfm.embed_dim * len(layers))
-    for start in tqdm(range(0, len(mine), batch), desc="norm stats", disable=not dist.is_main, leave=False):
+    for start in tqdm(range(0, len(mine), batch), desc="norm stats", disable=not (progress and dist.is_main), leave=False):
         images = dataset.read_batch(mine[start : start + batch])[0].to(dist.device)
         moments.update(vfm(images, layers).local.float())
     c = moments.sum.numel()
@@ -96,7 +97,8 @@ def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
         if dist.is_main:
             run.log(f"resumed from {latest} at step {step}", options.echo)
     if stats is None:
-        stats = norm_statistics(vfm, layers, dataset, config["compressor"]["norm_stats_samples"], tc["seed"], dist)
+        stats = norm_statistics(vfm, layers, dataset, config["compressor"]["norm_stats_samples"], tc["seed"], dist,
+                                progress=options.progress)
     mean, std = (s.to(dist.device) for s in stats)
     per_epoch, max_steps = steps_for(config, len(dataset))
     split = make_split(tc["global_batch"], dist.world, options.batch_gpu)
