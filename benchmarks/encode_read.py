@@ -8,7 +8,6 @@ samples/s for each and the ratio. Run: python benchmarks/encode_read.py [--image
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
 import time

@@ -1,6 +1,5 @@
 """`reglue encode`: the ADM crop, sources, moments, skipping, resume after SIGKILL, torchrun, bad input."""
 
-import io
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from reglue.constants import LATENT_SCALE
 from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.dataset import DatasetError, EncodedDataset
 from reglue.data.encode import EncodeOptions, encode_dataset
-from reglue.data.sources import SourceError, open_source
+from reglue.data.sources import open_source
 from reglue.encoders.loading import ModelLoadError
 from reglue.encoders.vae import build_tiny_vae, load_vae, posterior_moments, sample_latents
 from reglue_cli.main import main

@@ -23,7 +23,7 @@ from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import ImageSource
 from reglue.data.append import ATTR_WRITTEN
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
-from reglue.distributed import DistInfo, all_sum, barrier
+from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import posterior_moments
 
 MOMENTS_DTYPES = ("float32", "float16")

@@ -13,13 +13,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reglue import checkpoints
-from reglue.data.dataset import EncodedDataset
-from reglue.distributed import DistInfo, all_sum, barrier, init_distributed
+from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vfm import load_vfm
 from reglue.models import SemanticCompressor
 from reglue.training.diffusion import TrainOptions
 from reglue.training.order import StepSampler, data_position, make_split
-from reglue.training.rundir import RunDir, RunError
+from reglue.training.rundir import RunError, start_run
 from reglue.training.semantics import RunningMoments, standardise
 from reglue.training.state import make_optimizer
 
@@ -66,11 +65,7 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
 
 
 def _setup(config: dict, options: TrainOptions):
-    dist = init_distributed(options.device)
-    run = RunDir(options.outdir)
-    run.prepare(config, dist.is_main)
-    barrier()
-    dataset = EncodedDataset(options.data)
+    dist, run, dataset = start_run(config, options.outdir, options.data, options.device)
     v = config["vfm"]
     vfm = load_vfm(v["name"], v["image_size"], options.vfm_weights).to(dist.device)
     channels = config["compressor"]["channels"]

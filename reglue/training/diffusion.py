@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from reglue import checkpoints
 from reglue.data.dataset import EncodedDataset
-from reglue.distributed import DistInfo, all_sum, barrier, init_distributed
+from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.training.order import StepSampler, data_position, make_split, step_noise
-from reglue.training.rundir import RunDir, RunError
+from reglue.training.rundir import RunDir, RunError, start_run
 from reglue.training.semantics import build_semantic_encoder
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, update_ema
 from reglue.transport import JointLoss, LossWeights, sample_time
@@ -105,11 +105,7 @@ class Trainer:
 
 def build_trainer(config: dict, options: TrainOptions) -> Trainer:
     """Set up (or resume) a run: process group, run directory, model, EMA, optimiser, data, frozen encoders."""
-    dist = init_distributed(options.device)
-    run = RunDir(options.outdir)
-    run.prepare(config, dist.is_main)
-    barrier()
-    dataset = EncodedDataset(options.data)
+    dist, run, dataset = start_run(config, options.outdir, options.data, options.device)
     model_cfg = config["model"]
     if dataset.resolution // 8 != model_cfg["input_size"]:
         raise RunError(f"{options.data}: {dataset.resolution}px images give {dataset.resolution // 8}x"

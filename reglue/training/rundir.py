@@ -97,3 +97,15 @@ class RunDir:
         """Append one JSON line to metrics.jsonl."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def start_run(config: dict, outdir, data, device: str | None):
+    """Join the process group, prepare the run directory (all ranks wait for rank 0) and open the dataset."""
+    from reglue.data.dataset import EncodedDataset
+    from reglue.distributed import barrier, init_distributed
+
+    dist = init_distributed(device)
+    run = RunDir(outdir)
+    run.prepare(config, dist.is_main)
+    barrier()
+    return dist, run, EncodedDataset(data)
