@@ -19,5 +19,4 @@ def _pending(name: str, summary: str, issue: int) -> click.Command:
     return command
 
 
-eval_ = _pending("eval", "FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.", 6)
 compare = _pending("compare", "Tables of your runs beside the published REPA, ReDi, REG and REGLUE numbers.", 7)

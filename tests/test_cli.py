@@ -78,7 +78,7 @@ def test_dry_run_of_a_compressor_preset(capsys):
     (["frobnicate"], "No such command"),
     (["encode", "images/"], "Missing option '--out'"),
     (["sample"], "Missing option '--ckpt'"),
-    (["eval"], "not built yet"),
+    (["eval"], "Missing argument"),
     (["compare"], "not built yet"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):

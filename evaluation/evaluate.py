@@ -1,0 +1,164 @@
+"""One evaluation: samples and a reference batch -> FID, sFID, IS, precision, recall, with provenance."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluation.fid import frechet_distance
+from evaluation.images import file_sha256, open_images
+from evaluation.inception import InceptionFeatures
+from evaluation.inception_score import IS_SPLIT, inception_score
+from evaluation.precision_recall import precision_recall
+from evaluation.reference import resolve_reference
+from evaluation.stats import RunningStats
+
+POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to compute (the numbers do not depend on batch size or device beyond float tolerance)."""
+
+    batch_size: int = 64
+    device: str | None = None
+    pr_precision: str = "fp16"
+    fid_backend: str = "eigh"
+    pr_block: int = 10_000
+    features_out: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+class FeatureSink:
+    """Collects pool and logits in memory, statistics in float64, and optionally every feature in HDF5."""
+
+    def __init__(self, n: int, path: str | None = None):
+        self.pool, self.logits = np.zeros((n, POOL_DIM), np.float32), np.zeros((n, LOGITS_DIM), np.float32)
+        self.pool_stats, self.spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
+        self.h5 = None
+        if path:
+            import h5py
+
+            self.h5 = h5py.File(path, "w")
+            for name, dim in (("pool", POOL_DIM), ("spatial", SPATIAL_DIM), ("logits", LOGITS_DIM)):
+                self.h5.create_dataset(name, (n, dim), np.float32, chunks=(min(n, 256), dim))
+
+    def add(self, start: int, features) -> None:
+        """Store one batch of Features at rows [start, start + B)."""
+        end = start + features.pool.shape[0]
+        self.pool[start:end], self.logits[start:end] = features.pool.cpu().numpy(), features.logits.cpu().numpy()
+        self.pool_stats.update(features.pool)
+        self.spatial_stats.update(features.spatial)
+        if self.h5 is not None:
+            for name in ("pool", "spatial", "logits"):
+                self.h5[name][start:end] = getattr(features, name).cpu().numpy()
+
+    def close(self, attrs: dict | None = None) -> None:
+        if self.h5 is not None:
+            self.h5.attrs.update(attrs or {})
+            self.h5.close()
+
+
+def extract(images, extractor: InceptionFeatures, options: EvalOptions, desc: str, sink: FeatureSink) -> FeatureSink:
+    """Run every image of ``images`` through the extractor into ``sink``."""
+    device = next(extractor.parameters()).device
+    start = 0
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not options.progress, dynamic_ncols=True) as bar:
+        for batch in images.batches(options.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
+            sink.add(start, extractor(x))
+            start += batch.shape[0]
+            bar.update(batch.shape[0])
+    return sink
+
+
+def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, options: EvalOptions):
+    """(pool features of arr_0, stored or computed statistics); the features are cached by file and weights hash."""
+    import h5py
+
+    images = open_images(path, role="reference")
+    cache_dir = Path(options.cache_dir or Path.home() / ".cache" / "reglue" / "features")
+    cache = cache_dir / f"{ref_sha[:16]}-{extractor.weights_sha256[:16]}.h5"
+    stored = images.statistics()
+    if cache.exists():
+        with h5py.File(cache, "r") as f:
+            pool = f["pool"][...]
+            computed = {k: f[k][...] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    else:
+        sink = extract(images, extractor, options, "reference", FeatureSink(len(images)))
+        pool = sink.pool
+        (mu, sigma), (mu_s, sigma_s) = sink.pool_stats.mean_cov(), sink.spatial_stats.mean_cov()
+        computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        with h5py.File(tmp, "w") as f:
+            f["pool"] = pool
+            for k, v in computed.items():
+                f[k] = v
+        tmp.replace(cache)
+    stats = stored if stored and all(k in stored for k in ("mu", "sigma", "mu_s", "sigma_s")) else computed
+    return pool, stats, "stored in the reference file" if stats is stored else "computed from arr_0"
+
+
+def _warn_about(n: int, labels: np.ndarray | None) -> None:
+    if n < POOL_DIM:
+        warnings.warn(f"{n} samples is fewer than the {POOL_DIM} feature dimensions: the covariance is singular "
+                      "and FID is ill-conditioned")
+    if n % IS_SPLIT:
+        warnings.warn(f"N = {n} is not a multiple of {IS_SPLIT}: the last Inception Score split is short")
+    if labels is not None and len(labels) > 1 and (np.diff(labels) >= 0).all() and labels[0] != labels[-1]:
+        warnings.warn("samples are sorted by class: the Inception Score's consecutive splits will collapse")
+
+
+def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions = EvalOptions()) -> dict:
+    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder) against reference ``ref`` (name or path)."""
+    started = time.time()
+    images = open_images(samples)
+    ref_path = resolve_reference(ref)
+    extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ref_sha = file_sha256(ref_path)
+    ref_pool, ref_stats, stats_origin = reference_features(ref_path, ref_sha, extractor, options)
+    sink = extract(images, extractor, options, "samples", FeatureSink(len(images), options.features_out))
+    labels = _labels_of(samples)
+    _warn_about(len(images), labels)
+    mu, sigma = sink.pool_stats.mean_cov()
+    mu_s, sigma_s = sink.spatial_stats.mean_cov()
+    device = next(extractor.parameters()).device
+    fid = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend,
+                           device if options.fid_backend == "eigh" else None)
+    sfid = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend,
+                            device if options.fid_backend == "eigh" else None)
+    isc, splits = inception_score(sink.logits)
+    prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(sink.pool).to(device),
+                                 block=options.pr_block, precision=options.pr_precision)
+    import torch_fidelity
+
+    result = {
+        "fid": fid, "sfid": sfid, "inception_score": isc, "precision": prec, "recall": rec,
+        "n": len(images), "is_splits": splits, "samples": str(samples), "samples_sha256": file_sha256(samples),
+        "reference": str(ref_path), "reference_sha256": ref_sha, "reference_statistics": stats_origin,
+        "inception_weights": extractor.weights_path, "inception_weights_sha256": extractor.weights_sha256,
+        "fid_backend": options.fid_backend, "pr_precision": options.pr_precision,
+        "resize": "TF1 bilinear to 299 (torch-fidelity inception-v3-compat)",
+        "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
+    }
+    result["seconds"] = time.time() - started
+    sink.close({k: str(v) for k, v in result.items()})
+    return result
+
+
+def _labels_of(path) -> np.ndarray | None:
+    path = Path(path)
+    if path.suffix not in (".h5", ".hdf5"):
+        return None
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["labels"][...] if "labels" in f else None

@@ -1,0 +1,117 @@
+"""ADM's Inception features in PyTorch: torch-fidelity's TF-compatible InceptionV3, one pass, three feature sets.
+
+- pool: pool_3, (N, 2048), for FID, precision and recall;
+- spatial: ``Mixed_6d.branch1x1`` (TF ``mixed_6/conv``) channels 0..6 flattened in NHWC order, (N, 2023), for sFID;
+- logits: the 1008 logits without the bias, (N, 1008), for the Inception Score.
+
+Runs in fp32, eval mode, with TF32 off. Weights: ``--inception-weights PATH`` or $REGLUE_INCEPTION_WEIGHTS, else
+torch-fidelity's release URL (cached by torch.hub); offline without a file, it fails at once saying what to fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+WEIGHTS_ENV = "REGLUE_INCEPTION_WEIGHTS"
+SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 x 17 x 7 = 2023 values
+
+
+class InceptionError(RuntimeError):
+    """The Inception weights cannot be found or are not the expected network."""
+
+
+class Features(NamedTuple):
+    """Inception features of one batch."""
+
+    pool: torch.Tensor  # (B, 2048)
+    spatial: torch.Tensor  # (B, 2023)
+    logits: torch.Tensor  # (B, 1008), no bias
+
+
+def weights_url() -> str:
+    """torch-fidelity's release of the converted TF Inception weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def resolve_weights(path: str | None) -> str:
+    """A local weights file: the given path, $REGLUE_INCEPTION_WEIGHTS, or torch.hub's cached download."""
+    path = path or os.environ.get(WEIGHTS_ENV)
+    if path:
+        if not Path(path).is_file():
+            raise InceptionError(f"Inception weights {path}: no such file")
+        return path
+    url = weights_url()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if cached.is_file():
+        return str(cached)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), progress=True)
+        return str(cached)
+    except Exception as exc:  # noqa: BLE001 - any network failure gets the same advice
+        raise InceptionError(
+            f"cannot download the Inception weights ({type(exc).__name__}); fetch {url} on a machine with network "
+            f"and pass --inception-weights FILE or set {WEIGHTS_ENV}=FILE (or place it at {cached})") from None
+
+
+def sha256_file(path) -> str:
+    """sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """TF32 off for matmuls and convolutions inside, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (B, 3, H, W) -> Features, with ADM's tensors."""
+
+    def __init__(self, weights: str | None = None, device=None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.weights_path = resolve_weights(weights)
+        try:  # a weights-only read first: the file must be tensors only before torch-fidelity unpickles it
+            torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise InceptionError(f"{self.weights_path}: not a plain weights file ({type(exc).__name__})") from None
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=self.weights_path)
+        except RuntimeError as exc:
+            raise InceptionError(f"{self.weights_path}: not torch-fidelity's InceptionV3 "
+                                 f"({str(exc).splitlines()[0][:150]})") from None
+        self.weights_sha256 = sha256_file(self.weights_path)
+        self._spatial: list[torch.Tensor] = []
+        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: self._spatial.append(out))
+        self.eval().to(device or "cpu")
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> Features:
+        """Features of uint8 NCHW images (any size: everything is resized to 299 the TF1 way)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        self._spatial.clear()
+        with no_tf32():
+            pool, logits = self.net(images)
+        spatial = self._spatial.pop()[:, :SPATIAL_CHANNELS]  # (B, 7, 17, 17) after BN and ReLU
+        spatial = spatial.permute(0, 2, 3, 1).reshape(spatial.shape[0], -1)  # NHWC order, as ADM flattens
+        return Features(pool.float(), spatial.float(), logits.float())

@@ -1,0 +1,71 @@
+"""`reglue eval`: the ADM evaluator's FID, sFID, IS, precision and recall, in PyTorch."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import click
+
+from evaluation.evaluate import EvalOptions, evaluate
+from evaluation.fid import FID_BACKENDS
+from evaluation.images import ImageInputError
+from evaluation.inception import InceptionError
+from evaluation.precision_recall import PR_PRECISIONS
+from evaluation.reference import ReferenceError
+from reglue.fileio import atomic_write_text
+from reglue_cli.errors import fail
+
+ROWS = (("FID", "fid", "{:.4f}"), ("sFID", "sfid", "{:.4f}"), ("Inception Score", "inception_score", "{:.2f}"),
+        ("Precision", "precision", "{:.4f}"), ("Recall", "recall", "{:.4f}"))
+
+
+def format_table(result: dict) -> str:
+    """The five numbers and what they were computed with, as a small text table."""
+    lines = [f"{name:<16} {fmt.format(result[key])}" for name, key, fmt in ROWS]
+    lines.append(f"{'N':<16} {result['n']:,} samples ({result['is_splits']} IS splits), reference "
+                 f"{result['reference']} ({result['reference_statistics']})")
+    lines.append(f"{'backends':<16} FID {result['fid_backend']}, P/R {result['pr_precision']}, Inception weights "
+                 f"sha256 {result['inception_weights_sha256'][:12]}")
+    return "\n".join(lines)
+
+
+@click.command("eval", short_help="FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.")
+@click.argument("samples", type=click.Path())
+@click.option("--ref", default="imagenet256", show_default=True, metavar="NAME|PATH",
+              help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here.")
+@click.option("--features", type=click.Path(dir_okay=False), help="Also store pool, spatial and logits features (HDF5).")
+@click.option("--inception-weights", type=click.Path(dir_okay=False),
+              help="torch-fidelity's InceptionV3 weights file [default: $REGLUE_INCEPTION_WEIGHTS or download].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--pr-precision", type=click.Choice(PR_PRECISIONS), default="fp16", show_default=True,
+              help="Distances for precision/recall: fp16 as ADM, or fp32.")
+@click.option("--fid-backend", type=click.Choice(FID_BACKENDS), default="eigh", show_default=True,
+              help="Trace term: symmetric eigendecompositions (fast, float64), or ADM's scipy sqrtm (audit).")
+@click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, device,
+          quiet) -> None:
+    """Score SAMPLES (an ADM .npz with arr_0 uint8 N x H x W x 3, a samples.h5, or a folder of images).
+
+    \b
+    The numbers are those of OpenAI's ADM evaluator: Inception-v3 (TF weights via torch-fidelity), FID on
+    pool_3, sFID on mixed_6/conv[:7], IS over consecutive splits of 5000, precision/recall with k = 3.
+      reglue eval samples/b2/samples.npz --ref imagenet256 --json samples/b2/metrics.json
+    Offline: --inception-weights FILE and --ref /path/VIRTUAL_imagenet256_labeled.npz.
+    """
+    options = EvalOptions(batch_size=batch_size, device=device, pr_precision=pr_precision, fid_backend=fid_backend,
+                          features_out=features, progress=not quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = evaluate(samples, ref, inception_weights, options)
+        except (ImageInputError, InceptionError, ReferenceError) as exc:
+            fail(str(exc))
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            click.echo(f"warning: {w.message}", err=True)
+    click.echo(format_table(result))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2))

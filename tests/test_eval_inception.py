@@ -1,0 +1,207 @@
+"""The Inception extractor through torch-fidelity's real loading path (random weights with its exact keys), the
+TF1 resize, ADM's NHWC spatial layout, input validation, and `reglue eval` end to end (evaluation.md 7.2)."""
+
+import json
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.images import ImageInputError, open_images
+from evaluation.inception import InceptionError, InceptionFeatures, resolve_weights
+from reglue_cli.main import main
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A random-weights file with torch-fidelity's exact 472 keys and shapes (no download)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch.load", lambda *a, **k: {}):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="dummy")
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, value in net.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        elif value.dim() == 4:
+            fan_in = value[0].numel()
+            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * 0.05
+    assert len(state) == 472
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def extractor(weights):
+    return InceptionFeatures(weights)
+
+
+def _images(n, size=64, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+def test_shapes_and_contract(extractor):
+    feats = extractor(_images(3))
+    assert feats.pool.shape == (3, 2048) and (feats.pool >= 0).all()
+    assert feats.spatial.shape == (3, 2023) and (feats.spatial >= 0).all()
+    assert feats.logits.shape == (3, 1008)
+    unbiased = feats.pool @ extractor.net.fc.weight.T
+    torch.testing.assert_close(feats.logits, unbiased, rtol=1e-5, atol=1e-4)  # no bias
+    assert not extractor.training and extractor.weights_sha256
+    assert extractor(_images(2, size=128)).pool.shape == (2, 2048)  # any size is resized to 299
+
+
+def test_spatial_features_are_mixed_6d_branch1x1_in_nhwc_order(extractor):
+    seen = []
+    handle = extractor.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: seen.append(out.clone()))
+    feats = extractor(_images(2))
+    handle.remove()
+    act = seen[0]
+    assert act.shape == (2, 192, 17, 17)
+    for c, h, w in [(0, 0, 0), (6, 16, 16), (3, 5, 11), (1, 16, 0)]:
+        assert feats.spatial[1, (h * 17 + w) * 7 + c] == act[1, c, h, w]
+
+
+def _tf1_bilinear(img: np.ndarray, size: int) -> np.ndarray:
+    """Independent TF1 legacy bilinear (align_corners=False, no half-pixel centres): src = dst * in / out."""
+    c, h, w = img.shape
+    out = np.zeros((c, size, size))
+    for y in range(size):
+        sy = y * h / size
+        y0 = int(np.floor(sy))
+        y1, fy = min(y0 + 1, h - 1), sy - y0
+        for x in range(size):
+            sx = x * w / size
+            x0 = int(np.floor(sx))
+            x1, fx = min(x0 + 1, w - 1), sx - x0
+            top = img[:, y0, x0] * (1 - fx) + img[:, y0, x1] * fx
+            bottom = img[:, y1, x0] * (1 - fx) + img[:, y1, x1] * fx
+            out[:, y, x] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def test_preprocessing_is_tf1_resize_then_scale(extractor):
+    seen = []
+    handle = extractor.net.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    images = _images(1, size=40)
+    extractor(images)
+    handle.remove()
+    x = seen[0][0].double().numpy()
+    assert x.shape == (3, 299, 299) and x.min() >= -1 and x.max() <= 0.9921875 + 1e-6
+    want = (_tf1_bilinear(images[0].double().numpy(), 299) - 128) / 128
+    assert np.abs(x - want).max() <= 1e-4
+    other = torch.nn.functional.interpolate(images.double(), size=299, mode="bilinear", align_corners=False)
+    assert np.abs(x - ((other[0].numpy() - 128) / 128)).max() > 1e-2  # not the PyTorch resize
+
+
+def test_batch_size_independence_and_determinism(extractor):
+    images = _images(7)
+    all7 = extractor(images)
+    one = extractor(images[3:4])
+    torch.testing.assert_close(one.pool[0], all7.pool[3], rtol=0, atol=1e-5)
+    assert torch.equal(extractor(images).pool, all7.pool)
+
+
+def test_tf32_is_off_inside_and_restored():
+    from evaluation.inception import no_tf32
+
+    torch.backends.cudnn.allow_tf32 = True
+    with no_tf32():
+        assert not torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.allow_tf32
+
+
+def test_bad_images_and_weights_are_refused(extractor, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="uint8"):
+        extractor(_images(1).float())
+    with pytest.raises(ValueError, match="uint8 images"):
+        extractor(_images(1).permute(0, 2, 3, 1))
+    with pytest.raises(InceptionError, match="no such file"):
+        resolve_weights(str(tmp_path / "missing.pth"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", mock.Mock(side_effect=OSError("offline")))
+    monkeypatch.delenv("REGLUE_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(InceptionError, match="fetch https://.*--inception-weights FILE"):
+        resolve_weights(None)
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(InceptionError, match="not torch-fidelity's InceptionV3"):
+        InceptionFeatures(str(tmp_path / "wrong.pth"))
+
+
+def _npz(path, images, **extra):
+    np.savez(path, arr_0=images, **extra)
+    return path
+
+
+def test_npz_reader_streams_and_validates(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / "a.npz", arr_0=images, extra=np.zeros(2))
+        reader = open_images(tmp_path / "a.npz", role="reference")
+        assert np.array_equal(np.concatenate(list(reader.batches(3))), images)
+        assert np.array_equal(np.concatenate(list(reader.batches(4, start=2, stop=9))), images[2:9])
+    cases = [
+        (images.astype(np.float32), "float32, expected uint8"),
+        (images.transpose(0, 3, 1, 2), "NCHW"),
+        (images[..., :1], "1 channels"),
+        (images[0], r"expected \(N, H, W, 3\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ImageInputError, match=message):
+            open_images(_npz(tmp_path / "bad.npz", bad))
+    (tmp_path / "trunc.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:300])
+    with pytest.raises(ImageInputError, match="trunc.npz"):
+        open_images(tmp_path / "trunc.npz")
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    with pytest.raises(ImageInputError, match="not a readable .npz"):
+        open_images(tmp_path / "x.npz")
+    with pytest.warns(UserWarning, match="carries its own 'mu'"):
+        open_images(_npz(tmp_path / "mu.npz", images, mu=np.zeros(2048)))
+
+
+def test_reglue_eval_end_to_end(weights, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    ref_images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    _npz(tmp_path / "ref.npz", ref_images)
+    _npz(tmp_path / "samples.npz", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    argv = ["eval", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
+            "--json", str(tmp_path / "metrics.json"), "--features", str(tmp_path / "features.h5"), "--quiet",
+            "--batch-size", "4"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "FID" in out and "sFID" in out and "Precision" in out and "fewer than the 2048" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert np.isfinite(metrics[key])
+    assert metrics["n"] == 10 and metrics["reference_statistics"] == "computed from arr_0"
+    assert len(metrics["inception_weights_sha256"]) == 64 and metrics["pr_precision"] == "fp16"
+    import h5py
+
+    with h5py.File(tmp_path / "features.h5") as f:
+        assert f["pool"].shape == (10, 2048) and f["spatial"].shape == (10, 2023) and f["logits"].shape == (10, 1008)
+
+
+def test_reglue_eval_bad_input(weights, tmp_path, capsys):
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    _npz(tmp_path / "ok.npz", images)
+    _npz(tmp_path / "nchw.npz", images.transpose(0, 3, 1, 2))
+    cases = [
+        ([str(tmp_path / "nchw.npz"), "--ref", str(tmp_path / "ok.npz")], "NCHW"),
+        ([str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "ok.npz")], "no such file"),
+        ([str(tmp_path / "ok.npz"), "--ref", "imagenet999"], "not one of imagenet256"),
+    ]
+    for argv, message in cases:
+        code = main(["eval", *argv, "--inception-weights", weights, "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.strip().count("\n") == 0, (argv, err)
