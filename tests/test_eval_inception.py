@@ -205,3 +205,37 @@ def test_reglue_eval_bad_input(weights, tmp_path, capsys):
         code = main(["eval", *argv, "--inception-weights", weights, "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.strip().count("\n") == 0, (argv, err)
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """torch-fidelity's input format: uint8 CHW tensors."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_fid_agrees_with_torch_fidelity_on_the_same_weights(weights, tmp_path):
+    import torch_fidelity
+
+    from evaluation.evaluate import EvalOptions, evaluate
+
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
+    _npz(tmp_path / "a.npz", a)
+    _npz(tmp_path / "b.npz", b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = evaluate(tmp_path / "a.npz", str(tmp_path / "b.npz"), weights,
+                        EvalOptions(batch_size=20, cache_dir=str(tmp_path / "cache"), progress=False))
+        theirs = torch_fidelity.calculate_metrics(
+            input1=_UInt8Images(a), input2=_UInt8Images(b), fid=True, feature_extractor="inception-v3-compat",
+            feature_extractor_weights_path=weights, cuda=False, cache=False, verbose=False, batch_size=20)
+    fid = theirs["frechet_inception_distance"]
+    assert ours["fid"] == pytest.approx(fid, rel=1e-4)
