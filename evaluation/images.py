@@ -67,7 +67,7 @@ class NpzImages:
             for i in range(start, stop, batch):
                 n = min(batch, stop - i)
                 data = f.read(n * self.bytes_per_image)
-                yield np.frombuffer(data, np.uint8).reshape(n, *self.shape[1:])
+                yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *self.shape[1:])  # writable for torch
 
     def statistics(self) -> dict | None:
         """Stored ``mu, sigma, mu_s, sigma_s`` as float64, or None when the file has none."""

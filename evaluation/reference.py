@@ -61,3 +61,62 @@ def _download(entry: dict, target: Path, name: str) -> Path:
         raise ReferenceError(f"reference {name}: checksum mismatch after download")
     tmp.replace(target)
     return target
+
+
+REFERENCE_SUBSET = 10_000  # ADM's reference batches keep 10k images for precision/recall
+
+
+def _write_npz_member(zf, name: str, array_or_shape, blocks=None) -> None:
+    """Write one .npy member: a whole array, or a uint8 shape filled from ``blocks`` (streamed)."""
+    import numpy as np
+
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+        if blocks is None:
+            np.lib.format.write_array(member, np.ascontiguousarray(array_or_shape), version=(2, 0))
+            return
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": tuple(array_or_shape)}
+        np.lib.format.write_array_header_2_0(member, header)
+        for block in blocks:
+            member.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+
+
+def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed: int = 0, batch_size: int = 64,
+                   progress: bool = True) -> dict:
+    """An ADM-format reference batch from any image reader: statistics over all images, ``arr_0`` a seeded subset."""
+    import zipfile
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from evaluation.stats import RunningStats
+
+    n = len(images)
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[: min(subset, n)])
+    pool, spatial = RunningStats(2048), RunningStats(2023)
+    device = next(extractor.parameters()).device
+    with tqdm(total=n, desc="reference", unit="img", disable=not progress) as bar:
+        for batch in images.batches(batch_size):
+            feats = extractor(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device))
+            pool.update(feats.pool)
+            spatial.update(feats.spatial)
+            bar.update(len(batch))
+    (mu, sigma), (mu_s, sigma_s) = pool.mean_cov(), spatial.mean_cov()
+
+    def subset_blocks():
+        start = 0
+        for batch in images.batches(batch_size):
+            rows = keep[(keep >= start) & (keep < start + len(batch))] - start
+            start += len(batch)
+            if len(rows):
+                yield batch[rows]
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npz_member(zf, "arr_0", (len(keep), *images.shape[1:]), subset_blocks())
+        for name, value in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
+            _write_npz_member(zf, name, value)
+    tmp.replace(out)
+    return {"n": n, "subset": len(keep), "out": str(out)}

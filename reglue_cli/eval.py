@@ -13,6 +13,8 @@ from evaluation.images import ImageInputError
 from evaluation.inception import InceptionError
 from evaluation.precision_recall import PR_PRECISIONS
 from evaluation.reference import ReferenceError
+from reglue.data.crop import adm_center_crop, decode_image
+from reglue.data.sources import SourceError, open_source
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import fail
 
@@ -31,7 +33,7 @@ def format_table(result: dict) -> str:
 
 
 @click.command("eval", short_help="FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.")
-@click.argument("samples", type=click.Path())
+@click.argument("samples", type=click.Path(), required=False)
 @click.option("--ref", default="imagenet256", show_default=True, metavar="NAME|PATH",
               help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here.")
@@ -43,10 +45,16 @@ def format_table(result: dict) -> str:
               help="Distances for precision/recall: fp16 as ADM, or fp32.")
 @click.option("--fid-backend", type=click.Choice(FID_BACKENDS), default="eigh", show_default=True,
               help="Trace term: symmetric eigendecompositions (fast, float64), or ADM's scipy sqrtm (audit).")
+@click.option("--make-ref", type=click.Path(), metavar="SOURCE",
+              help="Instead of scoring: build an ADM-format reference batch from an image folder (ADM-cropped to "
+                   "--resolution) or an encoded dataset; write it to --out.")
+@click.option("--out", type=click.Path(dir_okay=False), help="With --make-ref: the reference .npz to write.")
+@click.option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
+              help="With --make-ref on a folder: the ADM centre-crop size.")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, device,
-          quiet) -> None:
+def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, make_ref, out,
+          resolution, device, quiet) -> None:
     """Score SAMPLES (an ADM .npz with arr_0 uint8 N x H x W x 3, a samples.h5, or a folder of images).
 
     \b
@@ -54,7 +62,14 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
     pool_3, sFID on mixed_6/conv[:7], IS over consecutive splits of 5000, precision/recall with k = 3.
       reglue eval samples/b2/samples.npz --ref imagenet256 --json samples/b2/metrics.json
     Offline: --inception-weights FILE and --ref /path/VIRTUAL_imagenet256_labeled.npz.
+    A reference for another dataset or resolution (statistics over all images, 10k kept for P/R):
+      reglue eval --make-ref /data/ffhq --resolution 256 --out ffhq256_ref.npz
     """
+    if make_ref:
+        _make_reference(make_ref, out, resolution, inception_weights, batch_size, device, quiet)
+        return
+    if samples is None:
+        fail("Missing argument 'SAMPLES' (or use --make-ref SOURCE --out REF.npz)")
     options = EvalOptions(batch_size=batch_size, device=device, pr_precision=pr_precision, fid_backend=fid_backend,
                           features_out=features, progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
@@ -69,3 +84,44 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
     click.echo(format_table(result))
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))
+
+
+class CroppedFolder:
+    """An image folder as an evaluation reader: each image decoded and ADM centre-cropped."""
+
+    def __init__(self, source, resolution: int):
+        self.source, self.resolution = source, resolution
+        self.shape = (len(source), resolution, resolution, 3)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, batch: int):
+        import numpy as np
+
+        reader = self.source.reader()
+        for start in range(0, len(self), batch):
+            yield np.stack([adm_center_crop(decode_image(reader.read(i)), self.resolution)
+                            for i in range(start, min(start + batch, len(self)))])
+
+
+def _make_reference(source, out, resolution, weights, batch_size, device, quiet) -> None:
+    """`--make-ref`: an encoded dataset's images as they are, or a folder through the ADM crop."""
+    from pathlib import Path
+
+    from evaluation.images import H5Images
+    from evaluation.inception import InceptionFeatures
+    from evaluation.reference import make_reference
+
+    if not out:
+        fail("--make-ref needs --out REF.npz")
+    try:
+        if Path(source).suffix in (".h5", ".hdf5"):
+            images = H5Images(source)
+        else:
+            images = CroppedFolder(open_source(source), resolution)
+        extractor = InceptionFeatures(weights, device=device)
+    except (ImageInputError, InceptionError, SourceError) as exc:
+        fail(str(exc))
+    info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
+    click.echo(f"reference batch {info['out']}: statistics over {info['n']:,} images, {info['subset']:,} kept as arr_0")
