@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from evaluation.reference import resolve_reference
 from evaluation.stats import RunningStats
 
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
+FEATURE_CACHE_ENV = "REGLUE_FEATURE_CACHE"  # where reference features are cached (default ~/.cache/reglue/features)
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,71 @@ class FeatureSink:
                 self.h5[name][start:end] = getattr(features, name).cpu().numpy()
 
     def close(self, attrs: dict | None = None) -> None:
+        """Finish the HDF5 file, if any, with ``attrs``."""
         if self.h5 is not None:
             self.h5.attrs.update(attrs or {})
             self.h5.close()
 
 
-def extract(images, extractor: InceptionFeatures, options: EvalOptions, desc: str, sink: FeatureSink) -> FeatureSink:
-    """Run every image of ``images`` through the extractor into ``sink``."""
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Concatenate every rank's rows in rank order (padded all_gather)."""
+    import torch.distributed as dist
+
+    if len(counts) == 1:
+        return local
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=torch.float32, device=device)
+    padded[: len(local)] = torch.from_numpy(local)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
+
+
+def _reduce_stats(stats: RunningStats) -> RunningStats:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return stats
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    for name in ("sum", "outer"):
+        tensor = getattr(stats, name).to(device)
+        dist.all_reduce(tensor)
+        setattr(stats, name, tensor.cpu())
+    count = torch.tensor([stats.n], dtype=torch.float64, device=device)
+    dist.all_reduce(count)
+    stats.n = int(count.item())
+    return stats
+
+
+def extract(images, extractor: InceptionFeatures, options: EvalOptions, desc: str, features_out: str | None = None):
+    """Features of every image; under torchrun each process takes a contiguous slice and the results are joined.
+
+    Returns (pool (N, 2048), logits (N, 1008), pool RunningStats, spatial RunningStats) on every process.
+    """
+    rank, world = _rank_world()
+    n = len(images)
+    bounds = [n * r // world for r in range(world + 1)]
+    start, stop = bounds[rank], bounds[rank + 1]
+    sink = FeatureSink(stop - start, features_out if world == 1 else None)
     device = next(extractor.parameters()).device
-    start = 0
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not options.progress, dynamic_ncols=True) as bar:
-        for batch in images.batches(options.batch_size):
+    row = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=not (options.progress and rank == 0), dynamic_ncols=True) as bar:
+        for batch in images.batches(options.batch_size, start, stop):
             x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
-            sink.add(start, extractor(x))
-            start += batch.shape[0]
-            bar.update(batch.shape[0])
-    return sink
+            sink.add(row, extractor(x))
+            row += batch.shape[0]
+            bar.update(batch.shape[0] * world)
+    counts = [bounds[r + 1] - bounds[r] for r in range(world)]
+    result = (_gather_rows(sink.pool, counts), _gather_rows(sink.logits, counts), _reduce_stats(sink.pool_stats),
+              _reduce_stats(sink.spatial_stats))
+    sink.close()
+    return result
 
 
 def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, options: EvalOptions):
@@ -84,7 +135,8 @@ def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, o
     import h5py
 
     images = open_images(path, role="reference")
-    cache_dir = Path(options.cache_dir or Path.home() / ".cache" / "reglue" / "features")
+    default = Path.home() / ".cache" / "reglue" / "features"
+    cache_dir = Path(options.cache_dir or os.environ.get(FEATURE_CACHE_ENV) or default)
     cache = cache_dir / f"{ref_sha[:16]}-{extractor.weights_sha256[:16]}.h5"
     stored = images.statistics()
     if cache.exists():
@@ -92,17 +144,17 @@ def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, o
             pool = f["pool"][...]
             computed = {k: f[k][...] for k in ("mu", "sigma", "mu_s", "sigma_s")}
     else:
-        sink = extract(images, extractor, options, "reference", FeatureSink(len(images)))
-        pool = sink.pool
-        (mu, sigma), (mu_s, sigma_s) = sink.pool_stats.mean_cov(), sink.spatial_stats.mean_cov()
+        pool, _, pool_stats, spatial_stats = extract(images, extractor, options, "reference")
+        (mu, sigma), (mu_s, sigma_s) = pool_stats.mean_cov(), spatial_stats.mean_cov()
         computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as f:
-            f["pool"] = pool
-            for k, v in computed.items():
-                f[k] = v
-        tmp.replace(cache)
+        if _rank_world()[0] == 0:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            with h5py.File(tmp, "w") as f:
+                f["pool"] = pool
+                for k, v in computed.items():
+                    f[k] = v
+            tmp.replace(cache)
     stats = stored if stored and all(k in stored for k in ("mu", "sigma", "mu_s", "sigma_s")) else computed
     return pool, stats, "stored in the reference file" if stats is stored else "computed from arr_0"
 
@@ -118,25 +170,29 @@ def _warn_about(n: int, labels: np.ndarray | None) -> None:
 
 
 def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions = EvalOptions()) -> dict:
-    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder) against reference ``ref`` (name or path)."""
+    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder) against reference ``ref`` (name or path).
+
+    Under torchrun, feature extraction is split over the processes; rank 0 returns the result, the others {}.
+    """
     started = time.time()
     images = open_images(samples)
     ref_path = resolve_reference(ref)
     extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_sha = file_sha256(ref_path)
     ref_pool, ref_stats, stats_origin = reference_features(ref_path, ref_sha, extractor, options)
-    sink = extract(images, extractor, options, "samples", FeatureSink(len(images), options.features_out))
-    labels = _labels_of(samples)
-    _warn_about(len(images), labels)
-    mu, sigma = sink.pool_stats.mean_cov()
-    mu_s, sigma_s = sink.spatial_stats.mean_cov()
+    pool, logits, pool_stats, spatial_stats = extract(images, extractor, options, "samples", options.features_out)
+    if _rank_world()[0] != 0:
+        return {}  # under torchrun, rank 0 scores what every rank extracted
+    _warn_about(len(images), _labels_of(samples))
+    mu, sigma = pool_stats.mean_cov()
+    mu_s, sigma_s = spatial_stats.mean_cov()
     device = next(extractor.parameters()).device
     fid = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend,
                            device if options.fid_backend == "eigh" else None)
     sfid = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend,
                             device if options.fid_backend == "eigh" else None)
-    isc, splits = inception_score(sink.logits)
-    prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(sink.pool).to(device),
+    isc, splits = inception_score(logits)
+    prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(pool).to(device),
                                  block=options.pr_block, precision=options.pr_precision)
     import torch_fidelity
 
@@ -150,7 +206,11 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
     }
     result["seconds"] = time.time() - started
-    sink.close({k: str(v) for k, v in result.items()})
+    if options.features_out:
+        import h5py
+
+        with h5py.File(options.features_out, "a") as f:
+            f.attrs.update({k: str(v) for k, v in result.items()})
     return result
 
 

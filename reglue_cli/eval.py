@@ -15,6 +15,7 @@ from evaluation.precision_recall import PR_PRECISIONS
 from evaluation.reference import ReferenceError
 from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import SourceError, open_source
+from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import fail
 
@@ -70,14 +71,22 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
         return
     if samples is None:
         fail("Missing argument 'SAMPLES' (or use --make-ref SOURCE --out REF.npz)")
-    options = EvalOptions(batch_size=batch_size, device=device, pr_precision=pr_precision, fid_backend=fid_backend,
-                          features_out=features, progress=not quiet)
+    dist = init_distributed(device)
+    if features and dist.world > 1:
+        shutdown()
+        fail("--features is written by single-process runs only (for now); drop it under torchrun")
+    options = EvalOptions(batch_size=batch_size, device=str(dist.device), pr_precision=pr_precision,
+                          fid_backend=fid_backend, features_out=features, progress=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = evaluate(samples, ref, inception_weights, options)
         except (ImageInputError, InceptionError, ReferenceError) as exc:
             fail(str(exc))
+        finally:
+            shutdown()
+    if not dist.is_main:
+        return
     for w in caught:
         if issubclass(w.category, UserWarning):
             click.echo(f"warning: {w.message}", err=True)

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny model configs; no network (hub libraries fail fast offline)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("REGLUE_FEATURE_CACHE", tempfile.mkdtemp(prefix="reglue-features-"))  # not the user's cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -284,3 +284,30 @@ def test_adm_published_numbers_for_admnet_guided_upsampled_imagenet256(tmp_path)
                       EvalOptions(cache_dir=str(tmp_path), progress=False))
     for key, (value, tolerance) in ADM_PUBLISHED.items():
         assert abs(result[key] - value) <= tolerance, (key, result[key])
+
+
+def test_torchrun_two_processes_give_the_same_metrics(weights, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
+    _npz(tmp_path / "s.npz", rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["reglue_cli", "eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
+              weights, "--quiet", "--batch-size", "2", "--pr-precision", "fp32"]
+    one = subprocess.run([sys.executable, "-m", *common, "--json", str(tmp_path / "one.json")], cwd=repo,
+                         env={**env, "REGLUE_FEATURE_CACHE": str(tmp_path / "cache1")},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29553", "-m", *common, "--json", str(tmp_path / "two.json")], cwd=repo,
+                         env={**env, "REGLUE_FEATURE_CACHE": str(tmp_path / "cache2")},
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    for key in ("fid", "sfid", "inception_score"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6)
+    assert (a["precision"], a["recall"]) == (b["precision"], b["recall"])
