@@ -204,6 +204,7 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
         "fid_backend": options.fid_backend, "pr_precision": options.pr_precision,
         "resize": "TF1 bilinear to 299 (torch-fidelity inception-v3-compat)",
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
+        "sample_info": sample_provenance(samples),
     }
     result["seconds"] = time.time() - started
     if options.features_out:
@@ -212,6 +213,27 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
         with h5py.File(options.features_out, "a") as f:
             f.attrs.update({k: str(v) for k, v in result.items()})
     return result
+
+
+def sample_provenance(path) -> dict:
+    """What `reglue sample` recorded about these samples (samples.h5 itself, or the one beside an .npz)."""
+    import json
+
+    import h5py
+
+    path = Path(path)
+    h5 = path if path.suffix in (".h5", ".hdf5") else path.with_name("samples.h5")
+    if not h5.is_file():
+        return {}
+    try:
+        with h5py.File(h5, "r") as f:
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except OSError:
+        return {}
+    info = {k: attrs[k] for k in ("preset", "step", "decoder", "quantisation", "checkpoint") if k in attrs}
+    if "settings" in attrs:
+        info["settings"] = json.loads(attrs["settings"])
+    return info
 
 
 def _labels_of(path) -> np.ndarray | None:

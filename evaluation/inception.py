@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 
 WEIGHTS_ENV = "REGLUE_INCEPTION_WEIGHTS"
+RANDOM_WEIGHTS = "random"  # a seeded random-weight stand-in (tests, the demo): never comparable to papers
+RANDOM_SEED = 0
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 x 17 x 7 = 2023 values
 
 
@@ -41,9 +43,42 @@ def weights_url() -> str:
     return URL_INCEPTION_V3
 
 
+def random_weights_file() -> str:
+    """A seeded random-weights file with torch-fidelity's exact keys and shapes, made once in torch.hub's cache."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"reglue-random-inception-seed{RANDOM_SEED}.pth"
+    if path.is_file():
+        return str(path)
+    # torch-fidelity's constructor always loads weights: build the structure with loading switched off
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch.load", lambda *a, **k: {}):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="none")
+    gen = torch.Generator().manual_seed(RANDOM_SEED)
+    state = {}
+    for key, value in net.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
+            state[key] = torch.rand(value.shape, generator=gen) + 0.5
+        elif value.dim() == 4:
+            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / value[0].numel()) ** 0.5
+        else:
+            state[key] = torch.randn(value.shape, generator=gen) * 0.05
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return str(path)
+
+
 def resolve_weights(path: str | None) -> str:
-    """A local weights file: the given path, $REGLUE_INCEPTION_WEIGHTS, or torch.hub's cached download."""
+    """A local weights file: the given path ('random' for the stand-in), $REGLUE_INCEPTION_WEIGHTS, or the download."""
     path = path or os.environ.get(WEIGHTS_ENV)
+    if path == RANDOM_WEIGHTS:
+        return random_weights_file()
     if path:
         if not Path(path).is_file():
             raise InceptionError(f"Inception weights {path}: no such file")

@@ -220,10 +220,12 @@ def load_model(path, ema: bool = True) -> tuple[SiT, dict]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(raw).__name__})")
     if raw.get("format") == FORMAT:
-        config = raw["config"]
+        config = dict(raw["config"])
         model = build(config)
-        weights = raw["ema"] if ema and raw.get("ema") is not None else raw["model"]
-        _load_strict(model, weights, path)
+        use_ema = ema and raw.get("ema") is not None
+        _load_strict(model, raw["ema"] if use_ema else raw["model"], path)
+        config["origin"] = {"format": "reglue", "path": str(path), "step": int(raw["step"]),
+                            "weights": "ema" if use_ema else "model"}
         return model.eval(), config
     if "model" in raw and "args" in raw:
         model, config = _load_official(path, raw, ema)

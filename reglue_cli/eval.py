@@ -40,7 +40,8 @@ def format_table(result: dict) -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here.")
 @click.option("--features", type=click.Path(dir_okay=False), help="Also store pool, spatial and logits features (HDF5).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False),
-              help="torch-fidelity's InceptionV3 weights file [default: $REGLUE_INCEPTION_WEIGHTS or download].")
+              help="torch-fidelity's InceptionV3 weights file, or 'random' for a seeded stand-in (tests, demo) "
+                   "[default: $REGLUE_INCEPTION_WEIGHTS or download].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--pr-precision", type=click.Choice(PR_PRECISIONS), default="fp16", show_default=True,
               help="Distances for precision/recall: fp16 as ADM, or fp32.")

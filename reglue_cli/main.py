@@ -9,7 +9,7 @@ import click
 from reglue_cli.errors import EXIT_USAGE, report
 from reglue_cli.encode import encode
 from reglue_cli.eval import eval_
-from reglue_cli.pending import compare
+from reglue_cli.compare import compare
 from reglue_cli.sample import sample
 from reglue_cli.train import train
 

@@ -79,7 +79,7 @@ def test_dry_run_of_a_compressor_preset(capsys):
     (["encode", "images/"], "Missing option '--out'"),
     (["sample"], "Missing option '--ckpt'"),
     (["eval"], "Missing argument"),
-    (["compare"], "not built yet"),
+    (["compare", "no-such-run"], "no such file or directory"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)

@@ -15,9 +15,18 @@ from evaluation.inception import InceptionError, InceptionFeatures, resolve_weig
 from reglue_cli.main import main
 
 
+def test_random_stand_in_is_seeded_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path = resolve_weights("random")
+    assert Path(path).is_file() and resolve_weights("random") == path
+    assert len(torch.load(path, weights_only=True)) == 472
+    assert InceptionFeatures("random").weights_sha256 == InceptionFeatures(path).weights_sha256
+
+
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
-    """A random-weights file with torch-fidelity's exact 472 keys and shapes (no download)."""
+    """A random-weights file with torch-fidelity's exact 472 keys and shapes (no download), built here
+    independently of evaluation.inception.random_weights_file."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \

@@ -1,0 +1,229 @@
+"""Our evaluated runs beside the published numbers (reference_stats/baselines.yaml), with the caveats that apply."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import yaml
+
+from evaluation.reference import REGISTRY
+
+BASELINES = REGISTRY.parent / "baselines.yaml"
+GROUPS = ("sit-b2", "sit-xl2", "cfg", "ablation")
+REQUIRED = ("group", "method", "model", "steps", "fid", "source")
+METRICS = (("FID", "fid", "{:.2f}"), ("sFID", "sfid", "{:.2f}"), ("IS", "is", "{:.1f}"),
+           ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"))
+PUBLISHED_INCEPTION_SHA_PREFIX = "6726825d"  # torch-fidelity's release file name carries its hash prefix
+
+
+class CompareError(ValueError):
+    """An input that compare cannot read."""
+
+
+def validate_baselines(data: dict) -> list[str]:
+    """Problems with the baselines file's schema (empty when it is valid)."""
+    problems = []
+    for i, row in enumerate(data.get("rows", [])):
+        row = {**data.get("defaults", {}), **row}
+        missing = [k for k in REQUIRED if k not in row or (row[k] in (None, "") and k != "steps")]
+        if missing:
+            problems.append(f"row {i} ({row.get('method')}): missing {', '.join(missing)}")
+        if row.get("group") not in GROUPS:
+            problems.append(f"row {i}: unknown group {row.get('group')!r}")
+        for _, key, _ in METRICS:
+            if row.get(key) is not None and not isinstance(row[key], (int, float)):
+                problems.append(f"row {i}: {key} is not a number")
+    return problems
+
+
+def load_baselines(groups: list[str] | None = None) -> list[dict]:
+    """Published rows of the chosen groups (all when None), defaults filled in."""
+    data = yaml.safe_load(BASELINES.read_text())
+    rows = [{**data["defaults"], **row, "ours": False} for row in data["rows"]]
+    return [r for r in rows if groups is None or r["group"] in groups]
+
+
+def _row_from_metrics(path: Path, label: str) -> dict:
+    m = json.loads(path.read_text())
+    info = m.get("sample_info", {})
+    settings = info.get("settings", {})
+    guidance = settings.get("guidance", {})
+    cfg = None
+    if guidance and (guidance.get("scale", 1) != 1 or guidance.get("cls_scale", 1) != 1):
+        cfg = {"scale": guidance["scale"], "cls_scale": guidance.get("cls_scale"), "channels": guidance["channels"],
+               "interval": guidance.get("interval")}
+    sampler = settings.get("sampler", "unknown")
+    sampler = f"SDE Euler-Maruyama {settings.get('steps')}" if sampler == "sde" else f"{sampler} {settings.get('steps')}"
+    stand_in = info.get("decoder") == "tiny" or str(info.get("preset", "")).startswith("tiny") or \
+        not str(m.get("inception_weights_sha256", "")).startswith(PUBLISHED_INCEPTION_SHA_PREFIX)
+    return {"group": "ours", "method": label, "model": info.get("preset", "?"), "steps": info.get("step"),
+            "epochs": None, "fid": m["fid"], "sfid": m.get("sfid"), "is": m.get("inception_score"),
+            "precision": m.get("precision"), "recall": m.get("recall"), "sampler": sampler, "cfg": cfg,
+            "decoder": info.get("decoder", "?"), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
+            "source": str(path), "note": None, "ours": True, "stand_in": stand_in}
+
+
+def load_ours(paths: list[str]) -> list[dict]:
+    """Rows from `reglue eval --json` files, or from every such file under run directories."""
+    rows = []
+    for given in map(Path, paths):
+        if not given.exists():
+            raise CompareError(f"{given}: no such file or directory")
+        files = [given] if given.is_file() else sorted(given.rglob("*.json"))
+        for f in files:
+            try:
+                is_metrics = "fid" in json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if f == given:
+                    raise CompareError(f"{f}: not a JSON file") from None
+                continue
+            if is_metrics:
+                rows.append(_row_from_metrics(f, given.name if given.is_dir() else f.parent.name or f.stem))
+            elif f == given:
+                raise CompareError(f"{f}: not a metrics file from `reglue eval --json` (no 'fid')")
+        if given.is_dir() and not any(r["source"].startswith(str(given)) for r in rows):
+            raise CompareError(f"{given}: no metrics.json from `reglue eval --json` inside")
+    return rows
+
+
+def _family(sampler: str) -> str:
+    s = sampler.lower()
+    return "SDE" if "sde" in s else "ODE" if "ode" in s or "heun" in s else "DDPM" if "ddpm" in s else s
+
+
+def caveats(rows: list[dict]) -> list[str]:
+    """What makes the numbers in ``rows`` not directly comparable (baselines.md, section 2d)."""
+    notes = []
+    families = sorted({_family(r["sampler"]) for r in rows})
+    if len(families) > 1:
+        notes.append(f"Samplers differ ({', '.join(families)}): SiT-XL/2's 8.3 is an SDE number, its ODE gives ~9.5 "
+                     "(SiT #31); compare SDE with SDE.")
+    guided = [r for r in rows if r["cfg"]]
+    if guided and len(guided) < len(rows):
+        notes.append("Guided and unguided numbers are mixed: a CFG FID is not comparable with one without CFG.")
+    channel_sets = sorted({str(r["cfg"].get("channels")) for r in guided})
+    if len(channel_sets) > 1:
+        notes.append(f"Guidance touches different channels ({', '.join(channel_sets)}); guidance intervals differ too.")
+    if any(r["cfg"] and r["cfg"].get("interval") for r in guided):
+        notes.append("Guidance intervals use t = 1 as noise (REPA/REG/REGLUE): 'high 0.7' leaves the noisiest 30% "
+                     "unguided; SiT and LightningDiT run time the other way.")
+    decoders = sorted({str(r["decoder"]) for r in rows})
+    if len(decoders) > 1:
+        notes.append(f"VAE decoders differ ({', '.join(decoders)}).")
+    counts = sorted({r["samples"] for r in rows if r["samples"]})
+    if counts != [50000]:
+        notes.append(f"Sample counts differ from 50,000 ({', '.join(f'{c:,}' for c in counts)}): FID is biased upward "
+                     "for small N.")
+    if any(r["steps"] is None or r.get("epochs") for r in rows):
+        notes.append("Steps and epochs are mixed: 80 epochs = 400K steps at batch 256; LightningDiT trains at 1024.")
+    if any(r.get("stand_in") for r in rows):
+        notes.append("Rows marked '!' were computed with random-weight stand-ins (tiny VAE/VFM or Inception weights "
+                     "other than the published file): not comparable to papers.")
+    if any(r["ours"] for r in rows):
+        notes.append("Reruns of one baseline vary by 1-3 FID (REPA SiT-B/2: 24.4 published, 22.38-27.33 rerun).")
+    return notes
+
+
+def _cells(row: dict) -> list[str]:
+    mark = ("*" if row["ours"] else "") + ("!" if row.get("stand_in") else "")
+    cfg = "-" if not row["cfg"] else f"{row['cfg'].get('scale')} ({row['cfg'].get('channels')})"
+    steps = "-" if row["steps"] is None else f"{row['steps'] / 1000:g}K"
+    metrics = ["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in METRICS]
+    return [mark, row["method"], str(row["model"]), steps, *metrics, cfg, row["source"]]
+
+
+HEADER = ["", "method", "model", "steps", *[name for name, _, _ in METRICS], "CFG", "source"]
+
+
+def format_rows(rows: list[dict], fmt: str = "table") -> str:
+    """The rows as an aligned text table, markdown, csv or json, caveats under the text forms."""
+    if fmt == "json":
+        return json.dumps({"rows": rows, "caveats": caveats(rows)}, indent=2, default=str)
+    cells = [_cells(r) for r in rows]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([HEADER, *cells])
+        return buffer.getvalue()
+    notes = "\n".join(f"- {c}" for c in caveats(rows))
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines) + ("\n\nCaveats:\n" + notes if notes else "")
+    widths = [max(len(str(x)) for x in column) for column in zip(HEADER, *cells)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [HEADER, *cells]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    legend = "* our runs (reglue eval); ! random-weight stand-ins"
+    return "\n".join(lines) + f"\n{legend}" + ("\n\nCaveats:\n" + notes if notes else "")
+
+
+def plot_fid(rows: list[dict], path) -> Path:
+    """FID against training steps (log scale): our runs as lines with points, published numbers as labelled markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    published = [r for r in rows if not r["ours"] and r["steps"]]
+    palette = plt.get_cmap("tab10")
+    for i, method in enumerate(sorted({r["method"] for r in published})):
+        points = sorted((r["steps"], r["fid"]) for r in published if r["method"] == method)
+        ax.plot(*zip(*points), linestyle="--", linewidth=1, marker="s", markersize=5, alpha=0.75,
+                color=palette(i % 10), label=f"{method} (published)")
+        for x, y in points:
+            ax.annotate(f"{y:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=palette(i % 10))
+    ours = [r for r in rows if r["ours"] and r["steps"]]
+    for i, label in enumerate(sorted({r["method"] for r in ours})):
+        points = sorted((r["steps"], r["fid"]) for r in ours if r["method"] == label)
+        ax.plot(*zip(*points), marker="o", markersize=7, linewidth=2.5, color=("black", "crimson", "navy")[i % 3],
+                label=f"{label} (ours)", zorder=5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("training steps (batch 256)")
+    ax.set_ylabel("FID-50K (ADM evaluator)")
+    ax.set_title("FID against training steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def features_distance(a, b, pr_precision: str = "fp32") -> dict:
+    """FID, sFID, precision and recall between two `reglue eval --features` files (b is the reference side)."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from evaluation.fid import frechet_distance
+    from evaluation.precision_recall import precision_recall
+    from evaluation.stats import RunningStats
+
+    sets = []
+    for path in (a, b):
+        try:
+            with h5py.File(path, "r") as f:
+                sets.append({k: f[k][...] for k in ("pool", "spatial")})
+        except (OSError, KeyError) as exc:
+            raise CompareError(f"{path}: not a features file from `reglue eval --features` ({exc})") from None
+    stats = []
+    for feats in sets:
+        pool, spatial = RunningStats(feats["pool"].shape[1]), RunningStats(feats["spatial"].shape[1])
+        pool.update(torch.from_numpy(feats["pool"]))
+        spatial.update(torch.from_numpy(feats["spatial"]))
+        stats.append((pool.mean_cov(), spatial.mean_cov()))
+    fid = frechet_distance(*stats[0][0], *stats[1][0])
+    sfid = frechet_distance(*stats[0][1], *stats[1][1])
+    prec, rec = precision_recall(torch.from_numpy(np.asarray(sets[1]["pool"])),
+                                 torch.from_numpy(np.asarray(sets[0]["pool"])), precision=pr_precision)
+    return {"fid": fid, "sfid": sfid, "precision": prec, "recall": rec, "a": str(a), "b": str(b)}
