@@ -182,9 +182,9 @@ def plot_fid(rows: list[dict], path) -> Path:
                 label=f"{label} (ours)", zorder=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(  # label 2, 3 and 5 of each decade only
+        lambda value, _: f"{value:g}" if f"{value:g}"[0] in "235" else ""))
     ax.set_xlabel("training steps (batch 256)")
     ax.set_ylabel("FID-50K (ADM evaluator)")
     ax.set_title("FID against training steps")

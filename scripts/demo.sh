@@ -11,15 +11,22 @@ export HF_HUB_OFFLINE=1
 step() { printf '\n$ %s\n' "$*"; "$@"; }
 
 echo "reglue demo: tiny random-weight stand-ins; no number printed here is comparable to a paper."
-mkdir -p "$OUT"
+mkdir -p "$OUT/reglue/eval"
 step "$PY" scripts/toy_dataset.py "$OUT/images" --per-class 40
 step "$REGLUE" encode "$OUT/images" --out "$OUT/data.h5" --resolution 64 --vae tiny --workers 2 --quiet
 step "$REGLUE" train --preset compressor-tiny --data "$OUT/data.h5" --outdir "$OUT/compressor" --workers 0 --quiet
 step "$REGLUE" train --preset tiny-reglue --data "$OUT/data.h5" --outdir "$OUT/reglue" \
     --compressor "$OUT/compressor/compressor.pt" --max-steps 200 --workers 0 --quiet --log-every 50
-step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/0000200.pt" --out "$OUT/samples" --n 100 --steps 50 \
-    --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples/grid.png" --quiet
-cat <<'MSG'
-
-Not built yet, so not run: reglue eval (issue #6) and reglue compare (#7); the demo grows with them (#8).
-MSG
+for STEP in 0000100 0000200; do
+  step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/$STEP.pt" --out "$OUT/samples-$STEP" --n 100 --steps 50 \
+      --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples-$STEP/grid.png" --quiet
+done
+step "$REGLUE" eval --make-ref "$OUT/data.h5" --out "$OUT/reference.npz" --inception-weights random --quiet
+for STEP in 0000100 0000200; do
+  step "$REGLUE" eval "$OUT/samples-$STEP/samples.npz" --ref "$OUT/reference.npz" --inception-weights random \
+      --json "$OUT/reglue/eval/$STEP.json" --quiet
+done
+step "$REGLUE" compare "$OUT/reglue" --baselines ablation --plot "$OUT/fid.png"
+echo
+echo "Every number above was computed with random-weight stand-ins (VAE, DINOv2, Inception): not comparable to papers."
+echo "Plot: $OUT/fid.png   Sample grids: $OUT/samples-*/grid.png"
