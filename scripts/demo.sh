@@ -6,23 +6,29 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 REGLUE=${REGLUE:-.venv/bin/reglue}
 OUT=${DEMO_OUT:-demo_out}
+PER_CLASS=${DEMO_PER_CLASS:-40}      # toy images per class (10 classes)
+STEPS=${DEMO_STEPS:-200}             # tiny-reglue training steps; checkpoints at half-way and at the end
+SAMPLES=${DEMO_SAMPLES:-100}         # samples per checkpoint
+HALF=$((STEPS / 2))
+CKPTS="$(printf '%07d' "$HALF") $(printf '%07d' "$STEPS")"
 export HF_HUB_OFFLINE=1
 
 step() { printf '\n$ %s\n' "$*"; "$@"; }
 
 echo "reglue demo: tiny random-weight stand-ins; no number printed here is comparable to a paper."
 mkdir -p "$OUT/reglue/eval"
-step "$PY" scripts/toy_dataset.py "$OUT/images" --per-class 40
+step "$PY" scripts/toy_dataset.py "$OUT/images" --per-class "$PER_CLASS"
 step "$REGLUE" encode "$OUT/images" --out "$OUT/data.h5" --resolution 64 --vae tiny --workers 2 --quiet
 step "$REGLUE" train --preset compressor-tiny --data "$OUT/data.h5" --outdir "$OUT/compressor" --workers 0 --quiet
 step "$REGLUE" train --preset tiny-reglue --data "$OUT/data.h5" --outdir "$OUT/reglue" \
-    --compressor "$OUT/compressor/compressor.pt" --max-steps 200 --workers 0 --quiet --log-every 50
-for STEP in 0000100 0000200; do
-  step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/$STEP.pt" --out "$OUT/samples-$STEP" --n 100 --steps 50 \
-      --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples-$STEP/grid.png" --quiet
+    --compressor "$OUT/compressor/compressor.pt" --max-steps "$STEPS" --ckpt-every "$HALF" --sample-every "$HALF" \
+    --workers 0 --quiet --log-every "$HALF"
+for STEP in $CKPTS; do
+  step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/$STEP.pt" --out "$OUT/samples-$STEP" --n "$SAMPLES" \
+      --steps 50 --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples-$STEP/grid.png" --quiet
 done
 step "$REGLUE" eval --make-ref "$OUT/data.h5" --out "$OUT/reference.npz" --inception-weights random --quiet
-for STEP in 0000100 0000200; do
+for STEP in $CKPTS; do
   step "$REGLUE" eval "$OUT/samples-$STEP/samples.npz" --ref "$OUT/reference.npz" --inception-weights random \
       --json "$OUT/reglue/eval/$STEP.json" --quiet
 done

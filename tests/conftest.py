@@ -5,6 +5,7 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("REGLUE_FEATURE_CACHE", tempfile.mkdtemp(prefix="reglue-features-"))  # not the user's cache
+os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="reglue-torch-home-"))  # stand-in weights go here
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
