@@ -13,30 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.fid import trace_sqrt_product_eigh, trace_sqrt_product_scipy  # noqa: E402
-from evaluation.inception import InceptionFeatures  # noqa: E402
+from evaluation.inception import InceptionFeatures, random_weights_file  # noqa: E402
 from evaluation.precision_recall import precision_recall  # noqa: E402
-
-
-def random_weights(path: Path) -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-            mock.patch("torch.load", lambda *a, **k: {}):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
-    state = {k: torch.randn(v.shape) * 0.05 + (1.0 if k.endswith("running_var") else 0.0)
-             for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    torch.save(state, path)
-    return str(path)
 
 
 def bench_features(weights: str, n: int, batch: int, device) -> None:
@@ -117,9 +103,7 @@ def main() -> None:
     parser.add_argument("--pr", default="2000,4000", help="reference,sample counts for precision/recall")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = args.inception_weights or random_weights(Path(tmp) / "inception.pth")
-        bench_features(weights, args.images, args.batch, device)
+    bench_features(args.inception_weights or random_weights_file(), args.images, args.batch, device)
     bench_trace(2048)
     n_ref, n_sam = (int(v) for v in args.pr.split(","))
     bench_pr(n_ref, n_sam)

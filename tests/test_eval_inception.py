@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evaluation.images import ImageInputError, open_images
-from evaluation.inception import InceptionError, InceptionFeatures, resolve_weights
+from evaluation.inception import InceptionError, InceptionFeatures, random_weights_file, resolve_weights
 from reglue_cli.main import main
 
 
@@ -24,30 +24,12 @@ def test_random_stand_in_is_seeded_and_loads(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    """A random-weights file with torch-fidelity's exact 472 keys and shapes (no download), built here
-    independently of evaluation.inception.random_weights_file."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-            mock.patch("torch.load", lambda *a, **k: {}):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="dummy")
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in net.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
-            state[key] = torch.rand(value.shape, generator=gen) + 0.5
-        elif value.dim() == 4:
-            fan_in = value[0].numel()
-            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=gen) * 0.05
-    assert len(state) == 472
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
-    torch.save(state, path)
-    return str(path)
+def weights():
+    """The seeded random-weights stand-in: torch-fidelity's exact 472 keys and shapes (no download), in the
+    session's TORCH_HOME (conftest); InceptionFeatures loads it through torch-fidelity's strict path."""
+    path = random_weights_file()
+    assert len(torch.load(path, weights_only=True)) == 472
+    return path
 
 
 @pytest.fixture(scope="session")
