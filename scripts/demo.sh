@@ -14,6 +14,8 @@ CKPTS="$(printf '%07d' "$HALF") $(printf '%07d' "$STEPS")"
 export HF_HUB_OFFLINE=1
 
 step() { printf '\n$ %s\n' "$*"; "$@"; }
+# `reglue eval` always scores afresh; the demo reuses a finished result (delete the file to recompute).
+step_unless() { if [ -e "$1" ]; then shift; printf '\n$ %s\n(reused: its output exists)\n' "$*"; else shift; step "$@"; fi; }
 
 echo "reglue demo: tiny random-weight stand-ins; no number printed here is comparable to a paper."
 mkdir -p "$OUT/reglue/eval"
@@ -27,10 +29,11 @@ for STEP in $CKPTS; do
   step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/$STEP.pt" --out "$OUT/samples-$STEP" --n "$SAMPLES" \
       --steps 50 --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples-$STEP/grid.png" --quiet
 done
-step "$REGLUE" eval --make-ref "$OUT/data.h5" --out "$OUT/reference.npz" --inception-weights random --quiet
+step_unless "$OUT/reference.npz" "$REGLUE" eval --make-ref "$OUT/data.h5" --out "$OUT/reference.npz" \
+    --inception-weights random --quiet
 for STEP in $CKPTS; do
-  step "$REGLUE" eval "$OUT/samples-$STEP/samples.npz" --ref "$OUT/reference.npz" --inception-weights random \
-      --json "$OUT/reglue/eval/$STEP.json" --quiet
+  step_unless "$OUT/reglue/eval/$STEP.json" "$REGLUE" eval "$OUT/samples-$STEP/samples.npz" \
+      --ref "$OUT/reference.npz" --inception-weights random --json "$OUT/reglue/eval/$STEP.json" --quiet
 done
 step "$REGLUE" compare "$OUT/reglue" --baselines ablation --plot "$OUT/fid.png"
 echo
