@@ -202,3 +202,14 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys):
         code = main(["train", *argv, "--quiet", "--workers", "0"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_redi_style_pca_semantics_train(data, tmp_path):
+    config = _config("tiny-sit", train__max_steps=2, model__semantic_channels=4, model__semantic_source="pca",
+                     vfm__layers=[2, 3])
+    trainer = train_diffusion(config, _options(data, tmp_path / "run"))
+    basis = trainer.semantics.pca
+    assert basis.shape == (64, 4)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-4, rtol=0)  # orthonormal directions
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert all(r["semantic"] > 0 for r in records)
