@@ -36,6 +36,7 @@ class EvalOptions:
     features_out: str | None = None
     cache_dir: str | None = None
     progress: bool = True
+    families: tuple[str, ...] = ()  # extra metric families (evaluation.families.FAMILIES), reported apart
 
 
 class FeatureSink:
@@ -206,6 +207,8 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
         "sample_info": sample_provenance(samples),
     }
+    if options.families:
+        result["families"] = {"clean-fid": other_families(images, ref_path, extractor, options)}
     result["seconds"] = time.time() - started
     if options.features_out:
         import h5py
@@ -213,6 +216,28 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
         with h5py.File(options.features_out, "a") as f:
             f.attrs.update({k: str(v) for k, v in result.items()})
     return result
+
+
+def other_families(images, ref_path: Path, extractor: InceptionFeatures, options: EvalOptions) -> dict:
+    """clean_fid and/or kid on clean-resized features of the samples and of the reference's arr_0."""
+    from evaluation.families import FAMILIES, clean_features, kernel_inception_distance
+
+    unknown = sorted(set(options.families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown metric family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    ours = clean_features(images, extractor, options.batch_size)
+    theirs = clean_features(open_images(ref_path, role="reference"), extractor, options.batch_size)
+    out = {"reference": f"arr_0 of {ref_path} (not clean-fid's own statistics)", "resize": "clean (PIL bicubic, float)"}
+    if "clean_fid" in options.families:
+        stats = []
+        for feats in (ours, theirs):
+            acc = RunningStats(feats.shape[1])
+            acc.update(torch.from_numpy(feats))
+            stats.append(acc.mean_cov())
+        out["clean_fid"] = frechet_distance(*stats[0], *stats[1], options.fid_backend)
+    if "kid" in options.families:
+        out["kid"] = kernel_inception_distance(ours, theirs)
+    return out
 
 
 def sample_provenance(path) -> dict:

@@ -8,6 +8,7 @@ import warnings
 import click
 
 from evaluation.evaluate import EvalOptions, evaluate
+from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
 from evaluation.images import ImageInputError
 from evaluation.inception import InceptionError
@@ -30,6 +31,10 @@ def format_table(result: dict) -> str:
                  f"{result['reference']} ({result['reference_statistics']})")
     lines.append(f"{'backends':<16} FID {result['fid_backend']}, P/R {result['pr_precision']}, Inception weights "
                  f"sha256 {result['inception_weights_sha256'][:12]}")
+    for family, values in result.get("families", {}).items():
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
+        lines.append(f"{family + ':':<16} {numbers}   (own family: not comparable with the ADM columns; "
+                     f"reference {values['reference']})")
     return "\n".join(lines)
 
 
@@ -53,10 +58,12 @@ def format_table(result: dict) -> str:
 @click.option("--out", type=click.Path(dir_okay=False), help="With --make-ref: the reference .npz to write.")
 @click.option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
               help="With --make-ref on a folder: the ADM centre-crop size.")
+@click.option("--metrics", "families", default="", metavar="FAMILIES",
+              help="Extra families beside ADM's, reported apart: clean_fid, kid (comma-separated).")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, make_ref, out,
-          resolution, device, quiet) -> None:
+          resolution, families, device, quiet) -> None:
     """Score SAMPLES (an ADM .npz with arr_0 uint8 N x H x W x 3, a samples.h5, or a folder of images).
 
     \b
@@ -76,8 +83,13 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
     if features and dist.world > 1:
         shutdown()
         fail("--features is written by single-process runs only (for now); drop it under torchrun")
+    extra = tuple(f for f in families.split(",") if f)
+    unknown = sorted(set(extra) - set(FAMILIES))
+    if unknown:
+        shutdown()
+        fail(f"--metrics: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), pr_precision=pr_precision,
-                          fid_backend=fid_backend, features_out=features, progress=not quiet)
+                          fid_backend=fid_backend, features_out=features, progress=not quiet, families=extra)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

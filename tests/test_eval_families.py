@@ -1,0 +1,68 @@
+"""clean_fid and kid: the clean resize against an independent PIL version, the float forward against torch-fidelity's,
+KID against an independent restatement, and `reglue eval --metrics` reporting them apart."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evaluation.families import clean_resize, kernel_inception_distance, pool_from_float
+from evaluation.inception import InceptionFeatures
+from reglue_cli.main import main
+from test_eval_inception import _npz, weights  # noqa: F401,F811
+
+
+def test_clean_resize_is_pil_bicubic_per_float_channel():
+    img = np.random.default_rng(0).integers(0, 256, (1, 40, 50, 3), dtype=np.uint8)
+    got = clean_resize(img)
+    for c in range(3):
+        want = np.asarray(Image.fromarray(img[0, :, :, c].astype(np.float32), mode="F").resize(
+            (299, 299), Image.Resampling.BICUBIC)).clip(0, 255)
+        np.testing.assert_array_equal(got[0, c], want)
+    assert got.dtype == np.float32 and got.shape == (1, 3, 299, 299)
+
+
+def test_float_forward_equals_torch_fidelity_when_no_resize_is_needed(weights):  # noqa: F811
+    extractor = InceptionFeatures(weights)
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 299, 299), dtype=np.uint8))
+    theirs = extractor(images).pool  # TF1 resize 299 -> 299 is the identity
+    ours = pool_from_float(extractor, images.float())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def _oracle_kid(x, y, num_subsets, m, seed):
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    t = 0.0
+    for _ in range(num_subsets):
+        a = x[rng.choice(len(x), m, replace=False)]
+        b = y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = ((a @ a.T / n + 1) ** 3), ((b @ b.T / n + 1) ** 3), ((a @ b.T / n + 1) ** 3)
+        t += (kxx.sum() - np.diag(kxx).sum() + kyy.sum() - np.diag(kyy).sum()) / (m - 1) - 2 * kxy.sum() / m
+    return t / num_subsets / m
+
+
+def test_kid_matches_restatement_and_is_near_zero_for_one_distribution():
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((300, 16)), rng.standard_normal((250, 16)) + 0.5
+    assert kernel_inception_distance(x, y, 10, 100, seed=3) == pytest.approx(_oracle_kid(x, y, 10, 100, 3), rel=1e-12)
+    same = kernel_inception_distance(x[:150], x[150:], 20, 100)
+    assert abs(same) < 0.1 * kernel_inception_distance(x, y, 20, 100)
+
+
+def test_eval_reports_families_apart(weights, tmp_path, capsys):  # noqa: F811
+    rng = np.random.default_rng(4)
+    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    _npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
+                 "--metrics", "clean_fid,kid", "--json", str(tmp_path / "m.json"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "clean-fid:" in out and "not comparable with the ADM columns" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    family = metrics["families"]["clean-fid"]
+    assert np.isfinite(family["clean_fid"]) and np.isfinite(family["kid"]) and family["clean_fid"] != metrics["fid"]
+    code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
+                 "--metrics", "fd_dinov3", "--quiet"])
+    assert code == 2 and "unknown family fd_dinov3" in capsys.readouterr().err
