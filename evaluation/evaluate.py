@@ -37,6 +37,7 @@ class EvalOptions:
     cache_dir: str | None = None
     progress: bool = True
     families: tuple[str, ...] = ()  # extra metric families (evaluation.families.FAMILIES), reported apart
+    dinov2_weights: str | None = None  # for fd_dinov2
 
 
 class FeatureSink:
@@ -207,8 +208,10 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
         "sample_info": sample_provenance(samples),
     }
-    if options.families:
-        result["families"] = {"clean-fid": other_families(images, ref_path, extractor, options)}
+    if set(options.families) & {"clean_fid", "kid"}:
+        result.setdefault("families", {})["clean-fid"] = other_families(images, ref_path, extractor, options)
+    if "fd_dinov2" in options.families:
+        result.setdefault("families", {})["dinov2"] = fd_dinov2(images, ref_path, options)
     result["seconds"] = time.time() - started
     if options.features_out:
         import h5py
@@ -220,11 +223,8 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
 
 def other_families(images, ref_path: Path, extractor: InceptionFeatures, options: EvalOptions) -> dict:
     """clean_fid and/or kid on clean-resized features of the samples and of the reference's arr_0."""
-    from evaluation.families import FAMILIES, clean_features, kernel_inception_distance
+    from evaluation.families import clean_features, kernel_inception_distance
 
-    unknown = sorted(set(options.families) - set(FAMILIES))
-    if unknown:
-        raise ValueError(f"unknown metric family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     ours = clean_features(images, extractor, options.batch_size)
     theirs = clean_features(open_images(ref_path, role="reference"), extractor, options.batch_size)
     out = {"reference": f"arr_0 of {ref_path} (not clean-fid's own statistics)", "resize": "clean (PIL bicubic, float)"}
@@ -238,6 +238,21 @@ def other_families(images, ref_path: Path, extractor: InceptionFeatures, options
     if "kid" in options.families:
         out["kid"] = kernel_inception_distance(ours, theirs)
     return out
+
+
+def fd_dinov2(images, ref_path: Path, options: EvalOptions) -> dict:
+    """Frechet distance of DINOv2-L/14 [CLS] features, samples against the reference's arr_0."""
+    from evaluation.dinov2 import dinov2_features, load_dinov2
+
+    model = load_dinov2(options.dinov2_weights).to(options.device or "cpu")
+    stats = []
+    for reader in (images, open_images(ref_path, role="reference")):
+        feats = dinov2_features(reader, model, options.batch_size)
+        acc = RunningStats(feats.shape[1])
+        acc.update(torch.from_numpy(feats))
+        stats.append(acc.mean_cov())
+    return {"fd_dinov2": frechet_distance(*stats[0], *stats[1], options.fid_backend),
+            "reference": f"arr_0 of {ref_path}", "network": "DINOv2-L/14 [CLS], 224 px bicubic (antialiased)"}
 
 
 def sample_provenance(path) -> dict:

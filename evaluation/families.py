@@ -5,7 +5,9 @@
 - ``kid``: clean-fid's kernel inception distance on those features: polynomial kernel (x.y / d + 1)^3,
   unbiased MMD^2 averaged over subsets of at most 1000 (100 subsets), seeded.
 
-Both use the reference batch's ``arr_0`` images (statistics of 10k images, not clean-fid's own ImageNet
+- ``fd_dinov2``: Frechet distance in DINOv2-L/14 [CLS] features (evaluation.dinov2), as EDM2 and dgm-eval.
+
+All use the reference batch's ``arr_0`` images (statistics of 10k images, not clean-fid's own ImageNet
 statistics), so they compare runs with each other, not with numbers published by clean-fid.
 """
 
@@ -17,7 +19,7 @@ from PIL import Image
 
 from evaluation.inception import InceptionFeatures, no_tf32
 
-FAMILIES = ("clean_fid", "kid")
+FAMILIES = ("clean_fid", "kid", "fd_dinov2")
 CLEAN_SIZE = 299
 
 

@@ -8,6 +8,7 @@ import warnings
 import click
 
 from evaluation.evaluate import EvalOptions, evaluate
+from evaluation.dinov2 import DinoV2Error
 from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
 from evaluation.images import ImageInputError
@@ -59,11 +60,13 @@ def format_table(result: dict) -> str:
 @click.option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
               help="With --make-ref on a folder: the ADM centre-crop size.")
 @click.option("--metrics", "families", default="", metavar="FAMILIES",
-              help="Extra families beside ADM's, reported apart: clean_fid, kid (comma-separated).")
+              help="Extra families beside ADM's, reported apart: clean_fid, kid, fd_dinov2 (comma-separated).")
+@click.option("--dinov2-weights", type=click.Path(dir_okay=False),
+              help="DINOv2-L/14 weights for fd_dinov2 [default: $REGLUE_DINOV2_WEIGHTS or timm's download].")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, make_ref, out,
-          resolution, families, device, quiet) -> None:
+          resolution, families, dinov2_weights, device, quiet) -> None:
     """Score SAMPLES (an ADM .npz with arr_0 uint8 N x H x W x 3, a samples.h5, or a folder of images).
 
     \b
@@ -89,12 +92,13 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
         shutdown()
         fail(f"--metrics: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), pr_precision=pr_precision,
-                          fid_backend=fid_backend, features_out=features, progress=not quiet, families=extra)
+                          fid_backend=fid_backend, features_out=features, progress=not quiet, families=extra,
+                          dinov2_weights=dinov2_weights)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = evaluate(samples, ref, inception_weights, options)
-        except (ImageInputError, InceptionError, ReferenceError) as exc:
+        except (ImageInputError, InceptionError, ReferenceError, DinoV2Error) as exc:
             fail(str(exc))
         finally:
             shutdown()

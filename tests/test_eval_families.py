@@ -66,3 +66,56 @@ def test_eval_reports_families_apart(weights, tmp_path, capsys):  # noqa: F811
     code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
                  "--metrics", "fd_dinov3", "--quiet"])
     assert code == 2 and "unknown family fd_dinov3" in capsys.readouterr().err
+
+
+def _tiny_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=224, patch_size=14, embed_dim=32, depth=2, num_heads=2, reg_tokens=0,
+                             num_classes=0, init_values=1e-5).eval()
+
+
+def test_dinov2_preprocessing_and_cls_features(tmp_path):
+    from evaluation.dinov2 import dinov2_features, preprocess
+    from evaluation.images import open_images
+
+    img = np.random.default_rng(5).integers(0, 256, (1, 3, 64, 80), dtype=np.uint8)
+    got = preprocess(torch.from_numpy(img))[0].numpy()
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for c in range(3):  # PIL's antialiased bicubic, independently
+        pil = np.asarray(Image.fromarray(img[0, c]).resize((224, 224), Image.Resampling.BICUBIC), np.float64)
+        want = (pil / 255 - mean[c]) / std[c]
+        diff = np.abs(got[c] - want)  # torch's antialiased bicubic tracks PIL's closely, not exactly (edges)
+        assert diff.mean() < 0.01 and np.percentile(diff, 99) < 0.1
+    model = _tiny_vit()
+    images = np.random.default_rng(6).integers(0, 256, (3, 50, 50, 3), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", arr_0=images)
+    feats = dinov2_features(open_images(tmp_path / "imgs.npz", role="reference"), model, batch_size=2)
+    x = preprocess(torch.from_numpy(images).permute(0, 3, 1, 2))
+    with torch.inference_mode():
+        want = model.forward_features(x)[:, 0]  # the final-normed [CLS] token
+    np.testing.assert_allclose(feats, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_dinov2_offline_fails_fast(monkeypatch):
+    from evaluation.dinov2 import DinoV2Error, load_dinov2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("REGLUE_DINOV2_WEIGHTS", raising=False)
+    with pytest.raises(DinoV2Error, match="--dinov2-weights FILE"):
+        load_dinov2(None)
+
+
+def test_eval_reports_fd_dinov2(weights, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import evaluation.dinov2 as dinov2
+
+    monkeypatch.setattr(dinov2, "load_dinov2", lambda weights=None: _tiny_vit())
+    rng = np.random.default_rng(7)
+    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    _npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
+                 "--metrics", "fd_dinov2", "--json", str(tmp_path / "m.json"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    family = json.loads((tmp_path / "m.json").read_text())["families"]["dinov2"]
+    assert np.isfinite(family["fd_dinov2"]) and family["fd_dinov2"] > 0
