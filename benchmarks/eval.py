@@ -73,19 +73,19 @@ def _pr_child(which: str, n_ref: int, n_sam: int, dim: int, queue) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if which == "ours":
-        precision_recall(ref, sam, block=10_000, precision="fp32")
+        precision_recall(ref, sam, block=5_000, precision="fp32")
     else:
         calculate_precision_recall_full(sam, ref, 3, 10000)
     elapsed = time.perf_counter() - start
     queue.put((elapsed, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024))
 
 
-def bench_pr(n_ref: int, n_sam: int, dim: int = 2048) -> None:
+def bench_pr(n_ref: int, n_sam: int, dim: int = 2048, only_ours: bool = False) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     results = {}
-    for name in ("torch-fidelity", "ours"):
+    for name in (("ours",) if only_ours else ("torch-fidelity", "ours")):
         queue = ctx.Queue()
         child = ctx.Process(target=_pr_child, args=(name, n_ref, n_sam, dim, queue))
         child.start()
@@ -101,12 +101,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--inception-weights", default=os.environ.get("REGLUE_INCEPTION_WEIGHTS"))
     parser.add_argument("--pr", default="2000,4000", help="reference,sample counts for precision/recall")
+    parser.add_argument("--pr-only-ours", action="store_true",
+                        help="skip torch-fidelity's full-matrix P/R (it needs >12 GB at 10k x 50k)")
+    parser.add_argument("--skip-features", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bench_features(args.inception_weights or random_weights_file(), args.images, args.batch, device)
-    bench_trace(2048)
+    if not args.skip_features:
+        bench_features(args.inception_weights or random_weights_file(), args.images, args.batch, device)
+        bench_trace(2048)
     n_ref, n_sam = (int(v) for v in args.pr.split(","))
-    bench_pr(n_ref, n_sam)
+    bench_pr(n_ref, n_sam, only_ours=args.pr_only_ours)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class EvalOptions:
     device: str | None = None
     pr_precision: str = "fp16"
     fid_backend: str = "eigh"
-    pr_block: int = 10_000
+    pr_block: int = 5_000  # rows and columns per distance block: two 5k x 5k float32 blocks, ~0.2 GB
     features_out: str | None = None
     cache_dir: str | None = None
     progress: bool = True

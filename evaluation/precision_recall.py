@@ -60,6 +60,6 @@ def precision_recall(reference: torch.Tensor, samples: torch.Tensor, k: int = NE
         raise ValueError(f"precision mode {precision!r}: choose {', '.join(PR_PRECISIONS)}")
     ref_radii = manifold_radii(reference, k, block, precision)
     sample_radii = manifold_radii(samples, k, block, precision)
-    prec = coverage(samples, reference, ref_radii, block, precision).float().mean()
-    rec = coverage(reference, samples, sample_radii, block, precision).float().mean()
+    prec = coverage(samples, reference, ref_radii, block, precision).double().mean()
+    rec = coverage(reference, samples, sample_radii, block, precision).double().mean()
     return float(prec), float(rec)

@@ -152,8 +152,8 @@ def test_precision_recall_matches_oracle_for_any_block(block):
     ref = np.maximum(rng.standard_normal((1200, 64)), 0).astype(np.float32)
     sam = np.maximum(rng.standard_normal((1500, 64)) + 0.1, 0).astype(np.float32)
     got = precision_recall(torch.from_numpy(ref), torch.from_numpy(sam), block=block, precision="fp32")
-    want = oracle_pr(ref.astype(np.float64), sam.astype(np.float64))
-    assert got == pytest.approx(want, abs=2e-3)  # float32 against float64 distances: a handful of boundary flips
+    assert got == oracle_pr(ref, sam)  # the oracle on the same float32 features: exactly
+    assert got == pytest.approx(oracle_pr(ref.astype(np.float64), sam.astype(np.float64)), abs=2e-3)
     exact = precision_recall(torch.from_numpy(ref), torch.from_numpy(sam), block=10_000, precision="fp32")
     assert got == exact  # blocking never changes the answer
 
