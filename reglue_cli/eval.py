@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import click
 
@@ -91,6 +92,8 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
     if unknown:
         shutdown()
         fail(f"--metrics: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+    if features:
+        Path(features).parent.mkdir(parents=True, exist_ok=True)
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), pr_precision=pr_precision,
                           fid_backend=fid_backend, features_out=features, progress=not quiet, families=extra,
                           dinov2_weights=dinov2_weights)
@@ -109,6 +112,7 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
             click.echo(f"warning: {w.message}", err=True)
     click.echo(format_table(result))
     if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/b2/eval/ on first use
         atomic_write_text(json_out, json.dumps(result, indent=2))
 
 
@@ -133,7 +137,6 @@ class CroppedFolder:
 
 def _make_reference(source, out, resolution, weights, batch_size, device, quiet) -> None:
     """`--make-ref`: an encoded dataset's images as they are, or a folder through the ADM crop."""
-    from pathlib import Path
 
     from evaluation.images import H5Images
     from evaluation.inception import InceptionFeatures

@@ -166,13 +166,13 @@ def test_reglue_eval_end_to_end(weights, tmp_path, capsys):
     _npz(tmp_path / "ref.npz", ref_images)
     _npz(tmp_path / "samples.npz", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
     argv = ["eval", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
-            "--json", str(tmp_path / "metrics.json"), "--features", str(tmp_path / "features.h5"), "--quiet",
+            "--json", str(tmp_path / "eval" / "metrics.json"), "--features", str(tmp_path / "features.h5"), "--quiet",
             "--batch-size", "4"]
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "FID" in out and "sFID" in out and "Precision" in out and "fewer than the 2048" in err
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # the directory is created
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert np.isfinite(metrics[key])
     assert metrics["n"] == 10 and metrics["reference_statistics"] == "computed from arr_0"
