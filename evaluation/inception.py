@@ -11,12 +11,13 @@ torch-fidelity's release URL (cached by torch.hub); offline without a file, it f
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from evaluation.images import file_sha256
 
 WEIGHTS_ENV = "REGLUE_INCEPTION_WEIGHTS"
 RANDOM_WEIGHTS = "random"  # a seeded random-weight stand-in (tests, the demo): never comparable to papers
@@ -96,15 +97,6 @@ def resolve_weights(path: str | None) -> str:
             f"and pass --inception-weights FILE or set {WEIGHTS_ENV}=FILE (or place it at {cached})") from None
 
 
-def sha256_file(path) -> str:
-    """sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def no_tf32():
     """TF32 off for matmuls and convolutions inside, restored afterwards."""
@@ -134,7 +126,7 @@ class InceptionFeatures(torch.nn.Module):
         except RuntimeError as exc:
             raise InceptionError(f"{self.weights_path}: not torch-fidelity's InceptionV3 "
                                  f"({str(exc).splitlines()[0][:150]})") from None
-        self.weights_sha256 = sha256_file(self.weights_path)
+        self.weights_sha256 = file_sha256(self.weights_path)
         self._spatial: list[torch.Tensor] = []
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: self._spatial.append(out))
         self.eval().to(device or "cpu")
