@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.inception import is_published_weights
 from evaluation.reference import REGISTRY
 
 BASELINES = REGISTRY.parent / "baselines.yaml"
@@ -16,7 +17,6 @@ GROUPS = ("sit-b2", "sit-xl2", "cfg", "ablation")
 REQUIRED = ("group", "method", "model", "steps", "fid", "source")
 METRICS = (("FID", "fid", "{:.2f}"), ("sFID", "sfid", "{:.2f}"), ("IS", "is", "{:.1f}"),
            ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"))
-PUBLISHED_INCEPTION_SHA_PREFIX = "6726825d"  # torch-fidelity's release file name carries its hash prefix
 
 
 class CompareError(ValueError):
@@ -58,12 +58,17 @@ def _row_from_metrics(path: Path, label: str) -> dict:
     sampler = settings.get("sampler", "unknown")
     sampler = f"SDE Euler-Maruyama {settings.get('steps')}" if sampler == "sde" else f"{sampler} {settings.get('steps')}"
     stand_in = info.get("decoder") == "tiny" or str(info.get("preset", "")).startswith("tiny") or \
-        not str(m.get("inception_weights_sha256", "")).startswith(PUBLISHED_INCEPTION_SHA_PREFIX)
+        not is_published_weights(m.get("inception_weights_sha256", ""))
     return {"group": "ours", "method": label, "model": info.get("preset", "?"), "steps": info.get("step"),
             "epochs": None, "fid": m["fid"], "sfid": m.get("sfid"), "is": m.get("inception_score"),
             "precision": m.get("precision"), "recall": m.get("recall"), "sampler": sampler, "cfg": cfg,
-            "decoder": info.get("decoder", "?"), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
+            "decoder": decoder_name(info.get("decoder", "?")), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
             "source": str(path), "note": None, "ours": True, "stand_in": stand_in}
+
+
+def decoder_name(decoder: str) -> str:
+    """The decoder as the baselines name it: 'stabilityai/sd-vae-ft-ema' or a folder .../sd-vae-ft-ema -> 'sd-vae-ft-ema'."""
+    return str(decoder).rstrip("/").rsplit("/", 1)[-1] or str(decoder)
 
 
 def load_ours(paths: list[str]) -> list[dict]:

@@ -22,6 +22,7 @@ from evaluation.images import file_sha256
 WEIGHTS_ENV = "REGLUE_INCEPTION_WEIGHTS"
 RANDOM_WEIGHTS = "random"  # a seeded random-weight stand-in (tests, the demo): never comparable to papers
 RANDOM_SEED = 0
+PUBLISHED_SHA256_PREFIX = "6726825d"  # torch-fidelity's release file name carries its sha256 prefix
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 x 17 x 7 = 2023 values
 
 
@@ -35,6 +36,11 @@ class Features(NamedTuple):
     pool: torch.Tensor  # (B, 2048)
     spatial: torch.Tensor  # (B, 2023)
     logits: torch.Tensor  # (B, 1008), no bias
+
+
+def is_published_weights(sha256: str) -> bool:
+    """Whether a weights file's sha256 is torch-fidelity's published release (the only comparable weights)."""
+    return str(sha256).startswith(PUBLISHED_SHA256_PREFIX)
 
 
 def weights_url() -> str:

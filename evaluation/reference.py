@@ -113,6 +113,7 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
                 yield batch[rows]
 
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npz_member(zf, "arr_0", (len(keep), *images.shape[1:]), subset_blocks())

@@ -13,7 +13,7 @@ from evaluation.dinov2 import DinoV2Error
 from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
 from evaluation.images import ImageInputError
-from evaluation.inception import InceptionError
+from evaluation.inception import InceptionError, is_published_weights
 from evaluation.precision_recall import PR_PRECISIONS
 from evaluation.reference import ReferenceError
 from reglue.data.crop import adm_center_crop, decode_image
@@ -33,6 +33,9 @@ def format_table(result: dict) -> str:
                  f"{result['reference']} ({result['reference_statistics']})")
     lines.append(f"{'backends':<16} FID {result['fid_backend']}, P/R {result['pr_precision']}, Inception weights "
                  f"sha256 {result['inception_weights_sha256'][:12]}")
+    if not is_published_weights(result["inception_weights_sha256"]):
+        lines.append("note: not torch-fidelity's published Inception weights (a stand-in?): these numbers are not "
+                     "comparable to papers")
     for family, values in result.get("families", {}).items():
         numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
         lines.append(f"{family + ':':<16} {numbers}   (own family: not comparable with the ADM columns; "

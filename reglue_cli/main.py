@@ -56,7 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         return report(_command_name(argv), exc.format_message(), EXIT_USAGE)
     except click.ClickException as exc:
         return report(_command_name(argv), exc.format_message(), exc.exit_code)
+    except OSError as exc:  # a path the commands did not check (permissions, a vanished file, a full disk)
+        return report(_command_name(argv), _describe_os_error(exc), EXIT_USAGE if exc.filename else 1)
     return 0
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """'<file>: <reason>' for an OSError about a file, else its message."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
 def entry_point() -> None:

@@ -52,7 +52,8 @@ def parse_interval(text: str) -> tuple[float, float]:
               help="Only these class ids (repeatable).")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True)
 @click.option("--vae", default=None, metavar="ID|PATH|tiny",
-              help="VAE decoder [default: the checkpoint's config: stabilityai/sd-vae-ft-ema].")
+              help="VAE decoder [default: the checkpoint's config: stabilityai/sd-vae-ft-ema, or its local copy "
+                   "$REGLUE_VAE_DECODER].")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid of the first 64 samples.")
 @click.option("--overwrite", is_flag=True, help="Replace samples of another run in --out.")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")

@@ -97,3 +97,22 @@ def test_installed_console_script_runs():
     assert json.loads(done.stdout)["preset"] == "tiny-sit"
     bad = subprocess.run([exe, "train", "--preset", "nope", "--dry-run"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_an_unwritable_output_path_is_one_line_naming_it(tmp_path, capsys):
+    run_dir = tmp_path / "run" / "eval"
+    run_dir.mkdir(parents=True)
+    (run_dir / "m.json").write_text(json.dumps({"fid": 1.0, "n": 10, "sample_info": {}}))
+    (tmp_path / "blocker").write_text("a file where a directory is expected")
+    code, out, err = run(capsys, "compare", str(tmp_path / "run"), "--plot", str(tmp_path / "blocker" / "fid.png"))
+    assert code == 2 and err.count("\n") == 1 and "blocker" in err and "Not a directory" in err
+    assert "Traceback" not in err
+
+
+def test_output_directories_are_created_with_their_parents(tmp_path):
+    from reglue.sampling.store import check_out_dir
+    from reglue.training.rundir import RunDir
+
+    assert RunDir(tmp_path / "runs" / "b2").prepare({"a": 1}, is_main=True) is False
+    assert (tmp_path / "runs/b2/config.yaml").exists() and (tmp_path / "runs/b2/checkpoints").is_dir()
+    assert check_out_dir(tmp_path / "runs" / "b2" / "samples-400k", "run-id", overwrite=False) is False

@@ -26,14 +26,15 @@ def test_baselines_file_is_valid_and_every_row_has_a_source():
     assert any("missing source" in p for p in problems) and any("fid is not a number" in p for p in problems)
 
 
-def _fake_run(root, name, sampler="sde", step=400_000, fid=20.0, preset="sit-b2-reglue"):
+def _fake_run(root, name, sampler="sde", step=400_000, fid=20.0, preset="sit-b2-reglue",
+              decoder="stabilityai/sd-vae-ft-ema"):
     run = root / name / "eval"
     run.mkdir(parents=True)
     settings = {"sampler": sampler, "steps": 250, "guidance": {"scale": 1.0, "cls_scale": 1.0, "channels": "all",
                                                                "interval": [0.0, 0.9]}}
     metrics = {"fid": fid, "sfid": 6.0, "inception_score": 80.0, "precision": 0.6, "recall": 0.6, "n": 50000,
                "inception_weights_sha256": "6726825d" + "0" * 56,
-               "sample_info": {"preset": preset, "step": step, "decoder": "stabilityai/sd-vae-ft-ema",
+               "sample_info": {"preset": preset, "step": step, "decoder": decoder,
                                "settings": settings}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     return root / name
@@ -57,6 +58,13 @@ def test_an_ode_run_beside_sde_rows_gets_a_caveat(tmp_path):
     notes = caveats(rows)
     assert any("Samplers differ" in n and "ODE" in n for n in notes)
     assert "Samplers differ" in format_rows(rows, "markdown")
+
+
+def test_decoder_caveat_only_when_the_decoders_really_differ(tmp_path):
+    same = load_ours([str(_fake_run(tmp_path, "hub-id"))]) + load_baselines(["sit-b2"])
+    assert not any("decoders differ" in n for n in caveats(same))  # hub id vs the baselines' short name
+    other = load_ours([str(_fake_run(tmp_path, "mse", decoder="/models/sd-vae-ft-mse/"))]) + load_baselines(["sit-b2"])
+    assert any("decoders differ (sd-vae-ft-ema, sd-vae-ft-mse)" in n for n in caveats(other))
 
 
 def test_other_formats_and_stand_in_marks(tmp_path):

@@ -172,6 +172,7 @@ def test_reglue_eval_end_to_end(weights, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "FID" in out and "sFID" in out and "Precision" in out and "fewer than the 2048" in err
+    assert "not torch-fidelity's published Inception weights" in out  # the random stand-in says so
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # the directory is created
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert np.isfinite(metrics[key])

@@ -13,7 +13,9 @@ from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # encoder (identical to ft-ema's encoder)
 DEFAULT_DECODER = "stabilityai/sd-vae-ft-ema"  # decoder at sampling time
 TINY_VAE = "tiny"  # random-weight stand-in: outputs are not comparable to anything
-VAE_ENV = "REGLUE_VAE"  # a local directory used instead of DEFAULT_VAE
+VAE_ENV = "REGLUE_VAE"  # a local copy (diffusers folder) of DEFAULT_VAE, used in its place
+VAE_DECODER_ENV = "REGLUE_VAE_DECODER"  # a local copy of DEFAULT_DECODER, used in its place
+LOCAL_COPY_ENV = {DEFAULT_VAE: VAE_ENV, DEFAULT_DECODER: VAE_DECODER_ENV}
 TINY_VAE_SEED = 1234
 
 
@@ -44,13 +46,17 @@ def _from_pretrained(source: str, **kwargs) -> torch.nn.Module:
 
 
 def _how_to_fetch(name: str) -> str:
-    return (f"fetch it on a machine with network (`hf download {name} --local-dir DIR`), copy DIR here and pass "
-            f"--vae DIR or set {VAE_ENV}=DIR")
+    env = f" or set {LOCAL_COPY_ENV[name]}=DIR" if name in LOCAL_COPY_ENV else ""
+    return f"fetch it on a machine with network (`hf download {name} --local-dir DIR`), copy DIR here and pass --vae DIR{env}"
 
 
 def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The VAE named by ``spec`` (hub id, local directory, or 'tiny') and a description for file attributes."""
-    spec = spec or os.environ.get(VAE_ENV) or DEFAULT_VAE
+    """The VAE named by ``spec`` (hub id, local directory, or 'tiny'; default DEFAULT_VAE) and a description.
+
+    A hub id with a local copy named in its environment variable (LOCAL_COPY_ENV) loads that copy instead.
+    """
+    spec = spec or DEFAULT_VAE
+    spec = os.environ.get(LOCAL_COPY_ENV.get(spec, ""), "") or spec
     if spec == TINY_VAE:
         return build_tiny_vae(), {"id": TINY_VAE, "comparable": False}
     path = Path(spec)

@@ -94,7 +94,7 @@ def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dis
     run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe()]).encode()).hexdigest()
     if check_out_dir(out, run_id, overwrite):
         return SampleSummary(out, settings.n, settings.n, time.time() - started, reused=True)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for c in settings.classes or ():
         if not 0 <= c < cfg.num_classes:
             raise ValueError(f"class {c} out of range 0..{cfg.num_classes - 1}")

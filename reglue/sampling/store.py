@@ -47,8 +47,8 @@ def finished_run_id(out: Path) -> str | None:
 
 def check_out_dir(out: Path, run_id: str, overwrite: bool) -> bool:
     """True when ``out`` already holds this run's finished samples; refuse other runs' outputs unless overwriting."""
-    if not out.parent.is_dir():
-        raise SampleStoreError(f"{out}: the parent directory {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise SampleStoreError(f"{out}: exists and is not a directory")
     finished = finished_run_id(out)
     if finished == run_id and (out / SAMPLES_NPZ).exists():
         return True

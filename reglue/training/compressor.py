@@ -130,8 +130,8 @@ def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_avg = all_sum([total])[0] / dist.world
+            bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)  # shown by the update below
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
             if dist.is_main and step % tc["log_every"] == 0:
                 rate = ((step - first_step) * tc["global_batch"]) / max(time.time() - started, 1e-9)
                 run.log(f"step {step} (epoch {epoch}): mse {loss_avg:.5f} lr {optimizer.param_groups[0]['lr']:.2e}",

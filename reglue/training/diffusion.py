@@ -255,8 +255,8 @@ def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
             images_done += split.global_batch
             stop = trainer.guard.record(not logged["skipped"])
             rate = images_done / max(time.time() - started, 1e-9)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)  # shown by update
             bar.update(1)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
             if main and (trainer.step % tc["log_every"] == 0 or logged["skipped"]):
                 trainer.run.log(_status(trainer, logged, rate), options.echo)
                 record = {**logged, "images_per_s": rate, "lam": loss_fn.weights.semantic_at(trainer.step - 1)}

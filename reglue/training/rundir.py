@@ -50,9 +50,9 @@ class RunDir:
         self.log_path = self.root / "log.txt"
 
     def prepare(self, config: dict, is_main: bool) -> bool:
-        """Create the directory and write config.yaml, or check it against ``config``; True when resuming."""
-        if not self.root.parent.is_dir():
-            raise RunError(f"{self.root}: the parent directory {self.root.parent} does not exist")
+        """Create the directory (and its parents) and write config.yaml, or check it against ``config``; True when resuming."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunError(f"{self.root}: exists and is not a directory")
         resuming = self.config_path.exists()
         if resuming:
             try:
