@@ -213,3 +213,24 @@ def test_redi_style_pca_semantics_train(data, tmp_path):
     torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-4, rtol=0)  # orthonormal directions
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert all(r["semantic"] > 0 for r in records)
+    stored = torch.load(tmp_path / "run/pca_basis.pt", weights_only=True)["basis"]
+    assert torch.equal(stored, basis)  # written once to the run directory
+    changed = -stored  # a resume reads the stored basis instead of refitting (a refit could differ by device)
+    torch.save({"basis": changed, "fit_images": 1024}, tmp_path / "run/pca_basis.pt")
+    resumed = train_diffusion({**config, "train": {**config["train"], "max_steps": 3}}, _options(data, tmp_path / "run"))
+    assert torch.equal(resumed.semantics.pca.cpu(), changed)
+
+
+def test_pca_basis_equals_a_float64_eigendecomposition_with_fixed_signs():
+    from reglue.training.semantics import fit_pca
+
+    gen = torch.Generator().manual_seed(3)
+    mix = torch.randn(12, 12, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.1, 12, dtype=torch.float64)
+    local = torch.einsum("ncxy,dc->ndxy", torch.randn(20, 12, 4, 4, generator=gen, dtype=torch.float64), mix)
+    flat = local.permute(0, 2, 3, 1).reshape(-1, 12).numpy()
+    cov = np.cov(flat, rowvar=False)
+    values, vectors = np.linalg.eigh(cov)
+    top = vectors[:, np.argsort(values)[::-1][:5]]
+    top = top * np.sign(top[np.abs(top).argmax(axis=0), np.arange(5)])  # largest entry of each direction positive
+    np.testing.assert_allclose(fit_pca(local.float(), 5).numpy(), top, atol=1e-4)
+    assert torch.equal(fit_pca(local.float(), 5), fit_pca(-local.float(), 5))  # same directions, same signs

@@ -116,7 +116,7 @@ def build_trainer(config: dict, options: TrainOptions) -> Trainer:
     trainer = Trainer(
         config, options, dist, run, model, ema, make_optimizer(model, config["optim"]),
         make_scaler(dist.device, config["train"]["precision"]), dataset,
-        build_semantic_encoder(config, dataset, options.vfm_weights, dist.device),
+        build_semantic_encoder(config, dataset, options.vfm_weights, dist.device, run.root, dist.is_main),
         guard=NonFiniteGuard(options.max_nonfinite),
     )
     trainer.resume()

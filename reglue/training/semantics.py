@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.distributed import barrier
 from reglue.encoders.vfm import VisionFoundationModel
+from reglue.fileio import atomic_path
 from reglue.models.compressor import SemanticCompressor
 
 
@@ -66,7 +69,9 @@ def fit_pca(local: torch.Tensor, components: int) -> torch.Tensor:
     flat = local.permute(0, 2, 3, 1).reshape(-1, local.shape[1]).double()
     flat = flat - flat.mean(dim=0)
     _, _, v = torch.linalg.svd(flat, full_matrices=False)
-    return v[:components].T.float()
+    basis = v[:components].T  # (C, S); an SVD's signs are arbitrary: make each direction's largest entry positive
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
+    return (basis * signs).float()
 
 
 class RunningMoments:
@@ -96,6 +101,7 @@ class SemanticsError(ValueError):
 
 
 PCA_FIT_IMAGES = 1024  # images whose VFM features fit ReDi's PCA basis (a fixed, seeded sample of the dataset)
+PCA_BASIS_FILE = "pca_basis.pt"  # in the run directory: fitted once, read by every process and every resume
 
 
 def _fit_pca_from_dataset(vfm, layers, dataset, components: int, device, seed: int) -> torch.Tensor:
@@ -107,8 +113,21 @@ def _fit_pca_from_dataset(vfm, layers, dataset, components: int, device, seed: i
     return fit_pca(torch.cat(feats), components)
 
 
-def build_semantic_encoder(config: dict, dataset, vfm_weights: str | None, device) -> SemanticEncoder | None:
-    """The frozen VFM (+ compressor or PCA) a preset needs, or None for a plain SiT."""
+def pca_basis(path: Path, fit: Callable[[], torch.Tensor], is_main: bool) -> torch.Tensor:
+    """ReDi's basis from the run's ``path``; the main process fits and writes it first, so all ranks share one."""
+    if is_main and not path.exists():
+        with atomic_path(path) as tmp:
+            torch.save({"basis": fit().cpu(), "fit_images": PCA_FIT_IMAGES}, tmp)
+    barrier()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["basis"]
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise SemanticsError(f"{path}: unreadable PCA basis ({type(exc).__name__}); delete it to refit") from None
+
+
+def build_semantic_encoder(config: dict, dataset, vfm_weights: str | None, device, run_dir: Path | None = None,
+                           is_main: bool = True) -> SemanticEncoder | None:
+    """The frozen VFM (+ compressor or PCA) a preset needs, or None for a plain SiT; a PCA basis lives in run_dir."""
     from reglue import checkpoints
     from reglue.encoders.vfm import load_vfm
 
@@ -137,6 +156,9 @@ def build_semantic_encoder(config: dict, dataset, vfm_weights: str | None, devic
         return SemanticEncoder(vfm, layers, latent, compressor.to(device), stats[0].to(device),
                                stats[1].to(device)).to(device)
     if m["semantic_source"] == "pca":
-        basis = _fit_pca_from_dataset(vfm, layers, dataset, m["semantic_channels"], device, config["train"]["seed"])
+        def fit():
+            return _fit_pca_from_dataset(vfm, layers, dataset, m["semantic_channels"], device, config["train"]["seed"])
+
+        basis = pca_basis(Path(run_dir) / PCA_BASIS_FILE, fit, is_main) if run_dir is not None else fit()
         return SemanticEncoder(vfm, layers, latent, pca=basis.to(device)).to(device)
     return SemanticEncoder(vfm, layers, latent).to(device)
