@@ -43,7 +43,8 @@ def _summary_line(summary, source_size: int) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch_size, workers, shard_size,
            overwrite, device, quiet) -> None:
-    """Encode SOURCE (an ImageNet-style folder, one sub-folder per class, or a .tar of one) into --out.
+    """Encode SOURCE (an ImageNet-style folder, one sub-folder per class, a .tar of one, or ImageNet's
+    ILSVRC2012_img_train.tar of per-class tars, read in place) into --out.
 
     \b
     Each image is ADM centre-cropped, its SD-VAE posterior mean and std (8 x H/8 x W/8) computed, and

@@ -19,7 +19,7 @@ from reglue.constants import LATENT_SCALE
 from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.dataset import DatasetError, EncodedDataset
 from reglue.data.encode import EncodeOptions, encode_dataset
-from reglue.data.sources import open_source
+from reglue.data.sources import SourceError, open_source
 from reglue.encoders.loading import ModelLoadError
 from reglue.encoders.vae import build_tiny_vae, load_vae, posterior_moments, sample_latents
 from reglue_cli.main import main
@@ -322,3 +322,35 @@ def test_batch_loader_reads_whole_batches_in_workers(folder, tiny_vae, tmp_path)
     for j, index in enumerate(order):
         image, moment, label = dataset[index]
         assert torch.equal(images[j], image) and torch.equal(moments[j], moment) and labels[j].item() == label
+
+
+def test_imagenet_style_tar_of_class_tars_is_read_in_place(folder, tiny_vae, tmp_path):
+    # ILSVRC2012_img_train.tar's layout: one uncompressed tar per synset, the images flat inside each
+    for name in sorted(p.name for p in folder.iterdir()):
+        with tarfile.open(tmp_path / f"{name}.tar", "w") as inner:
+            for image in sorted((folder / name).iterdir()):
+                inner.add(image, arcname=image.name)
+    with tarfile.open(tmp_path / "ILSVRC2012_img_train.tar", "w") as outer:
+        for name in ("n03", "n01", "n02"):  # stored unsorted: labels still follow the sorted synsets
+            outer.add(tmp_path / f"{name}.tar", arcname=f"{name}.tar")
+    source = open_source(tmp_path / "ILSVRC2012_img_train.tar")
+    assert source.kind == "nested-tar" and source.class_names == ("n01", "n02", "n03")
+    reader = source.reader()
+    for i, key in enumerate(source.keys):
+        synset, image = key.split("/")
+        assert (folder / synset[: -len(".tar")] / image).read_bytes() == reader.read(i)
+        assert source.labels[i] == source.class_names.index(synset[: -len(".tar")])
+    encode(folder, tmp_path / "a.h5", tiny_vae)
+    encode(tmp_path / "ILSVRC2012_img_train.tar", tmp_path / "b.h5", tiny_vae, workers=2)
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert np.array_equal(a["images"][...], b["images"][...]) and np.array_equal(a["labels"][...], b["labels"][...])
+        np.testing.assert_array_equal(a["moments"][...], b["moments"][...])
+
+
+def test_a_compressed_tar_of_tars_is_refused_in_one_line(folder, tmp_path):
+    with tarfile.open(tmp_path / "n01.tar", "w") as inner:
+        inner.add(next((folder / "n01").iterdir()), arcname="x.jpg")
+    with tarfile.open(tmp_path / "outer.tar.gz", "w:gz") as outer:
+        outer.add(tmp_path / "n01.tar", arcname="n01.tar")
+    with pytest.raises(SourceError, match="uncompressed tar of per-class tars"):
+        open_source(tmp_path / "outer.tar.gz")

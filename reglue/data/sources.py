@@ -1,4 +1,5 @@
-"""Where images come from: an ImageNet-style folder, a folder plus a labels file, or a .tar of a folder."""
+"""Where images come from: an ImageNet-style folder, a folder plus a labels file, a .tar of a folder, or ImageNet's
+own ILSVRC2012_img_train.tar (a tar of one tar per class, read in place: no extraction)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import hashlib
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from reglue.data.crop import IMAGE_EXTENSIONS
 
@@ -24,7 +27,8 @@ class ImageSource:
     keys: tuple[str, ...]
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
-    kind: str  # "folder" or "tar"
+    kind: str  # "folder", "tar" or "nested-tar"
+    spans: np.ndarray | None = field(default=None, compare=False)  # nested-tar: (N, 2) int64 byte offset and size of each image in the outer file
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,6 +52,7 @@ class SourceReader:
     def __init__(self, source: ImageSource):
         self.source = source
         self._tar: tarfile.TarFile | None = None
+        self._raw = None  # the outer file of a nested tar
         self._pid: int | None = None
 
     def read(self, index: int) -> bytes:
@@ -55,12 +60,23 @@ class SourceReader:
         key = self.source.keys[index]
         if self.source.kind == "folder":
             return (Path(self.source.root) / key).read_bytes()
+        if self.source.spans is not None:
+            return self._read_span(*(int(v) for v in self.source.spans[index]))
         if self._tar is None or self._pid != os.getpid():
             self._tar, self._pid = tarfile.open(self.source.root), os.getpid()
         member = self._tar.extractfile(key)
         if member is None:
             raise OSError(f"{key} is not a regular file in {self.source.root}")
         return member.read()
+
+    def _read_span(self, offset: int, size: int) -> bytes:
+        if self._raw is None or self._pid != os.getpid():
+            self._raw, self._pid = open(self.source.root, "rb"), os.getpid()  # noqa: SIM115 - kept for every read
+        self._raw.seek(offset)
+        data = self._raw.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.source.root}: truncated at byte {offset + len(data)}")
+        return data
 
 
 def _is_image(name: str) -> bool:
@@ -130,6 +146,8 @@ def open_source(path: str | os.PathLike, labels_file: str | os.PathLike | None =
         kind, paths = "folder", _walk_folder(path)
     elif tarfile.is_tarfile(path):
         kind, paths = "tar", _tar_members(path)
+        if not paths and labels_file is None:
+            return _nested_tar(path)
     else:
         raise SourceError(f"{path}: expected an image folder or a .tar archive")
     if not paths:
@@ -149,3 +167,31 @@ def _tar_class_dirs(root: str, names: list[str]) -> ImageSource:
         inner = _from_class_dirs(root, "tar", [n[len(top):] for n in names])
         return ImageSource(root, tuple(top + k for k in inner.keys), inner.labels, inner.class_names, "tar")
     return _from_class_dirs(root, "tar", names)
+
+
+NESTED_TAR_SUFFIX = ".tar"  # ILSVRC2012_img_train.tar holds n01440764.tar ... n15075141.tar, JPEGs inside each
+
+
+def _nested_tar(path: Path) -> ImageSource:
+    """A tar of per-class tars: class = inner tar's stem (sorted, as ImageNet's labels), images read by byte span."""
+    keys, classes, spans = [], [], []
+    try:
+        with tarfile.open(path, "r:") as outer:  # uncompressed only: spans are offsets in the file itself
+            for member in outer:
+                if not (member.isfile() and member.name.endswith(NESTED_TAR_SUFFIX)):
+                    continue
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                    for image in inner:
+                        if image.isfile() and _is_image(image.name):
+                            keys.append(f"{member.name}/{image.name}")
+                            classes.append(Path(member.name).name[: -len(NESTED_TAR_SUFFIX)])
+                            spans.append((member.offset_data + image.offset_data, image.size))
+    except (tarfile.TarError, OSError) as exc:
+        raise SourceError(f"{path}: no images, and not a readable uncompressed tar of per-class tars ({exc})") from None
+    if not keys:
+        raise SourceError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)}), directly or in inner .tar files")
+    names = sorted(set(classes))
+    index = {name: i for i, name in enumerate(names)}
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return ImageSource(str(path), tuple(keys[i] for i in order), tuple(index[classes[i]] for i in order), tuple(names),
+                       "nested-tar", np.asarray([spans[i] for i in order], dtype=np.int64).reshape(-1, 2))
