@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from reglue.data.encode import MOMENTS_DTYPES, EncodeError, EncodeOptions, check_output_dir, encode_dataset
@@ -34,8 +36,8 @@ def _summary_line(summary, source_size: int) -> str:
 @click.option("--flip", is_flag=True, help="Also store the moments of the horizontally flipped image.")
 @click.option("--moments-dtype", type=click.Choice(MOMENTS_DTYPES), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE pass.")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Decoding processes per GPU.")
+@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
+              show_default="4 or the CPU count if fewer", help="Decoding processes per GPU.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Write data-00000.h5, data-00001.h5 ... holding this many source images each.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made from another source or with other options.")

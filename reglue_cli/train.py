@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 import yaml
@@ -86,7 +87,8 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
               help="Local DINOv2 weights file (torch.hub or timm format) for machines without network.")
 @click.option("--batch-gpu", type=click.IntRange(min=1),
               help="Samples per GPU per forward pass; the global batch is reached by gradient accumulation.")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data-loading processes per GPU.")
+@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
+              show_default="4 or the CPU count if fewer", help="Data-loading processes per GPU.")
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep.")
 @click.option("--keep-every", type=click.IntRange(min=1), help="Also keep every checkpoint whose step is a multiple of N.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
