@@ -92,6 +92,8 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
 
     from evaluation.stats import RunningStats
 
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the features: a bad path fails at once
     n = len(images)
     keep = np.sort(np.random.default_rng(seed).permutation(n)[: min(subset, n)])
     pool, spatial = RunningStats(2048), RunningStats(2023)
@@ -112,8 +114,6 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
             if len(rows):
                 yield batch[rows]
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npz_member(zf, "arr_0", (len(keep), *images.shape[1:]), subset_blocks())

@@ -95,8 +95,9 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
     if unknown:
         shutdown()
         fail(f"--metrics: unknown family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
-    if features:
-        Path(features).parent.mkdir(parents=True, exist_ok=True)
+    for path in (features, json_out):  # e.g. runs/b2/eval/ on first use; a bad path fails before the work
+        if path and dist.is_main:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), pr_precision=pr_precision,
                           fid_backend=fid_backend, features_out=features, progress=not quiet, families=extra,
                           dinov2_weights=dinov2_weights)
@@ -115,7 +116,6 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
             click.echo(f"warning: {w.message}", err=True)
     click.echo(format_table(result))
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/b2/eval/ on first use
         atomic_write_text(json_out, json.dumps(result, indent=2))
 
 
