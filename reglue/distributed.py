@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,23 @@ def all_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def from_main(make: Callable[[], T], info: DistInfo) -> T:
+    """``make()`` run on rank 0 only, its result sent to every rank; an exception there is raised on every rank."""
+    if info.world == 1 or not dist.is_initialized():
+        return make()
+    payload: list = [None]
+    if info.is_main:
+        try:
+            payload = [(True, make())]
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            payload = [(False, exc)]
+    dist.broadcast_object_list(payload, src=0)  # NCCL sends it through the current CUDA device
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
 
 
 def shutdown() -> None:

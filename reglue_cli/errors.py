@@ -24,5 +24,6 @@ def report(command: str | None, message: str, code: int = EXIT_USAGE) -> int:
     """Print ``reglue <command>: error: <message>`` on one line to stderr and return the exit code."""
     where = f"reglue {command}" if command else "reglue"
     first = " ".join(str(message).split())  # collapse newlines: one line, always
-    print(f"{where}: error: {first}", file=sys.stderr)
+    sys.stderr.write(f"{where}: error: {first}\n")  # one write: lines of several torchrun ranks do not interleave
+    sys.stderr.flush()
     return code

@@ -224,6 +224,17 @@ def test_torchrun_two_processes_match_one(folder, tmp_path):
         assert a.attrs["content_sha256"] == b.attrs["content_sha256"] and b.attrs["skipped"] == 1
 
 
+def test_torchrun_source_error_reaches_every_rank_as_one_line(tmp_path):
+    # rank 0 alone indexes the source; its error must stop every rank (not leave rank 1 waiting) with one line
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "reglue_cli", "encode", str(tmp_path / "missing"), "--out", str(tmp_path / "d.h5"), "--vae", "tiny",
+           "--quiet"]
+    done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("reglue encode: error:")]
+    assert len(lines) == 2 and all("missing: no such file or folder" in line for line in lines), done.stderr[-2000:]
+
+
 def run_cli(capsys, *argv):
     code = main(["encode", *map(str, argv)])
     out, err = capsys.readouterr()
