@@ -70,7 +70,7 @@ def main() -> None:
     print(f"read  : folder {n / t_ref_read:10,.0f} images/s    nested tar {n / t_read:10,.0f} images/s    "
           f"ratio {t_ref_read / t_read:.2f}x")
     print(f"indexing the real ILSVRC2012_img_train.tar at this rate: about {IMAGENET_TRAIN_IMAGES * t_index / n:.0f} s "
-          "(once per process, before encoding starts)")
+          "(once, by rank 0, before encoding starts)")
 
 
 if __name__ == "__main__":
