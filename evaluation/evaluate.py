@@ -252,7 +252,8 @@ def fd_dinov2(images, ref_path: Path, options: EvalOptions) -> dict:
         acc.update(torch.from_numpy(feats))
         stats.append(acc.mean_cov())
     return {"fd_dinov2": frechet_distance(*stats[0], *stats[1], options.fid_backend),
-            "reference": f"arr_0 of {ref_path}", "network": "DINOv2-L/14 [CLS], 224 px bicubic (antialiased)"}
+            "reference": f"arr_0 of {ref_path}", "network": "DINOv2-L/14 [CLS], 224 px bicubic (antialiased), "
+            "positions resized as torch.hub's model"}
 
 
 def sample_provenance(path) -> dict:

@@ -3,6 +3,10 @@
 From uint8 images it returns what REGLUE trains on (method.md section 2): the normed patch maps of chosen
 blocks concatenated on channels (local semantics), the final [CLS] token (global semantics), and the final
 [CLS] + patch tokens (the REPA target).
+
+At 224 px timm resizes the 37 x 37 position grid once at load time; for the register models this is exactly
+what torch.hub's DINOv2 (which REGLUE uses) does at run time, bicubic to size 16 with antialiasing
+(tests/test_dinov2_files.py checks both file layouts).
 """
 
 from __future__ import annotations
