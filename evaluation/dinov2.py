@@ -46,8 +46,9 @@ def load_dinov2(weights: str | None = None, name: str = TIMM_NAME) -> torch.nn.M
                           f"--dinov2-weights FILE or set {DINOV2_WEIGHTS_ENV}") from None
     state = model.state_dict()
     state["pos_embed"] = hub_position_embedding(state["pos_embed"], INPUT_SIZE // model.patch_embed.patch_size[0])
-    at_224 = timm.create_model(name, pretrained=False, img_size=INPUT_SIZE, num_classes=0)
-    at_224.load_state_dict(state)
+    with torch.device("meta"):  # the 224 px structure only: its weights are the ones just loaded
+        at_224 = timm.create_model(name, pretrained=False, img_size=INPUT_SIZE, num_classes=0)
+    at_224.load_state_dict(state, assign=True)
     return at_224.eval().requires_grad_(False)
 
 
