@@ -8,77 +8,32 @@ On a GPU it also reports model FLOPs utilisation. Run: python benchmarks/train_s
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reglue import presets  # noqa: E402
 from reglue.models import build  # noqa: E402
 
 
-def _modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+def reference_model() -> nn.Module:
+    """SiT-B/2 + REGLUE in the official layout (tests/official_layout.py): timm blocks, explicit attention."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from official_layout import OfficialSiT
+
+    return OfficialSiT(in_channels=20, d=768, depth=12, heads=12, input_size=32, cls_dim=768, proj_dim=2048,
+                       encoder_depth=4)
 
 
-class RefBlock(nn.Module):
-    """The reference block: timm Attention with fused attention off, timm Mlp, adaLN-Zero."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, num_heads=heads, qkv_bias=True)
-        self.attn.fused_attn = False
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(in_features=d, hidden_features=4 * d, act_layer=lambda: nn.GELU(approximate="tanh"))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-
-    def forward(self, x, c):
-        s1, sc1, g1, s2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + g1.unsqueeze(1) * self.attn(_modulate(self.norm1(x), s1, sc1))
-        return x + g2.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), s2, sc2))
-
-
-class RefSiT(nn.Module):
-    """Reference-style SiT + REGLUE with the same sizes as ours."""
-
-    def __init__(self, depth=12, d=768, heads=12, channels=20, cls_dim=768, enc_depth=4):
-        super().__init__()
-        self.channels, self.enc_depth = channels, enc_depth
-        self.x_embedder = PatchEmbed(32, 2, channels, d, bias=True)
-        self.t_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        self.y_embedder = nn.Embedding(1001, d)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 257, d), requires_grad=False)
-        self.blocks = nn.ModuleList(RefBlock(d, heads) for _ in range(depth))
-        self.projector = nn.Sequential(nn.Linear(d, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
-                                       nn.Linear(2048, cls_dim))
-        self.cls_in = nn.Linear(cls_dim, d)
-        self.cls_norm = nn.LayerNorm(d, eps=1e-6)
-        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.linear = nn.Linear(d, 4 * channels)
-        self.linear_cls = nn.Linear(d, cls_dim)
-
-    def forward(self, x, t, y, cls):
-        freqs = torch.exp(-math.log(10000) * torch.arange(128, device=x.device) / 128)
-        args = t[:, None].float() * freqs[None]
-        c = self.t_mlp(torch.cat([args.cos(), args.sin()], -1).to(x.dtype)) + self.y_embedder(y)
-        h = torch.cat([self.cls_norm(self.cls_in(cls)).unsqueeze(1), self.x_embedder(x)], 1) + self.pos_embed
-        zs = None
-        for i, block in enumerate(self.blocks):
-            h = block(h, c)
-            if i + 1 == self.enc_depth:
-                zs = self.projector(h)
-        shift, scale = self.final_mod(c).chunk(2, -1)
-        h = _modulate(self.norm_final(h), shift, scale)
-        out = self.linear(h[:, 1:]).reshape(x.shape[0], 16, 16, 2, 2, self.channels)
-        out = torch.einsum("nhwpqc->nchpwq", out).reshape(x.shape[0], self.channels, 32, 32)
-        return out, self.linear_cls(h[:, 0]), zs
+def reference_forward(model):
+    def run(x, t, y, cls):
+        velocity, projections, cls_velocity = model(x, t, y, cls_token=cls)
+        return velocity, cls_velocity, projections
+    return run
 
 
 def ours_forward(model):
@@ -150,13 +105,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     ours = build(presets.load("sit-b2-reglue")).to(device).train()
-    ref = RefSiT().to(device).train()
+    ref = reference_model().to(device).train()
     print(f"SiT-B/2 + REGLUE, batch {batch}, median of {args.steps} alternating steps, device {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     for name in args.precisions.split(","):
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
-        steppers = {"reference": Stepper(ref, trainable(ref), batch, device, dtype),
+        steppers = {"reference": Stepper(reference_forward(ref), trainable(ref), batch, device, dtype),
                     "ours": Stepper(ours_forward(ours), trainable(ours), batch, device, dtype)}
         if args.compile:
             steppers["ours+compile"] = Stepper(ours_forward(torch.compile(ours)), trainable(ours), batch, device, dtype)

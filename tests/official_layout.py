@@ -1,4 +1,6 @@
-"""Test helper: a small SiT and compressor written in the official REG/REGLUE/REPA layout (official names).
+"""Test helper: a SiT and compressor written in the official REG/REGLUE/REPA layout (official names).
+
+Small in the tests; benchmarks/train_step.py builds it at SiT-B/2 size as its reference-style model.
 
 Written for the tests from the official code's structure (timm's PatchEmbed/Attention/Mlp, explicit softmax
 attention, the official parameter names) and never imported from reglue, so that loading its state dict into
@@ -24,7 +26,7 @@ class _Timesteps(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
 
     def forward(self, t):
-        freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+        freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32, device=t.device) / 128)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
