@@ -64,10 +64,9 @@ class FeatureSink:
             for name in ("pool", "spatial", "logits"):
                 self.h5[name][start:end] = getattr(features, name).cpu().numpy()
 
-    def close(self, attrs: dict | None = None) -> None:
-        """Finish the HDF5 file, if any, with ``attrs``."""
+    def close(self) -> None:
+        """Finish the HDF5 file, if any (evaluate() adds the results as attributes afterwards)."""
         if self.h5 is not None:
-            self.h5.attrs.update(attrs or {})
             self.h5.close()
 
 
