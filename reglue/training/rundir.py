@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from reglue.checkpoints import CHECKPOINT_NAME
 from reglue.fileio import atomic_write_text
 
 # Keys that may change between the first launch and a resume (how long and how often, not what is trained).
 RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs"}
-CHECKPOINT_NAME = re.compile(r"^(\d{7})\.pt$")
 
 
 class RunError(ValueError):
