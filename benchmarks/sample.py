@@ -2,7 +2,8 @@
 
 The reference-style loop (as the official generate.py runs it): float64 state, the batch doubled for
 guidance at every step (no interval skipping), ``randn_like`` noise. Ours: guidance only inside the
-interval, per-sample noise generators, fixed-size model calls. Both run the SDE with the same settings;
+interval, per-sample noise generators, the batch as one chunk (one model call per step, as `reglue sample
+--chunk BATCH` runs it). Both run the SDE with the same settings;
 prints images/s and the ratio. Run: python benchmarks/sample.py [--preset sit-b2-reglue] [--steps 10]
 """
 
@@ -19,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reglue import presets  # noqa: E402
 from reglue.models import build  # noqa: E402
 from reglue.sampling.seeds import SampleNoise, sample_seed  # noqa: E402
-from reglue.transport.samplers import Guidance, guided_velocity, sample_sde, score_from_velocity, time_grid  # noqa
+from reglue.transport.path import LinearPath  # noqa: E402
+from reglue.transport.samplers import Guidance, guided_velocity, sample_sde, time_grid  # noqa: E402
+
+score_from_velocity = LinearPath().score_from_velocity
 
 
 @torch.no_grad()
@@ -47,7 +51,7 @@ def reference_loop(model, batch: int, steps: int, scale: float, device) -> torch
 
 
 @torch.no_grad()
-def ours(model, batch: int, steps: int, scale: float, device, chunk: int) -> torch.Tensor:
+def ours(model, batch: int, steps: int, scale: float, device) -> torch.Tensor:
     """Our sampler with the reference's guidance interval [0, 0.9]."""
     cfg = model.config
     seeds = [sample_seed(0, i) for i in range(batch)]
@@ -55,7 +59,7 @@ def ours(model, batch: int, steps: int, scale: float, device, chunk: int) -> tor
                         device)
     x, cls = noise.initial()
     y = torch.randint(0, 1000, (batch,), device=device)
-    velocity = guided_velocity(model, Guidance(scale=scale, interval=(0.0, 0.9)), chunk)
+    velocity = guided_velocity(model, Guidance(scale=scale, interval=(0.0, 0.9)))
     return sample_sde(velocity, x, cls, y, time_grid(steps), noise.step)[0]
 
 
@@ -75,7 +79,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--steps", type=int, default=None, help="default: 10 on CPU, 250 on GPU")
     parser.add_argument("--cfg", type=float, default=2.3)
-    parser.add_argument("--chunk", type=int, default=None, help="rows per model call (default: the whole batch)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (128 if device.type == "cuda" else 8)
@@ -83,9 +86,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(presets.load(args.preset)).to(device).eval()
     print(f"{args.preset}, batch {batch}, {steps} SDE steps, cfg {args.cfg}, device {device}")
-    timed(lambda: ours(model, batch, 2, args.cfg, device, args.chunk or 2 * batch))  # warm-up
+    timed(lambda: ours(model, batch, 2, args.cfg, device))  # warm-up
     t_ref = timed(lambda: reference_loop(model, batch, steps, args.cfg, device))
-    t_ours = timed(lambda: ours(model, batch, steps, args.cfg, device, args.chunk or 2 * batch))
+    t_ours = timed(lambda: ours(model, batch, steps, args.cfg, device))
     print(f"reference-style: {batch / t_ref:8.2f} img/s")
     print(f"ours           : {batch / t_ours:8.2f} img/s")
     print(f"ratio ours/reference: {t_ref / t_ours:.2f}x")

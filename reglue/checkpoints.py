@@ -263,7 +263,13 @@ def infer_official_config(state: dict, args) -> tuple[str, dict]:
         raise CheckpointError(f"looks like an official {family.upper()} SiT-{size}/2, which has no preset")
     standard = presets.load(name)["model"]
     return name, {**_official_shapes(state, args), **_official_width(state, standard, size),
-                  **_official_projector(state, args, standard)}
+                  **_official_projector(state, args, standard), **_official_transport(args)}
+
+
+def _official_transport(args: dict) -> dict:
+    """The interpolant path the official run trained with (its --path-type), which the SDE's score depends on."""
+    path = args.get("path_type")
+    return {"transport__path": path} if path in ("linear", "cosine") else {}
 
 
 def _load_official(path: Path, raw: dict, ema: bool) -> tuple[SiT, dict]:

@@ -9,7 +9,7 @@ import click
 from reglue.checkpoints import CheckpointError
 from reglue.distributed import init_distributed, shutdown
 from reglue.encoders.loading import ModelLoadError
-from reglue.sampling.run import SampleSettings, sample_to_dir, write_grid
+from reglue.sampling.run import DEFAULT_CHUNK, SampleSettings, sample_to_dir, write_grid
 from reglue.sampling.store import SampleStoreError
 from reglue.transport.samplers import SAMPLERS, Guidance
 from reglue_cli.errors import fail
@@ -36,17 +36,24 @@ def parse_interval(text: str) -> tuple[float, float]:
               help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid.")
 @click.option("--steps", type=click.IntRange(min=1), default=250, show_default=True, help="Integration steps.")
 @click.option("--cfg", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Classifier-free guidance scale (1: none).")
-@click.option("--cls-cfg", type=click.FloatRange(min=0), default=None, help="[CLS] guidance scale [default: --cfg].")
+              help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model.")
+@click.option("--cls-cfg", type=click.FloatRange(min=0), default=None,
+              help="[CLS] guidance scale [default: --cfg]. The official generate.py differs: see docs/sample.md.")
 @click.option("--interval", default="0,0.9", show_default=True, metavar="LOW,HIGH",
               help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere.")
 @click.option("--cfg-channels", type=click.Choice(["all", "latents"]), default="all", show_default=True,
               help="Guide every channel (REGLUE) or only the 4 VAE channels.")
 @click.option("--reference-vae-cfg", is_flag=True,
-              help="With --cfg-channels latents: the reference's formula d_c + s (d_c - d_u), i.e. scale s + 1.")
+              help="With --cfg-channels latents and --sampler sde: the official --vae_cfg true, d_c + S (d_c - d_u) "
+                   "on the latents (scale S + 1), standard CFG on every channel at the last step.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Global seed; sample i's noise and label depend only on (seed, i).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Samples per process and pass.")
+@click.option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
+              help="Samples per model and decoder call (2x rows while guided). Part of the settings, like --seed: "
+                   "a kernel may pick its algorithm by batch size, so a different chunk may move the last bits.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Samples per process and pass, rounded up to whole chunks: how often finished samples are saved. "
+                   "Never changes a pixel.")
 @click.option("--balanced", is_flag=True, help="Exactly N/K samples of each class, in a seeded random order.")
 @click.option("--class", "classes", type=click.IntRange(min=0), multiple=True,
               help="Only these class ids (repeatable).")
@@ -58,26 +65,31 @@ def parse_interval(text: str) -> tuple[float, float]:
 @click.option("--overwrite", is_flag=True, help="Replace samples of another run in --out.")
 @click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, batch_size,
-           balanced, classes, weights, vae, grid, overwrite, device, quiet) -> None:
+def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, chunk,
+           batch_size, balanced, classes, weights, vae, grid, overwrite, device, quiet) -> None:
     """Sample N images from CKPT into OUT/samples.h5 and OUT/samples.npz (arr_0: uint8 N x H x W x 3).
 
     \b
     The defaults are the reference's: 250-step Euler-Maruyama SDE from t = 1 to 0.04 plus a last
-    deterministic step, EMA weights, sd-vae-ft-ema decoder, uniform random labels. The paper's guided
-    numbers: --cfg 2.3 --cls-cfg 2.3 --interval 0,0.9 (the reference's script); its CFG table used 2.8.
-    Run the same command again to resume; any number of GPUs gives the same images:
+    deterministic step, EMA weights, sd-vae-ft-ema decoder, uniform random labels; the interpolant path
+    (linear/cosine) and the null class come from the checkpoint. The paper's guided numbers:
+    --cfg 2.3 --cls-cfg 2.3 --interval 0,0.9 (the reference's script); its CFG table used 2.8. Porting an
+    official generate.py command: docs/sample.md maps every flag. Run the same command again to resume;
+    any --batch-size and any number of GPUs give the same images:
       torchrun --nproc_per_node 8 -m reglue_cli sample --ckpt runs/b2/checkpoints/0400000.pt \\
           --out samples/b2 --num-samples 50000
     """
     low_high = parse_interval(interval)
     if reference_vae_cfg and cfg_channels != "latents":
         fail("--reference-vae-cfg only applies with --cfg-channels latents")
-    settings = SampleSettings(
-        n=n, sampler=sampler, steps=steps, seed=seed, balanced=balanced, classes=tuple(classes) or None,
-        weights=weights, vae=vae,
-        guidance=Guidance(scale=cfg, cls_scale=cls_cfg, interval=low_high, channels=cfg_channels,
-                          reference_vae_cfg=reference_vae_cfg))
+    try:
+        settings = SampleSettings(
+            n=n, sampler=sampler, steps=steps, seed=seed, balanced=balanced, classes=tuple(classes) or None,
+            weights=weights, vae=vae, chunk=chunk,
+            guidance=Guidance(scale=cfg, cls_scale=cls_cfg, interval=low_high, channels=cfg_channels,
+                              reference_vae_cfg=reference_vae_cfg))
+    except ValueError as exc:
+        fail(str(exc))
     dist = init_distributed(device)
     try:
         summary = sample_to_dir(ckpt, out, settings, batch_size, dist, overwrite, progress=not quiet)

@@ -317,3 +317,10 @@ def test_foreign_files_are_named(tmp_path):
     torch.save({"model": state, "args": argparse.Namespace(model="DiT-XL/2")}, tmp_path / "d.pt")
     with pytest.raises(CheckpointError, match="d.pt: official args.model 'DiT-XL/2'"):
         checkpoints.load_model(tmp_path / "d.pt")
+
+
+@pytest.mark.parametrize("path_type, expected", [("cosine", "cosine"), ("linear", "linear"), (None, "linear")])
+def test_official_path_type_reaches_the_config(tmp_path, path_type, expected):
+    args = _args(cls=0.03, **({} if path_type is None else {"path_type": path_type}))
+    _, _, path = _official_file(tmp_path, "reg.pt", args, in_channels=4)
+    assert checkpoints.load_model(path)[1]["transport"]["path"] == expected  # the SDE's score depends on it

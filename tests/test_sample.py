@@ -1,10 +1,13 @@
-"""`reglue sample`: sampler formulas against float64 NumPy, CFG and interval, per-sample seeds (batch size and
-process count do not matter), balanced labels, resume, the ADM .npz, and bad input."""
+"""`reglue sample`: sampler formulas against float64 NumPy (the official loop replayed step by step), CFG and
+interval, the path and null class of the checkpoint, per-sample seeds and fixed chunks (batch size and process
+count cannot change a pixel, even with kernels that depend on the batch), balanced labels, resume, the ADM .npz,
+and bad input."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -13,10 +16,12 @@ import torch
 
 from conftest import randomize_
 from reglue import checkpoints, presets
+from reglue.distributed import DistInfo
 from reglue.models import ModelOutput, build
 from reglue.sampling import run as sampling_run
 from reglue.sampling.run import SampleSettings, sample_to_dir
-from reglue.sampling.seeds import make_labels
+from reglue.sampling.seeds import SampleNoise, make_labels
+from reglue.transport.path import get_path
 from reglue.transport.samplers import Guidance, guided_velocity, sample_ode, sample_sde, time_grid
 from reglue_cli.main import main
 
@@ -24,83 +29,214 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class LinearField(torch.nn.Module):
-    """Closed-form stand-in: v = a x + t b[y], cls_v = a cls + t c[y] (label 1000 is the null class)."""
+    """Closed-form stand-in: v = a x + t b[y], cls_v = a cls + t c[y] (label ``null_class`` is the null class)."""
 
-    def __init__(self, channels=5, cls_dim=3):
+    def __init__(self, channels=5, cls_dim=3, num_classes=1000):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.a = torch.nn.Parameter(torch.tensor(-0.7))
-        self.b = torch.nn.Parameter(torch.randn(1001, channels, generator=gen))
-        self.c = torch.nn.Parameter(torch.randn(1001, cls_dim, generator=gen))
+        self.null_class = num_classes
+        self.a = torch.nn.Parameter(torch.tensor(-0.7, dtype=torch.float64))  # float64: the sampler math is compared
+        self.b = torch.nn.Parameter(torch.randn(num_classes + 1, channels, generator=gen, dtype=torch.float64))
+        self.c = torch.nn.Parameter(torch.randn(num_classes + 1, cls_dim, generator=gen, dtype=torch.float64))
 
     def forward(self, x, t, y, cls=None, return_projections=None):
         v = self.a * x + t[:, None, None, None] * self.b[y][:, :, None, None]
         return ModelOutput(v, self.a * cls + t[:, None] * self.c[y], None)
 
 
-def _np_velocity(field, x, cls, t, y):
+def _np_field(field):
     a, b, c = float(field.a.detach()), field.b.detach().double().numpy(), field.c.detach().double().numpy()
-    return a * x + t * b[y][:, :, None, None], a * cls + t * c[y]
+    return lambda x, cls, t, y: (a * x + t * b[y][:, :, None, None], a * cls + t * c[y])
 
 
-def _reference_sde(field, x, cls, y, steps, g: Guidance, xis, cls_xis, latents_only=False, plus_one=False):
-    """Float64 NumPy re-statement of method.md section 6: drift-level CFG, w = 2t, last step deterministic."""
+def _np_model(model):
+    """A float64 velocity oracle over a torch model (the sampler arithmetic around it is what is re-stated)."""
+
+    def velocity(x, cls, t, y):
+        with torch.no_grad():
+            out = model(torch.tensor(x), torch.full((len(y),), t, dtype=torch.float64), torch.tensor(y),
+                        cls=None if cls is None else torch.tensor(cls))
+        return out.velocity.numpy(), None if out.cls_velocity is None else out.cls_velocity.numpy()
+
+    return velocity
+
+
+def _np_score(v, x, t, path):
+    """Solve [x; v] = [[alpha, sigma], [alpha', sigma']] [x0; eps] for eps; the score is -eps / sigma."""
+    if path == "linear":
+        alpha, sigma, d_alpha, d_sigma = 1 - t, t, -1.0, 1.0
+    else:
+        h = np.pi / 2
+        alpha, sigma, d_alpha, d_sigma = np.cos(h * t), np.sin(h * t), -h * np.sin(h * t), h * np.cos(h * t)
+    eps = (alpha * v - d_alpha * x) / (alpha * d_sigma - sigma * d_alpha)
+    return -eps / sigma
+
+
+def _official_sde(vel, x, cls, y, steps, xis, cls_xis, cfg_scale=1.0, cls_cfg_scale=1.5, low=0.0, high=1.0,
+                  vae_cfg=False, path="linear", null=1000, vae_cfg_on_last_step=False):
+    """Float64 NumPy re-statement of the official euler_maruyama_sampler (REGLUE samplers.py), step by step:
+    guidance only when cfg_scale > 1 and low <= t <= high, drift-level CFG, [CLS] conditional when
+    cls_cfg_scale <= 0, --vae_cfg on the loop steps only (the last, deterministic step uses standard CFG on
+    every channel; ``vae_cfg_on_last_step`` restates the former mistake, to show the test sees the last step)."""
     grid = np.concatenate([np.linspace(1.0, 0.04, steps), [0.0]])
     for i in range(steps):
-        t, t_next = grid[i], grid[i + 1]
-        dt = t_next - t
+        t, dt, final = grid[i], grid[i + 1] - grid[i], i == steps - 1
 
         def drift(v, state):
-            score = (-(1 - t) * v - state) / t
-            return v - 0.5 * (2 * t) * score
+            return v - 0.5 * (2 * t) * _np_score(v, state, t, path)
 
-        v_c, cv_c = _np_velocity(field, x, cls, t, y)
+        v_c, cv_c = vel(x, cls, t, y)
         d, cd = drift(v_c, x), drift(cv_c, cls)
-        if g.active(t):
-            v_u, cv_u = _np_velocity(field, x, cls, t, np.full_like(y, 1000))
+        if cfg_scale > 1.0 and low <= t <= high:
+            v_u, cv_u = vel(x, cls, t, np.full_like(y, null))
             du, cdu = drift(v_u, x), drift(cv_u, cls)
-            if latents_only:
-                lat = d[:, :4] + g.scale * (d[:, :4] - du[:, :4]) if plus_one else du[:, :4] + g.scale * (d[:, :4] - du[:, :4])
-                d = np.concatenate([lat, d[:, 4:]], axis=1)
+            if vae_cfg and (not final or vae_cfg_on_last_step):
+                d = np.concatenate([d[:, :4] + cfg_scale * (d[:, :4] - du[:, :4]), d[:, 4:]], axis=1)
             else:
-                d = du + g.scale * (d - du)
-            cd = cdu + g.effective_cls_scale * (cd - cdu)
+                d = du + cfg_scale * (d - du)
+            cd = cdu + cls_cfg_scale * (cd - cdu) if cls_cfg_scale > 0 else cd
         x, cls = x + d * dt, cls + cd * dt
-        if i < steps - 1:
-            x = x + np.sqrt(2 * t * abs(dt)) * xis[i]
-            cls = cls + np.sqrt(2 * t * abs(dt)) * cls_xis[i]
+        if not final:
+            x = x + np.sqrt(2 * t) * xis[i] * np.sqrt(abs(dt))
+            cls = cls + np.sqrt(2 * t) * cls_xis[i] * np.sqrt(abs(dt))
     return x, cls
 
 
-def _states(seed=0, n=3, steps=6):
+def ported_guidance(cfg_scale, cls_cfg_scale=1.5, low=0.0, high=1.0, vae_cfg=False) -> Guidance:
+    """docs/sample.md's table: the reglue flags for an official generate.py command (restated here)."""
+    if cfg_scale <= 1.0:
+        return Guidance(scale=1.0, cls_scale=1.0, interval=(low, high))  # the official code guides nothing
+    cls = cls_cfg_scale if cls_cfg_scale > 0 else 1.0  # <= 0: the conditional [CLS] drift, i.e. scale 1
+    if vae_cfg:
+        return Guidance(scale=cfg_scale, cls_scale=cls, interval=(low, high), channels="latents",
+                        reference_vae_cfg=True)
+    return Guidance(scale=cfg_scale, cls_scale=cls, interval=(low, high))
+
+
+def _states(seed=0, n=3, steps=6, channels=5, cls_dim=3, size=2):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, 5, 2, 2)), rng.standard_normal((n, 3)), np.array([3, 7, 1]),
-            rng.standard_normal((steps, n, 5, 2, 2)), rng.standard_normal((steps, n, 3)))
+    return (rng.standard_normal((n, channels, size, size)), rng.standard_normal((n, cls_dim)), np.array([3, 7, 1][:n]),
+            rng.standard_normal((steps, n, channels, size, size)), rng.standard_normal((steps, n, cls_dim)))
 
 
-@pytest.mark.parametrize("guidance, latents_only, plus_one", [
-    (Guidance(), False, False),
-    (Guidance(scale=2.3, interval=(0.0, 0.9)), False, False),
-    (Guidance(scale=2.8, cls_scale=1.5, interval=(0.3, 0.7)), False, False),
-    (Guidance(scale=2.0, channels="latents"), True, False),
-    (Guidance(scale=2.0, channels="latents", reference_vae_cfg=True), True, True),
-])
-def test_sde_matches_independent_float64_reference(guidance, latents_only, plus_one):
+def _ours_sde(model, guidance, x, cls, y, steps, xis, cls_xis, path="linear"):
+    got_x, got_cls = sample_sde(guided_velocity(model, guidance), torch.tensor(x), torch.tensor(cls), torch.tensor(y),
+                                time_grid(steps), lambda i: (torch.tensor(xis[i]), torch.tensor(cls_xis[i])),
+                                get_path(path))
+    return got_x.numpy(), got_cls.numpy()
+
+
+def _relative(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+OFFICIAL_COMMANDS = [  # (cfg_scale, cls_cfg_scale, guidance_low, guidance_high, vae_cfg) of generate.py
+    (1.0, 1.5, 0.0, 1.0, False),  # its defaults: no guidance at all, [CLS] included
+    (0.5, 1.5, 0.0, 1.0, False),  # cfg_scale <= 1 guides nothing
+    (2.3, 2.3, 0.0, 0.9, False),  # eval.sh
+    (1.8, 1.5, 0.0, 1.0, False),  # the default --cls-cfg-scale 1.5 beside another --cfg-scale
+    (2.0, 0.0, 0.0, 0.9, False),  # cls_cfg_scale <= 0: the conditional [CLS] drift
+    (2.0, -1.0, 0.3, 0.7, False),
+    (2.0, 1.5, 0.0, 0.9, True),  # --vae_cfg true: scale + 1 on the latents, standard CFG at the last step
+    (2.0, 2.0, 0.1, 0.9, True),  # the last step (t = 0.04) outside the interval: unguided
+]
+
+
+@pytest.mark.parametrize("command", OFFICIAL_COMMANDS)
+def test_ported_official_commands_replay_the_official_loop_on_a_closed_form_field(command):
     field = LinearField()
     x, cls, y, xis, cls_xis = _states()
-    got_x, got_cls = sample_sde(guided_velocity(field, guidance), torch.tensor(x), torch.tensor(cls), torch.tensor(y),
-                                time_grid(6), lambda i: (torch.tensor(xis[i]), torch.tensor(cls_xis[i])))
-    want_x, want_cls = _reference_sde(field, x, cls, y, 6, guidance, xis, cls_xis, latents_only, plus_one)
-    np.testing.assert_allclose(got_x.numpy(), want_x, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got_cls.numpy(), want_cls, rtol=1e-6, atol=1e-6)
+    cfg, cls_cfg, low, high, vae_cfg = command
+    got = _ours_sde(field, ported_guidance(*command), x, cls, y, 6, xis, cls_xis)
+    want = _official_sde(_np_field(field), x, cls, y, 6, xis, cls_xis, cfg, cls_cfg, low, high, vae_cfg)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
 
 
-def test_reference_vae_cfg_is_scale_plus_one():
+def _random_reglue_model(seed=3, **overrides):
+    torch.manual_seed(0)
+    return randomize_(build(presets.load("tiny-reglue", **overrides)), seed=seed, scale=0.05).double().eval()
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_reference_vae_cfg_equals_the_official_loop_on_a_random_model(path):
+    model = _random_reglue_model(transport__path=path)
+    x, cls, y, xis, cls_xis = _states(seed=1, steps=8, channels=8, cls_dim=32, size=8)
+    command = (2.0, 1.5, 0.0, 0.9, True)
+    got = _ours_sde(model, ported_guidance(*command), x, cls, y, 8, xis, cls_xis, path)
+    want = _official_sde(_np_model(model), x, cls, y, 8, xis, cls_xis, *command, path=path)
+    assert _relative(got[0], want[0]) < 1e-6 and _relative(got[1], want[1]) < 1e-6
+    former = _official_sde(_np_model(model), x, cls, y, 8, xis, cls_xis, *command, path=path,
+                           vae_cfg_on_last_step=True)
+    assert _relative(former[0], want[0]) > 1e-4  # the last step is visible: VAE-only there would fail this test
+
+
+def test_cosine_model_samples_with_the_cosine_score():
+    model = _random_reglue_model(transport__path="cosine")
+    x, cls, y, xis, cls_xis = _states(seed=2, steps=6, channels=8, cls_dim=32, size=8)
+    guidance = Guidance(scale=2.3, interval=(0.0, 0.9))
+    got = _ours_sde(model, guidance, x, cls, y, 6, xis, cls_xis, "cosine")
+    want = _official_sde(_np_model(model), x, cls, y, 6, xis, cls_xis, 2.3, 2.3, 0.0, 0.9, path="cosine")
+    linear = _official_sde(_np_model(model), x, cls, y, 6, xis, cls_xis, 2.3, 2.3, 0.0, 0.9, path="linear")
+    assert _relative(got[0], want[0]) < 1e-6 and _relative(got[1], want[1]) < 1e-6
+    assert _relative(linear[0], want[0]) > 1e-2  # the linear score would be a different sampler
+
+
+@pytest.mark.parametrize("guidance, latents_only", [
+    (Guidance(), False),
+    (Guidance(scale=2.3, interval=(0.0, 0.9)), False),
+    (Guidance(scale=2.8, cls_scale=1.5, interval=(0.3, 0.7)), False),
+    (Guidance(scale=2.0, channels="latents"), True),
+])
+def test_sde_matches_independent_float64_reference(guidance, latents_only):
+    """Our own conventions (docs/sample.md): guidance wherever a scale differs from 1, standard VAE-only CFG."""
+    field = LinearField()
+    x, cls, y, xis, cls_xis = _states()
+    vel = _np_field(field)
+    grid = np.concatenate([np.linspace(1.0, 0.04, 6), [0.0]])
+    want_x, want_cls = x, cls
+    for i in range(6):
+        t, dt = grid[i], grid[i + 1] - grid[i]
+        v, cv = vel(want_x, want_cls, t, y)
+        if guidance.active(t):
+            vu, cvu = vel(want_x, want_cls, t, np.full_like(y, 1000))
+            lat = vu[:, :4] + guidance.scale * (v[:, :4] - vu[:, :4])
+            v = np.concatenate([lat, v[:, 4:]], axis=1) if latents_only else vu + guidance.scale * (v - vu)
+            cv = cvu + guidance.effective_cls_scale * (cv - cvu)
+        d = v - t * _np_score(v, want_x, t, "linear")  # w / 2 = t
+        cd = cv - t * _np_score(cv, want_cls, t, "linear")
+        want_x, want_cls = want_x + d * dt, want_cls + cd * dt
+        if i < 5:
+            want_x = want_x + np.sqrt(2 * t * abs(dt)) * xis[i]
+            want_cls = want_cls + np.sqrt(2 * t * abs(dt)) * cls_xis[i]
+    got_x, got_cls = _ours_sde(field, guidance, x, cls, y, 6, xis, cls_xis)
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got_cls, want_cls, rtol=1e-6, atol=1e-9)
+
+
+def test_guidance_conventions_differ_from_the_official_where_documented():
+    """docs/sample.md: --cfg 1 --cls-cfg 1.8 guides the [CLS] (the official code guides nothing unless its
+    cfg_scale > 1); --cls-cfg 0 (and --cfg 0) give the unconditional velocity (the official <= 0: conditional)."""
+    field = LinearField()
+    x, cls, y, xis, cls_xis = _states()
+    cond = Guidance(scale=1.0, cls_scale=1.0, interval=(0.0, 1.0))
+    cls_only = _ours_sde(field, Guidance(scale=1.0, cls_scale=1.8, interval=(0.0, 1.0)), x, cls, y, 6, xis, cls_xis)
+    plain = _ours_sde(field, cond, x, cls, y, 6, xis, cls_xis)
+    assert np.allclose(cls_only[0], plain[0]) and not np.allclose(cls_only[1], plain[1])
+    vel = guided_velocity(field, Guidance(scale=0.0, cls_scale=0.0, interval=(0.0, 1.0)))
+    xt, ct = torch.tensor(x), torch.tensor(cls)
+    v, cv = vel(xt, ct, 0.5, torch.tensor(y))
+    vu, cvu = field(xt, torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 1000), cls=ct)[:2]
+    assert torch.allclose(v, vu) and torch.allclose(cv, cvu)
+
+
+def test_reference_vae_cfg_is_scale_plus_one_and_standard_at_the_last_step():
     cond, uncond = torch.randn(2, 6, 2, 2, dtype=torch.float64), torch.randn(2, 6, 2, 2, dtype=torch.float64)
-    compat = Guidance(scale=2.0, channels="latents", reference_vae_cfg=True).combine(cond, uncond)
+    compat = Guidance(scale=2.0, channels="latents", reference_vae_cfg=True)
     standard = Guidance(scale=3.0, channels="latents").combine(cond, uncond)
-    torch.testing.assert_close(compat, standard)
-    assert torch.equal(compat[:, 4:], cond[:, 4:])
+    torch.testing.assert_close(compat.combine(cond, uncond), standard)
+    assert torch.equal(compat.combine(cond, uncond)[:, 4:], cond[:, 4:])
+    torch.testing.assert_close(compat.final_step().combine(cond, uncond), uncond + 2.0 * (cond - uncond))
 
 
 @pytest.mark.parametrize("heun", [False, True])
@@ -111,11 +247,12 @@ def test_ode_matches_independent_float64_reference(heun):
     got_x, got_cls = sample_ode(guided_velocity(field, g), torch.tensor(x), torch.tensor(cls), torch.tensor(y),
                                 time_grid(5), heun=heun)
     grid = np.concatenate([np.linspace(1.0, 0.04, 5), [0.0]])
+    np_vel = _np_field(field)
 
     def vel(xs, cs, t):
-        vc, cc = _np_velocity(field, xs, cs, t, y)
+        vc, cc = np_vel(xs, cs, t, y)
         if 0.0 <= t <= 0.5:
-            vu, cu = _np_velocity(field, xs, cs, t, np.full_like(y, 1000))
+            vu, cu = np_vel(xs, cs, t, np.full_like(y, 1000))
             return vu + 2.0 * (vc - vu), cu + 2.0 * (cc - cu)
         return vc, cc
 
@@ -129,6 +266,14 @@ def test_ode_matches_independent_float64_reference(heun):
             x, cls = x + v * dt, cls + cv * dt
     np.testing.assert_allclose(got_x.numpy(), x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_cls.numpy(), cls, rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_uses_the_models_null_class():
+    field = LinearField(num_classes=10)
+    x, cls, y, xis, cls_xis = _states()
+    got = _ours_sde(field, Guidance(scale=2.0, interval=(0.0, 1.0)), x, cls, y, 6, xis, cls_xis)
+    want = _official_sde(_np_field(field), x, cls, y, 6, xis, cls_xis, 2.0, 2.0, null=10)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-9)
 
 
 def test_time_grid_is_the_reference_grid():
@@ -157,7 +302,7 @@ def ckpt(tmp_path_factory):
 
 
 def _settings(**kw):
-    base = dict(n=10, steps=4, vae="tiny", guidance=Guidance(scale=2.0, interval=(0.0, 0.9)))
+    base = dict(n=10, steps=4, vae="tiny", chunk=3, guidance=Guidance(scale=2.0, interval=(0.0, 0.9)))
     return SampleSettings(**{**base, **kw})
 
 
@@ -165,51 +310,176 @@ def _images(out):
     return np.load(Path(out) / "samples.npz")["arr_0"]
 
 
-def test_batch_size_does_not_change_the_samples(ckpt, tmp_path):
-    sample_to_dir(ckpt, tmp_path / "b3", _settings(), batch_size=3, progress=False)
-    sample_to_dir(ckpt, tmp_path / "b7", _settings(), batch_size=7, progress=False)
-    a, b = _images(tmp_path / "b3"), _images(tmp_path / "b7")
-    assert a.shape == (10, 64, 64, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, b)
-    with h5py.File(tmp_path / "b3/samples.h5") as f:
-        assert np.array_equal(f["images"][...], a) and f.attrs["n"] == 10 and f.attrs["preset"] == "tiny-reglue"
+class BatchSensitive(torch.nn.Module):
+    """Wraps the model or the decoder so that a row's output moves with the batch it is computed in (its size and
+    the other rows' values), as a kernel that picks its algorithm by batch size would, only far more: any pipeline
+    that lets --batch-size or the process count change what a call sees changes the pixels on every machine."""
+
+    def __init__(self, inner, shift=0.05):
+        super().__init__()
+        self.inner, self.shift, self.calls = inner, shift, []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)  # config, null_class ...
+
+    def _bump(self, x):
+        self.calls.append(x.shape[0])
+        return self.shift * ((x.shape[0] % 7) + x.float().mean())
+
+    def forward(self, x, t, y, **kw):
+        out = self.inner(x, t, y, **kw)
+        return ModelOutput(out.velocity + self._bump(x), out.cls_velocity, out.projections)
+
+    def decode(self, z):
+        return SimpleNamespace(sample=self.inner.decode(z).sample + self._bump(z))
+
+
+@pytest.fixture
+def batch_sensitive(monkeypatch):
+    """load_model / load_vae of the sample path replaced by BatchSensitive wrappers; yields their call logs."""
+    calls = {}
+    real_model, real_vae = sampling_run.load_model, sampling_run.load_vae
+
+    def model(*args, **kw):
+        m, config = real_model(*args, **kw)
+        wrapped = BatchSensitive(m)
+        calls["model"] = wrapped.calls
+        return wrapped, config
+
+    def vae(*args, **kw):
+        v, info = real_vae(*args, **kw)
+        wrapped = BatchSensitive(v)
+        calls["decoder"] = wrapped.calls
+        return wrapped, info
+
+    monkeypatch.setattr(sampling_run, "load_model", model)
+    monkeypatch.setattr(sampling_run, "load_vae", vae)
+    return calls
+
+
+def test_the_stand_ins_would_expose_a_batch_dependent_pipeline(ckpt):
+    from reglue.encoders.vae import decode_latents, load_vae
+
+    decoder = BatchSensitive(load_vae("tiny")[0])
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(decode_latents(decoder, z)[:1], decode_latents(decoder, z[:1]))
+    model = BatchSensitive(checkpoints.load_model(ckpt)[0])
+    x, cls = torch.randn(4, 8, 8, 8), torch.randn(4, 32)
+    t, y = torch.full((4,), 0.5), torch.arange(4)
+    assert not torch.equal(model(x, t, y, cls=cls).velocity[:1], model(x[:1], t[:1], y[:1], cls=cls[:1]).velocity)
+
+
+def test_batch_size_and_process_count_cannot_change_a_pixel(ckpt, tmp_path, batch_sensitive):
+    """Every model and decoder call sees one fixed chunk, so even batch-sensitive kernels give the same bytes."""
+    logs = {}
+    for name, batch in (("b5", 5), ("b12", 12), ("b1", 1)):
+        sample_to_dir(ckpt, tmp_path / name, _settings(n=13, chunk=4), batch_size=batch, progress=False)
+        logs[name] = (sorted(batch_sensitive["model"]), sorted(batch_sensitive["decoder"]))
+    for rank in (1, 0):  # two processes, one after the other (rank 0 merges every part)
+        sample_to_dir(ckpt, tmp_path / "w2", _settings(n=13, chunk=4), batch_size=5, progress=False,
+                      dist=DistInfo(rank=rank, world=2))
+    reference = _images(tmp_path / "b5")
+    assert reference.shape == (13, 64, 64, 3) and len(np.unique(reference)) > 10
+    for name in ("b12", "b1", "w2"):
+        assert np.array_equal(_images(tmp_path / name), reference), name
+    assert logs["b5"] == logs["b12"] == logs["b1"]
+    assert logs["b5"][1] == [1, 4, 4, 4]  # the decoder: one call per chunk (13 = 4 + 4 + 4 + 1)
+    assert set(logs["b5"][0]) == {1, 2, 4, 8}  # the model: a chunk, doubled while guided
+
+
+def test_samples_h5_records_the_settings(ckpt, tmp_path):
+    sample_to_dir(ckpt, tmp_path / "s", _settings(), batch_size=3, progress=False)
+    with h5py.File(tmp_path / "s/samples.h5") as f:
+        assert np.array_equal(f["images"][...], _images(tmp_path / "s"))
+        assert f.attrs["n"] == 10 and f.attrs["preset"] == "tiny-reglue" and f.attrs["path"] == "linear"
+        assert f.attrs["null_class"] == 1000 and '"chunk": 3' in f.attrs["settings"]
         assert "checkpoint_sha256" in f.attrs and "clamp" in f.attrs["quantisation"]
-    assert not (tmp_path / "b3/parts").exists()
+    assert not (tmp_path / "s/parts").exists()
+
+
+def test_sampling_switches_off_cudnn_autotuning(ckpt, tmp_path, monkeypatch):
+    seen = []
+    real = sampling_run.integrate
+
+    def spy(*args, **kw):
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampling_run, "integrate", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    sample_to_dir(ckpt, tmp_path / "s", _settings(n=2), progress=False)
+    assert seen and set(seen) == {(False, True)}
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)  # restored
+
+
+def _trained_like(tmp_path, name, **overrides):
+    """A checkpoint as `reglue train --preset tiny-sit --set ...` writes it (its config carries the overrides)."""
+    config = presets.load("tiny-sit", **overrides)
+    torch.manual_seed(0)
+    model = randomize_(build(config), seed=4, scale=0.05)
+    return checkpoints.save_checkpoint(tmp_path / name, config=config, step=1, model=model, ema=model)
+
+
+def test_the_sampler_takes_the_path_of_the_checkpoint(tmp_path, monkeypatch):
+    seen = []
+    real = sampling_run.sample_sde
+    monkeypatch.setattr(sampling_run, "sample_sde", lambda *a: seen.append(a[-1].name) or real(*a))
+    for path in ("cosine", "linear"):
+        ckpt = _trained_like(tmp_path, f"{path}.pt", transport__path=path)
+        sample_to_dir(ckpt, tmp_path / path, _settings(n=2, guidance=Guidance()), progress=False)
+    assert seen == ["cosine", "linear"]
+    assert not np.array_equal(_images(tmp_path / "cosine"), _images(tmp_path / "linear"))
+
+
+def test_a_ten_class_model_samples_with_guidance(tmp_path, capsys):
+    ckpt = _trained_like(tmp_path, "ten.pt", model__num_classes=10)
+    code = main(["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), "--n", "6", "--steps", "3",
+                 "--cfg", "2", "--vae", "tiny", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    with h5py.File(tmp_path / "s/samples.h5") as f:
+        assert f.attrs["null_class"] == 10 and set(f["labels"][...]) <= set(range(10))
 
 
 def test_interrupted_run_resumes_to_the_same_samples(ckpt, tmp_path, monkeypatch):
-    sample_to_dir(ckpt, tmp_path / "straight", _settings(sampler="ode-heun"), batch_size=4, progress=False)
+    sample_to_dir(ckpt, tmp_path / "straight", _settings(sampler="ode-heun", chunk=2), batch_size=4, progress=False)
     calls = {"n": 0}
     real = sampling_run.integrate
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # the first chunk of the second pass (2 chunks of 2 per pass)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampling_run, "integrate", flaky)
     with pytest.raises(KeyboardInterrupt):
-        sample_to_dir(ckpt, tmp_path / "resumed", _settings(sampler="ode-heun"), batch_size=4, progress=False)
+        sample_to_dir(ckpt, tmp_path / "resumed", _settings(sampler="ode-heun", chunk=2), batch_size=4,
+                      progress=False)
     assert not (tmp_path / "resumed/samples.npz").exists()
     monkeypatch.setattr(sampling_run, "integrate", real)
     messages = []
-    summary = sample_to_dir(ckpt, tmp_path / "resumed", _settings(sampler="ode-heun"), batch_size=4, progress=False,
-                            log=messages.append)
+    summary = sample_to_dir(ckpt, tmp_path / "resumed", _settings(sampler="ode-heun", chunk=2), batch_size=4,
+                            progress=False, log=messages.append)
     assert summary.written == 6 and "4 of 10 samples already written" in messages[0]
     assert np.array_equal(_images(tmp_path / "straight"), _images(tmp_path / "resumed"))
-    assert sample_to_dir(ckpt, tmp_path / "resumed", _settings(sampler="ode-heun"), progress=False).reused
+    assert sample_to_dir(ckpt, tmp_path / "resumed", _settings(sampler="ode-heun", chunk=2), progress=False).reused
 
 
 def test_torchrun_two_processes_match_one(ckpt, tmp_path):
-    args = ["--ckpt", str(ckpt), "--num-samples", "6", "--steps", "3", "--vae", "tiny", "--cfg", "1.5", "--batch-size", "2",
+    args = ["--ckpt", str(ckpt), "--num-samples", "6", "--steps", "3", "--vae", "tiny", "--cfg", "1.5", "--chunk", "2",
             "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "reglue_cli", "sample", "--out", str(tmp_path / "one"), *args],
+    one = subprocess.run([sys.executable, "-m", "reglue_cli", "sample", "--out", str(tmp_path / "one"), *args,
+                          "--batch-size", "5"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29547", "-m", "reglue_cli", "sample", "--out", str(tmp_path / "two"), *args],
+                          "29547", "-m", "reglue_cli", "sample", "--out", str(tmp_path / "two"), *args,
+                          "--batch-size", "12"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert np.array_equal(_images(tmp_path / "one"), _images(tmp_path / "two"))

@@ -1,10 +1,19 @@
-"""`reglue sample` as a library call: checkpoint -> guided SDE/ODE -> VAE decoder -> samples.h5 + samples.npz."""
+"""`reglue sample` as a library call: checkpoint -> guided SDE/ODE -> VAE decoder -> samples.h5 + samples.npz.
+
+Same pixels on any machine count and batch size, by construction: samples are cut into fixed chunks of
+``SampleSettings.chunk`` consecutive indices (the last one shorter), and every model and decoder call sees
+exactly one chunk (doubled with the null class where guidance acts). A chunk's inputs depend only on
+(settings, chunk index), never on ``--batch-size`` or the number of processes, so a kernel that chooses its
+algorithm by batch size (oneDNN, cuDNN, cuBLAS) sees the same shapes and values everywhere; cuDNN's autotuner
+is switched off while sampling.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +28,10 @@ from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import decode_latents, load_vae
 from reglue.sampling.seeds import SampleNoise, make_labels, sample_seed
 from reglue.sampling.store import SAMPLES_H5, check_out_dir, done_indices, merge, open_part
-from reglue.transport.samplers import Guidance, guided_velocity, sample_ode, sample_sde, time_grid
+from reglue.transport.path import Path as InterpolantPath, get_path
+from reglue.transport.samplers import SAMPLERS, Guidance, guided_velocity, sample_ode, sample_sde, time_grid
+
+DEFAULT_CHUNK = 32  # samples per model and decoder call (the reference's per-GPU batch in generate.py)
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,15 @@ class SampleSettings:
     classes: tuple[int, ...] | None = None
     weights: str = "ema"
     vae: str | None = None  # default: the config's data.vae_decoder (sd-vae-ft-ema)
-    eval_chunk: int = 16  # rows per model call (padded): keeps every sample independent of the batch size
+    chunk: int = DEFAULT_CHUNK  # samples per model/decoder call: part of what decides the pixels (see above)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+        if self.guidance.reference_vae_cfg and self.sampler != "sde":
+            raise ValueError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
 
     def describe(self) -> dict:
         """Plain-data form for attributes and the run id."""
@@ -64,33 +84,75 @@ def file_sha256(path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.Tensor, device) -> torch.Tensor:
-    """Final joint state x (B, C, H, W) float64 for one batch of samples."""
+def chunk_ranges(n: int, size: int) -> list[range]:
+    """Indices 0..n-1 cut into consecutive chunks of ``size`` (the last one shorter)."""
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def passes_of(chunks: list[range], batch_size: int, chunk: int) -> list[list[range]]:
+    """Group a process's chunks into passes of ceil(batch_size / chunk) whole chunks."""
+    per_pass = max(1, -(-batch_size // chunk))
+    return [chunks[i : i + per_pass] for i in range(0, len(chunks), per_pass)]
+
+
+@contextmanager
+def deterministic_kernels():
+    """No cuDNN autotuning (its choice can differ between runs) and deterministic cuDNN algorithms; restored after."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+
+
+def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.Tensor, device,
+              path: InterpolantPath) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final joint state (x (B, C, H, W), cls (B, D) or None) in float64 of one chunk of samples."""
     cfg = model.config
     noise = SampleNoise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size),
                         cfg.cls_dim if cfg.cls_token else None, device)
     x, cls = noise.initial()
-    velocity = guided_velocity(model, settings.guidance, settings.eval_chunk)
+    velocity = guided_velocity(model, settings.guidance)
     grid = time_grid(settings.steps)
     if settings.sampler == "sde":
-        x, _ = sample_sde(velocity, x, cls, labels.to(device), grid, noise.step)
-    else:
-        x, _ = sample_ode(velocity, x, cls, labels.to(device), grid, heun=settings.sampler == "ode-heun")
-    return x
+        return sample_sde(velocity, x, cls, labels.to(device), grid, noise.step, path)
+    return sample_ode(velocity, x, cls, labels.to(device), grid, heun=settings.sampler == "ode-heun")
+
+
+def sample_chunk(model, vae, settings: SampleSettings, indices: range, labels: torch.Tensor, device,
+                 path: InterpolantPath) -> dict:
+    """One chunk, integrated and decoded in single calls: the rows a part file receives."""
+    batch = list(indices)
+    seeds = [sample_seed(settings.seed, i) for i in batch]
+    x, _ = integrate(model, settings, seeds, labels[batch], device, path)
+    images = decode_latents(vae, x[:, : model.config.latent_channels].float()).numpy()
+    return {"index": np.array(batch), "images": images, "labels": labels[batch].numpy(), "seeds": np.array(seeds)}
+
+
+def _concat(rows: list[dict]) -> dict:
+    return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
 
 def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dist: DistInfo = DistInfo(),
                   overwrite: bool = False, progress: bool = True,
                   log: Callable[[str], None] = tqdm.write) -> SampleSummary:
-    """Write ``settings.n`` samples of ``ckpt`` to ``out``; run again to resume, any process count gives the same."""
+    """Write ``settings.n`` samples of ``ckpt`` to ``out``; run again to resume, any process count gives the same.
+
+    ``batch_size``: samples per pass on each process, rounded up to whole chunks; it decides how often finished
+    samples are saved, never the pixels (settings.chunk does, see the module docstring).
+    """
     out, started = Path(out), time.time()
     model, config = load_model(ckpt, ema=settings.weights == "ema")
     model = model.to(dist.device).eval()
     cfg = model.config
+    path = get_path(config["transport"]["path"])
     vae_id = settings.vae or config["data"]["vae_decoder"]
     attrs = {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), "preset": config.get("preset", ""),
-             "step": int(config.get("origin", {}).get("step", 0)), "decoder": vae_id,
-             "quantisation": SAMPLE_QUANTISATION, "settings": json.dumps(settings.describe())}
+             "step": int(config.get("origin", {}).get("step", 0)), "decoder": vae_id, "path": path.name,
+             "null_class": model.null_class, "quantisation": SAMPLE_QUANTISATION,
+             "settings": json.dumps(settings.describe())}
     run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe()]).encode()).hexdigest()
     if check_out_dir(out, run_id, overwrite):
         return SampleSummary(out, settings.n, settings.n, time.time() - started, reused=True)
@@ -101,7 +163,8 @@ def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dis
     labels = make_labels(settings.n, cfg.num_classes, settings.seed, settings.balanced, list(settings.classes or []))
     done = done_indices(out, run_id)
     barrier()
-    todo = [i for i in range(dist.rank, settings.n, dist.world) if i not in done]
+    mine = chunk_ranges(settings.n, settings.chunk)[dist.rank :: dist.world]
+    todo = [c for c in mine if not done.issuperset(c)]
     if done and dist.is_main:
         log(f"resuming: {len(done)} of {settings.n} samples already written")
     vae = load_vae(vae_id)[0].to(dist.device)
@@ -110,14 +173,11 @@ def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dis
     bar = tqdm(total=settings.n, initial=len(done), unit="img", desc="sample", dynamic_ncols=True,
                disable=not (progress and dist.is_main))
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            seeds = [sample_seed(settings.seed, i) for i in batch]
-            x = integrate(model, settings, seeds, labels[batch], dist.device)
-            images = decode_latents(vae, x[:, : cfg.latent_channels].float()).numpy()
-            part.append({"index": np.array(batch), "images": images, "labels": labels[batch].numpy(),
-                         "seeds": np.array(seeds)})
-            bar.update(len(batch) * dist.world)
+        with deterministic_kernels():
+            for chunks in passes_of(todo, batch_size, settings.chunk):
+                part.append(_concat([sample_chunk(model, vae, settings, c, labels, dist.device, path)
+                                     for c in chunks]))
+                bar.update(sum(map(len, chunks)) * dist.world)
     finally:
         part.close()
         bar.close()
@@ -125,7 +185,7 @@ def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dis
     if dist.is_main:
         merge(out, settings.n, resolution, run_id, attrs)
     barrier()
-    return SampleSummary(out, settings.n, len(todo), time.time() - started)
+    return SampleSummary(out, settings.n, sum(map(len, todo)), time.time() - started)
 
 
 def write_grid(out: Path, png: Path, count: int = 64, columns: int = 8) -> Path:

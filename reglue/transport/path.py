@@ -42,6 +42,17 @@ class Path:
         c = self.coefficients(_expand(t, x0))
         return c.d_alpha * x0 + c.d_sigma * noise
 
+    def score_from_velocity(self, v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Score grad log p_t(x) of state x with predicted velocity v at one time t (SiT's conversion).
+
+        With r = alpha / d_alpha: score = (r v - x) / (sigma^2 - r d_sigma sigma); for the linear path
+        (-(1 - t) v - x) / t. Defined for 0 < t <= 1 (the samplers never evaluate it at t = 0).
+        """
+        c = self.coefficients(torch.tensor(float(t), dtype=torch.float64))
+        ratio = c.alpha / c.d_alpha
+        variance = c.sigma**2 - ratio * c.d_sigma * c.sigma
+        return (float(ratio) * v - x) / float(variance)
+
 
 class LinearPath(Path):
     """alpha = 1 - t, sigma = t: the REPA/REG/REGLUE default; v = eps - x0."""

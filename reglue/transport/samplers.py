@@ -1,16 +1,18 @@
 """Integrators of the joint state (x: latents + semantics, cls) from t = TIME_NOISE to t = TIME_DATA.
 
 Kept apart from the model, as SiT keeps its integrators: a sampler sees only a velocity function
-``velocity(x, cls, t, y) -> (v, cls_v)``. All states are float64; the model runs in its own dtype.
+``velocity(x, cls, t, y, final=False) -> (v, cls_v)``. All states are float64; the model runs in its own dtype.
 
-- SDE (the reference sampler, method.md section 6): Euler-Maruyama with diffusion w(t) = 2t on the grid
-  linspace(1, 0.04, steps) followed by 0; the score follows from the velocity of the linear path,
-  s = (-(1 - t) v - x) / t; drift d = v - w/2 s; x <- x + d dt + sqrt(w |dt|) xi; the last step is
-  deterministic (no noise).
+- SDE (the reference sampler, docs/sample.md): Euler-Maruyama with diffusion w(t) = 2t on the grid
+  linspace(1, 0.04, steps) followed by 0; the score follows from the velocity through the interpolant path
+  the model was trained with (linear: s = (-(1 - t) v - x) / t); drift d = v - w/2 s;
+  x <- x + d dt + sqrt(w |dt|) xi; the last step is deterministic (no noise).
 - ODE: Euler (x <- x + v dt) or Heun (trapezoid with an Euler predictor) on the same grid.
 
 Classifier-free guidance acts on velocities: since the drift is affine in v with the same x for both
-halves, guiding the velocity and guiding the drift are the same thing.
+halves (and the guidance weights sum to 1), guiding the velocity and guiding the drift are the same thing.
+The batch a velocity function receives is evaluated in one model call: callers that promise
+batch-independent results (reglue.sampling) hand it the same fixed group of samples whatever the batch size.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from reglue.constants import CFG_CHANNEL_SETS, LATENT_CHANNELS, NULL_CLASS, TIME_DATA, TIME_NOISE
+from reglue.constants import CFG_CHANNEL_SETS, LATENT_CHANNELS, TIME_DATA, TIME_NOISE
+from reglue.transport.path import LinearPath, Path
 
 SAMPLERS = ("sde", "ode-euler", "ode-heun")
 SDE_LAST_TIME = 0.04  # the reference's grid ends at 0.04, then one deterministic step to 0
@@ -33,11 +36,6 @@ def time_grid(steps: int) -> torch.Tensor:
     body = torch.linspace(TIME_NOISE, SDE_LAST_TIME, steps, dtype=torch.float64) if steps > 1 else \
         torch.tensor([TIME_NOISE], dtype=torch.float64)
     return torch.cat([body, torch.tensor([TIME_DATA], dtype=torch.float64)])
-
-
-def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
-    """Score of the linear path: (-(1 - t) v - x) / t."""
-    return (-(1.0 - t) * v - x) / t
 
 
 def diffusion_coefficient(t: float) -> float:
@@ -55,6 +53,7 @@ class Guidance:
     channels: str = "all"  # "all" (REGLUE's choice) or "latents" (the VAE channels only)
     latent_channels: int = LATENT_CHANNELS
     reference_vae_cfg: bool = False  # reproduce the reference's --vae_cfg: d_c + s (d_c - d_u) on the latents
+    # (on the loop steps only: its last, deterministic step uses the standard formula on every channel)
 
     def __post_init__(self):
         low, high = self.interval
@@ -67,6 +66,13 @@ class Guidance:
     def effective_cls_scale(self) -> float:
         """The [CLS] scale in force."""
         return self.scale if self.cls_scale is None else self.cls_scale
+
+    def final_step(self) -> "Guidance":
+        """The guidance of the SDE's last, deterministic step: the reference's --vae_cfg switches to standard CFG
+        on every channel there (its euler_maruyama_sampler's final step has no --vae_cfg branch)."""
+        if not self.reference_vae_cfg:
+            return self
+        return Guidance(self.scale, self.cls_scale, self.interval, "all", self.latent_channels)
 
     def active(self, t: float) -> bool:
         """True when an unconditional pass is needed at time t (a scale differs from 1 and t is in the interval)."""
@@ -92,50 +98,31 @@ class Guidance:
         return uncond + self.effective_cls_scale * (cond - uncond)
 
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor | None, float, torch.Tensor], tuple]
+VelocityFn = Callable[..., tuple]
 
 
-def evaluate_in_chunks(model, x, t: float, y, cls, chunk: int | None):
-    """Model velocities for a batch, computed ``chunk`` rows at a time with the last chunk padded.
-
-    Matrix kernels pick their algorithm by the number of rows, so a row's result can change in the last bit
-    with the batch it is computed in. Evaluating every row in calls of exactly ``chunk`` rows makes each
-    sample's result independent of the batch size and of the number of processes.
-    """
+def model_velocity(model, x: torch.Tensor, t: float, y: torch.Tensor, cls: torch.Tensor | None) -> tuple:
+    """(v, cls_v) in float64 from one model call on the whole batch, inputs cast to the model's dtype."""
     dtype = next(model.parameters()).dtype
-    n = x.shape[0]
-    size = chunk or n
-    pad = (-n) % size
-    if pad:
-        x, y = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]), torch.cat([y, y[-1:].expand(pad)])
-        cls = None if cls is None else torch.cat([cls, cls[-1:].expand(pad, *cls.shape[1:])])
-    vs, cls_vs = [], []
-    for start in range(0, x.shape[0], size):
-        part = slice(start, start + size)
-        time = torch.full((size,), t, device=x.device, dtype=dtype)
-        out = model(x[part].to(dtype), time, y[part], cls=None if cls is None else cls[part].to(dtype),
-                    return_projections=False)
-        vs.append(out.velocity.double())
-        cls_vs.append(None if out.cls_velocity is None else out.cls_velocity.double())
-    v = torch.cat(vs)[:n]
-    return v, (None if cls_vs[0] is None else torch.cat(cls_vs)[:n])
+    time = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
+    out = model(x.to(dtype), time, y, cls=None if cls is None else cls.to(dtype), return_projections=False)
+    return out.velocity.double(), None if out.cls_velocity is None else out.cls_velocity.double()
 
 
-def guided_velocity(model, guidance: Guidance, chunk: int | None = None) -> VelocityFn:
-    """A velocity function over ``model``: one conditional pass, or a doubled batch with the null label inside the
-    guidance interval (the same noisy x and cls go to both halves). ``chunk``: see evaluate_in_chunks."""
+def guided_velocity(model, guidance: Guidance) -> VelocityFn:
+    """A velocity function over ``model``: one conditional pass, or a doubled batch (conditional rows, then the
+    same noisy x and cls with the model's null class) inside the guidance interval. ``final=True`` asks for the
+    last deterministic SDE step's guidance (Guidance.final_step)."""
 
-    def velocity(x, cls, t, y):
-        guided = guidance.active(t)
-        if guided:
-            x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
-            cls = None if cls is None else torch.cat([cls, cls])
-        v, cls_v = evaluate_in_chunks(model, x, t, y, cls, chunk)
-        if not guided:
-            return v, cls_v
+    def velocity(x, cls, t, y, final: bool = False):
+        rule = guidance.final_step() if final else guidance
+        if not rule.active(t):
+            return model_velocity(model, x, t, y, cls)
+        x2, y2 = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.null_class)])
+        v, cls_v = model_velocity(model, x2, t, y2, None if cls is None else torch.cat([cls, cls]))
         v_c, v_u = v.chunk(2)
         cls_c, cls_u = (None, None) if cls_v is None else cls_v.chunk(2)
-        return guidance.combine(v_c, v_u), guidance.combine_cls(cls_c, cls_u)
+        return rule.combine(v_c, v_u), rule.combine_cls(cls_c, cls_u)
 
     return velocity
 
@@ -145,16 +132,19 @@ def _add(state, delta, dt):
 
 
 @torch.no_grad()
-def sample_sde(velocity: VelocityFn, x, cls, y, grid: torch.Tensor, noise: Callable[[int], tuple]):
-    """Euler-Maruyama on ``grid``; ``noise(i)`` gives (xi, cls_xi) for step i. Returns the final (x, cls) in float64."""
+def sample_sde(velocity: VelocityFn, x, cls, y, grid: torch.Tensor, noise: Callable[[int], tuple],
+               path: Path = LinearPath()):
+    """Euler-Maruyama on ``grid`` for a model trained on ``path``; ``noise(i)`` gives (xi, cls_xi) for step i.
+
+    Returns the final (x, cls) in float64."""
     x, cls = x.double(), None if cls is None else cls.double()
     last = len(grid) - 2
     for i in range(len(grid) - 1):
         t, dt = float(grid[i]), float(grid[i + 1] - grid[i])
-        v, cls_v = velocity(x, cls, t, y)
+        v, cls_v = velocity(x, cls, t, y, final=i == last)
         w = diffusion_coefficient(t)
-        d = v - 0.5 * w * score_from_velocity(v, x, t)
-        cls_d = None if cls is None else cls_v - 0.5 * w * score_from_velocity(cls_v, cls, t)
+        d = v - 0.5 * w * path.score_from_velocity(v, x, t)
+        cls_d = None if cls is None else cls_v - 0.5 * w * path.score_from_velocity(cls_v, cls, t)
         x_next, cls_next = x + d * dt, _add(cls, cls_d, dt)
         if i < last:
             xi, cls_xi = noise(i)
