@@ -34,7 +34,7 @@ SUBSTITUTIONS = (  # (as written in the README, as run here): each must occur in
 SCALE = {  # appended to each command of the recipe: the size of the run, nothing else
     "encode": ["--batch-size", "4", "--workers", "0", "--quiet"],
     "train": ["--max-steps", "2", "--global-batch", "4", "--workers", "0", "--quiet"],
-    "sample": ["--steps", "4", "--batch-size", "2", "--quiet"],
+    "sample": ["--steps", "4", "--chunk", "2", "--quiet"],  # 2 chunks of 2: each process samples one
     "eval": ["--quiet"],
     "compare": [],
 }

@@ -507,6 +507,9 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys):
         (["--ckpt", str(ckpt), "--n", "3", "--out", str(tmp_path / "taken"), "--vae", "tiny", "--steps", "2"],
          "holds samples of another run"),
         (["--ckpt", str(ckpt), "--balanced", "--n", "7", *base], "divisible"),
+        (["--ckpt", str(ckpt), "--cfg-channels", "latents", "--reference-vae-cfg", "--sampler", "ode-heun", *base],
+         "use it with --sampler sde"),
+        (["--ckpt", str(ckpt), "--chunk", "0", *base], "--chunk"),
     ]
     for argv, message in cases:
         code = main(["sample", *argv])
