@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from reglue.constants import LATENT_CHANNELS
-from reglue.fileio import atomic_path
+from reglue.fileio import atomic_path, save_torch
 from reglue.models import ConfigError, SemanticCompressor, SiT, build
 
 FORMAT = "reglue-checkpoint"
@@ -108,7 +108,7 @@ def save_checkpoint(path, *, config: dict, step: int, model, ema=None, optimizer
                **{k: None if v is None else v.state_dict() for k, v in parts.items()},
                "data_state": data_state, "rng": rng, "extra": extra or {}}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        save_torch(payload, tmp, path)
     return Path(path)
 
 
@@ -346,7 +346,7 @@ def save_compressor(path, compressor: SemanticCompressor, mean, std, vfm: str, l
                "state_dict": compressor.state_dict(), "mean": mean.detach().float().cpu(),
                "std": std.detach().float().cpu(), "vfm": vfm, "layers": [int(v) for v in layers]}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        save_torch(payload, tmp, path)
     return Path(path)
 
 

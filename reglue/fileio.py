@@ -1,32 +1,184 @@
-"""Atomic file writes: write beside the target, fsync, then rename over it. A reader never sees half a file."""
+"""Atomic file writes and write errors: write beside the target, fsync, then rename over it, so a reader never sees
+half a file; a failed write (a full disk) becomes one OutputError naming the user's path and the cause."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+TEMP_SUFFIX = ".tmp"
+
+
+class OutputError(OSError):
+    """An output could not be written: ``filename`` is the path the user gave, ``strerror`` the cause."""
+
+
+_HDF5_CAUSE = re.compile(r"errno = (\d+), error message = '([^']+)'")
+
+
+def output_error(path, exc: BaseException) -> OutputError:
+    """OutputError naming ``path`` with the operating system's reason inside ``exc`` (h5py, torch.save, open ...)."""
+    if isinstance(exc, OutputError):
+        return OutputError(exc.errno, exc.strerror, str(path))
+    code, reason = getattr(exc, "errno", None), getattr(exc, "strerror", None)
+    match = _HDF5_CAUSE.search(str(exc))  # h5py reports the driver's errno inside its message
+    if match:
+        code = int(match.group(1))
+    if code:
+        reason = os.strerror(code)  # one spelling whatever layer reported it ("No space left on device")
+    if reason is None:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "unexpected pos" in reason or "write failed" in reason:  # torch.save's zip writer on a full disk
+            reason = f"write failed ({reason})"
+    return OutputError(code or errno.EIO, f"cannot write: {reason}", str(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary siblings ``.NAME.PID.*.tmp`` of ``path`` left by processes that no longer run."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[^/]*" + re.escape(TEMP_SUFFIX) + "$")
+    removed = []
+    if path.parent.is_dir():
+        for sibling in path.parent.iterdir():
+            match = pattern.match(sibling.name)
+            if match and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    sibling.unlink()
+                    removed.append(sibling)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's directory; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path in the target's directory; on success it replaces ``path``, on error it is removed.
+
+    Temporaries of killed processes (same target, dead pid in the name) are swept first. A write error (full
+    disk) is raised as OutputError naming ``path``, not the temporary file.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)) and _is_write_failure(exc):
+            raise output_error(path, exc) from None
         raise
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """True for the errors a full disk (or a file size limit, or an unwritable device) produces."""
+    if isinstance(exc, OutputError):
+        return True
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS):
+        return True
+    text = str(exc)
+    return bool(_HDF5_CAUSE.search(text)) or any(t in text for t in ("unexpected pos", "write failed",
+                                                                      "failed writing"))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def abandon_h5(file) -> None:
+    """Close an h5py file after a failed write without touching the disk again.
+
+    HDF5 retries the failed writes when the file is closed and again at interpreter exit, where it can crash
+    the process (exit 139, after 'Exception ignored' noise). Pointing its file descriptor at /dev/null first lets
+    it close cleanly and leaves the file on disk exactly as the last successful flush wrote it.
+    """
+    if not file.id.valid:
+        return
+    with contextlib.suppress(Exception):
+        handle = file.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, handle)
+        os.close(null)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda *args: None
+    try:
+        with contextlib.suppress(Exception):
+            file.close()
+    finally:
+        sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def new_h5(path: str | os.PathLike, display: str | os.PathLike | None = None):
+    """A new HDF5 file open for writing; a failed write abandons it (abandon_h5) and raises OutputError naming
+    ``display`` (default ``path``)."""
+    import h5py
+
+    try:
+        file = h5py.File(path, "w")
+    except (OSError, RuntimeError) as exc:
+        raise output_error(display or path, exc) from None
+    try:
+        yield file
+        file.close()
+    except (OSError, RuntimeError) as exc:
+        abandon_h5(file)
+        if isinstance(exc, OutputError) or _is_write_failure(exc):
+            raise output_error(display or path, exc) from None
+        raise
+    except BaseException:
+        abandon_h5(file)
+        raise
+
+
+class _RecordingWriter:
+    """A file for torch.save that remembers the operating system's error (torch reports only 'unexpected pos')."""
+
+    def __init__(self, path):
+        self.file, self.error = open(path, "wb"), None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_torch(payload, path: str | os.PathLike, display: str | os.PathLike | None = None) -> None:
+    """torch.save ``payload`` to ``path``; a failed write raises OutputError naming ``display`` and the real cause."""
+    import torch
+
+    writer = _RecordingWriter(path)
+    try:
+        torch.save(payload, writer)
+        writer.file.close()
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            writer.file.close()
+        if writer.error is None and not _is_write_failure(exc):
+            raise
+        raise output_error(display or path, writer.error or exc) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -79,6 +80,9 @@ def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, r
       torchrun --nproc_per_node 8 -m reglue_cli sample --ckpt runs/b2/checkpoints/0400000.pt \\
           --out samples/b2 --num-samples 50000
     """
+    for flag, value in (("--cfg", cfg), ("--cls-cfg", cls_cfg)):
+        if value is not None and not math.isfinite(value):
+            fail(f"{flag} {value}: a guidance scale must be a finite number")
     low_high = parse_interval(interval)
     if reference_vae_cfg and cfg_channels != "latents":
         fail("--reference-vae-cfg only applies with --cfg-channels latents")

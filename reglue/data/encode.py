@@ -23,6 +23,7 @@ from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import ImageSource
 from reglue.data.append import ATTR_WRITTEN
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
+from reglue.fileio import new_h5
 from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import posterior_moments
 
@@ -221,7 +222,7 @@ def merge_parts(parts: list[Path], out: Path) -> None:
     attrs, layout = dict(infos[0][0]), infos[0][1]
     counts = [info[1][fmt.LABELS][0][0] for info in infos]
     tmp = partial_path(out)
-    with h5py.File(tmp, "w") as dst:
+    with new_h5(tmp, out) as dst:
         for name, (shape, dtype, chunks) in layout.items():
             rows = shape[0] if name == fmt.CLASS_NAMES else sum(counts)
             dst.create_dataset(name, (rows, *shape[1:]), dtype, chunks=chunks, maxshape=(None, *shape[1:]))

@@ -35,7 +35,7 @@ class EncodedWriter:
             columns[fmt.MOMENTS_FLIP] = (tuple(moments_shape), moments_dtype, 1)
         self.out = AppendFile(partial_path(path), run_id, columns, {
             **attrs, fmt.ATTR_POSITION: 0, fmt.ATTR_COMPLETE: False, "format": fmt.FORMAT,
-            "version": fmt.FORMAT_VERSION})
+            "version": fmt.FORMAT_VERSION}, display=self.path)
         if fmt.CLASS_NAMES not in self.out.file:
             self.out.file.create_dataset(fmt.CLASS_NAMES, data=np.array(list(class_names), dtype=object),
                                          dtype=h5py.string_dtype())

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from reglue.data.append import ATTR_RUN_ID, AppendFile
-from reglue.fileio import atomic_path
+from reglue.fileio import atomic_path, new_h5
 
 SAMPLES_H5 = "samples.h5"
 SAMPLES_NPZ = "samples.npz"
@@ -85,14 +85,14 @@ def done_indices(out: Path, run_id: str) -> set[int]:
 def open_part(out: Path, rank: int, world: int, run_id: str, resolution: int) -> AppendFile:
     """This process's part file (resumed when it exists for the same run)."""
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    return AppendFile(out / PARTS / f"rank{rank}of{world}.h5", run_id, part_columns(resolution))
+    return AppendFile(out / PARTS / f"rank{rank}of{world}.h5", run_id, part_columns(resolution), display=out)
 
 
 def merge(out: Path, n: int, resolution: int, run_id: str, attrs: dict) -> Path:
     """Gather every part into samples.h5 (rows by index), then stream samples.npz; remove the parts."""
     parts = sorted((out / PARTS).glob("*.h5"))
     with atomic_path(out / SAMPLES_H5) as tmp:
-        with h5py.File(tmp, "w") as dst:
+        with new_h5(tmp, out / SAMPLES_H5) as dst:
             images = dst.create_dataset("images", (n, resolution, resolution, 3), np.uint8,
                                         chunks=(1, resolution, resolution, 3))
             labels = dst.create_dataset("labels", (n,), np.int64)

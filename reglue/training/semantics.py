@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from reglue.distributed import barrier
 from reglue.encoders.vfm import VisionFoundationModel
-from reglue.fileio import atomic_path
+from reglue.fileio import atomic_path, save_torch
 from reglue.models.compressor import SemanticCompressor
 
 
@@ -117,7 +117,7 @@ def pca_basis(path: Path, fit: Callable[[], torch.Tensor], is_main: bool) -> tor
     """ReDi's basis from the run's ``path``; the main process fits and writes it first, so all ranks share one."""
     if is_main and not path.exists():
         with atomic_path(path) as tmp:
-            torch.save({"basis": fit().cpu(), "fit_images": PCA_FIT_IMAGES}, tmp)
+            save_torch({"basis": fit().cpu(), "fit_images": PCA_FIT_IMAGES}, tmp, path)
     barrier()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["basis"]

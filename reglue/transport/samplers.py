@@ -17,6 +17,7 @@ batch-independent results (reglue.sampling) hand it the same fixed group of samp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +57,8 @@ class Guidance:
     # (on the loop steps only: its last, deterministic step uses the standard formula on every channel)
 
     def __post_init__(self):
+        if not all(math.isfinite(v) for v in (self.scale, self.effective_cls_scale)):
+            raise ValueError(f"guidance scales must be finite, got {self.scale}, {self.cls_scale}")
         low, high = self.interval
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance interval {low},{high} must satisfy 0 <= LOW <= HIGH <= 1")
