@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +45,8 @@ class EvalOptions:
 class FeatureSink:
     """Collects pool and logits in memory, statistics in float64, and optionally every feature in HDF5."""
 
-    def __init__(self, n: int, path: str | None = None):
+    def __init__(self, n: int, path: str | None = None, display: str | None = None):
+        self.display = display or path  # the path named in errors (the user's --features, not its temporary)
         self.pool, self.logits = np.zeros((n, POOL_DIM), np.float32), np.zeros((n, LOGITS_DIM), np.float32)
         self.pool_stats, self.spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
         self.h5 = None
@@ -61,13 +64,28 @@ class FeatureSink:
         self.pool_stats.update(features.pool)
         self.spatial_stats.update(features.spatial)
         if self.h5 is not None:
-            for name in ("pool", "spatial", "logits"):
-                self.h5[name][start:end] = getattr(features, name).cpu().numpy()
+            try:
+                for name in ("pool", "spatial", "logits"):
+                    self.h5[name][start:end] = getattr(features, name).cpu().numpy()
+            except (OSError, RuntimeError) as exc:
+                raise write_error(self.display, exc) from None
 
     def close(self) -> None:
         """Finish the HDF5 file, if any (evaluate() adds the results as attributes afterwards)."""
         if self.h5 is not None:
             self.h5.close()
+
+
+_HDF5_CAUSE = re.compile(r"errno = (\d+), error message = '([^']+)'")
+
+
+def write_error(path, exc: BaseException) -> OSError:
+    """One OSError naming ``path`` and the operating system's cause of a failed write (h5py hides it in text)."""
+    code = getattr(exc, "errno", None)
+    match = _HDF5_CAUSE.search(str(exc))
+    code = int(match.group(1)) if match else code
+    reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
+    return OSError(code or errno.EIO, f"cannot write: {reason}", str(path))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -115,7 +133,7 @@ def extract(images, extractor: InceptionFeatures, options: EvalOptions, desc: st
     n = len(images)
     bounds = [n * r // world for r in range(world + 1)]
     start, stop = bounds[rank], bounds[rank + 1]
-    sink = FeatureSink(stop - start, features_out if world == 1 else None)
+    sink = FeatureSink(stop - start, features_out if world == 1 else None, options.features_out)
     device = next(extractor.parameters()).device
     row = 0
     with tqdm(total=n, desc=desc, unit="img", disable=not (options.progress and rank == 0), dynamic_ncols=True) as bar:
@@ -181,7 +199,27 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
     extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_sha = file_sha256(ref_path)
     ref_pool, ref_stats, stats_origin = reference_features(ref_path, ref_sha, extractor, options)
-    pool, logits, pool_stats, spatial_stats = extract(images, extractor, options, "samples", options.features_out)
+    partial = features_partial(options.features_out) if options.features_out else None
+    try:  # --features is written beside its old copy and renamed when complete: a failed run keeps a good old one
+        result = _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options,
+                        partial, started)
+    finally:
+        if partial is not None and partial.exists():
+            partial.unlink()
+    return result
+
+
+def features_partial(path) -> Path:
+    """Where ``--features PATH`` is written until it is complete (same directory, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options, partial,
+           started) -> dict:
+    """Sample features, then every metric (rank 0); the features file, when asked, is renamed into place last."""
+    pool, logits, pool_stats, spatial_stats = extract(images, extractor, options, "samples",
+                                                      None if partial is None else str(partial))
     if _rank_world()[0] != 0:
         return {}  # under torchrun, rank 0 scores what every rank extracted
     _warn_about(len(images), _labels_of(samples))
@@ -212,11 +250,12 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
     if "fd_dinov2" in options.families:
         result.setdefault("families", {})["dinov2"] = fd_dinov2(images, ref_path, options)
     result["seconds"] = time.time() - started
-    if options.features_out:
+    if partial is not None and partial.exists():
         import h5py
 
-        with h5py.File(options.features_out, "a") as f:
+        with h5py.File(partial, "a") as f:
             f.attrs.update({k: str(v) for k, v in result.items()})
+        os.replace(partial, options.features_out)
     return result
 
 
