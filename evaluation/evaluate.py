@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from evaluation.fid import frechet_distance
+from evaluation.fileio import write_error
 from evaluation.images import file_sha256, open_images
 from evaluation.inception import InceptionFeatures
 from evaluation.inception_score import IS_SPLIT, inception_score
@@ -74,18 +73,6 @@ class FeatureSink:
         """Finish the HDF5 file, if any (evaluate() adds the results as attributes afterwards)."""
         if self.h5 is not None:
             self.h5.close()
-
-
-_HDF5_CAUSE = re.compile(r"errno = (\d+), error message = '([^']+)'")
-
-
-def write_error(path, exc: BaseException) -> OSError:
-    """One OSError naming ``path`` and the operating system's cause of a failed write (h5py hides it in text)."""
-    code = getattr(exc, "errno", None)
-    match = _HDF5_CAUSE.search(str(exc))
-    code = int(match.group(1)) if match else code
-    reason = os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
-    return OSError(code or errno.EIO, f"cannot write: {reason}", str(path))
 
 
 def _rank_world() -> tuple[int, int]:

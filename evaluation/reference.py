@@ -90,6 +90,7 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
     import torch
     from tqdm import tqdm
 
+    from evaluation.fileio import write_error
     from evaluation.stats import RunningStats
 
     out = Path(out)
@@ -115,9 +116,15 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
                 yield batch[rows]
 
     tmp = out.with_name(out.name + ".partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_npz_member(zf, "arr_0", (len(keep), *images.shape[1:]), subset_blocks())
-        for name, value in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
-            _write_npz_member(zf, name, value)
-    tmp.replace(out)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            _write_npz_member(zf, "arr_0", (len(keep), *images.shape[1:]), subset_blocks())
+            for name, value in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
+                _write_npz_member(zf, name, value)
+        tmp.replace(out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(out, exc) from None
+        raise
     return {"n": n, "subset": len(keep), "out": str(out)}

@@ -192,3 +192,23 @@ def test_non_finite_guidance_is_refused(tmp_path, value):
         result = reglue("sample", "--ckpt", ckpt, "--out", tmp_path / "s", "--n", "2", "--vae", "tiny", flag, value)
         assert_one_line(result, flag)
         assert not (tmp_path / "s").exists()
+
+
+def test_make_ref_on_a_full_disk_stops_with_one_line_and_reruns_exactly(tmp_path):
+    from PIL import Image
+
+    from evaluation.inception import random_weights_file
+
+    weights = random_weights_file()
+    rng = np.random.default_rng(3)
+    (tmp_path / "imgs/a").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"imgs/a/{i}.png")
+    args = ["eval", "--make-ref", tmp_path / "imgs", "--resolution", "32", "--inception-weights", weights, "--quiet"]
+    assert reglue(*args, "--out", tmp_path / "straight.npz").returncode == 0
+    out = tmp_path / "ref.npz"
+    full = reglue(*args, "--out", out, limit=1_000_000)  # sigma alone is 32 MB
+    assert_one_line(full, out, "File too large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "straight.npz"]  # no ref.npz, no partial
+    assert reglue(*args, "--out", out).returncode == 0
+    assert out.read_bytes() == (tmp_path / "straight.npz").read_bytes()
