@@ -78,3 +78,21 @@ def shutdown() -> None:
     """Leave the process group if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device_problem(spec: str | None) -> str | None:
+    """Why ``spec`` (cpu, cuda, cuda:1 ...) cannot be used on this machine, or None when it can."""
+    if spec is None:
+        return None
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        return f"{spec!r} is not a device; use cpu, cuda or cuda:N"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{spec!r}: no CUDA GPU is visible here (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    elif device.type != "cpu":
+        return f"{spec!r}: this build of reglue runs on cpu or cuda"
+    return None

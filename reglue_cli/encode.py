@@ -11,7 +11,7 @@ from reglue.data.sources import SourceError, open_source
 from reglue.distributed import from_main, init_distributed, shutdown
 from reglue.encoders.loading import ModelLoadError
 from reglue.encoders.vae import DEFAULT_VAE, VAE_ENV, load_vae
-from reglue_cli.errors import fail
+from reglue_cli.errors import check_device, fail
 
 
 def _summary_line(summary, source_size: int) -> str:
@@ -41,7 +41,7 @@ def _summary_line(summary, source_size: int) -> str:
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Write data-00000.h5, data-00001.h5 ... holding this many source images each.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made from another source or with other options.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available]")
+@click.option("--device", default=None, callback=check_device, help="cpu, cuda, cuda:1 ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch_size, workers, shard_size,
            overwrite, device, quiet) -> None:

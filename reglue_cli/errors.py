@@ -27,3 +27,13 @@ def report(command: str | None, message: str, code: int = EXIT_USAGE) -> int:
     sys.stderr.write(f"{where}: error: {first}\n")  # one write: lines of several torchrun ranks do not interleave
     sys.stderr.flush()
     return code
+
+
+def check_device(ctx, param, value):
+    """Click callback for --device: one line naming the problem when the device cannot be used here."""
+    from reglue.distributed import device_problem
+
+    problem = device_problem(value)
+    if problem:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value

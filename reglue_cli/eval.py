@@ -20,7 +20,7 @@ from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import SourceError, open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
-from reglue_cli.errors import fail
+from reglue_cli.errors import check_device, fail
 
 ROWS = (("FID", "fid", "{:.4f}"), ("sFID", "sfid", "{:.4f}"), ("Inception Score", "inception_score", "{:.2f}"),
         ("Precision", "precision", "{:.4f}"), ("Recall", "recall", "{:.4f}"))
@@ -67,7 +67,7 @@ def format_table(result: dict) -> str:
               help="Extra families beside ADM's, reported apart: clean_fid, kid, fd_dinov2 (comma-separated).")
 @click.option("--dinov2-weights", type=click.Path(dir_okay=False),
               help="DINOv2-L/14 weights for fd_dinov2 [default: $REGLUE_DINOV2_WEIGHTS or timm's download].")
-@click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
+@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, make_ref, out,
           resolution, families, dinov2_weights, device, quiet) -> None:

@@ -13,7 +13,7 @@ from reglue.encoders.loading import ModelLoadError
 from reglue.sampling.run import DEFAULT_CHUNK, SampleSettings, sample_to_dir, write_grid
 from reglue.sampling.store import SampleStoreError
 from reglue.transport.samplers import SAMPLERS, Guidance
-from reglue_cli.errors import fail
+from reglue_cli.errors import check_device, fail
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -64,7 +64,7 @@ def parse_interval(text: str) -> tuple[float, float]:
                    "$REGLUE_VAE_DECODER].")
 @click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid of the first 64 samples.")
 @click.option("--overwrite", is_flag=True, help="Replace samples of another run in --out.")
-@click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
+@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, chunk,
            batch_size, balanced, classes, weights, vae, grid, overwrite, device, quiet) -> None:

@@ -18,7 +18,7 @@ from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
 from reglue.training.rundir import RunError
 from reglue.training.semantics import SemanticsError
-from reglue_cli.errors import fail
+from reglue_cli.errors import check_device, fail
 
 # Failures caused by the input (files, models, configs): one line, exit code 2.
 EXPECTED_ERRORS = (CheckpointError, DatasetError, ModelLoadError, RunError, SemanticsError, ConfigError)
@@ -93,7 +93,7 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
 @click.option("--keep-every", type=click.IntRange(min=1), help="Also keep every checkpoint whose step is a multiple of N.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option("--tensorboard", is_flag=True, help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
-@click.option("--device", default=None, help="cpu, cuda ... [default: cuda when available]")
+@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from reglue_cli.main import main
 
@@ -116,3 +117,14 @@ def test_output_directories_are_created_with_their_parents(tmp_path):
     assert RunDir(tmp_path / "runs" / "b2").prepare({"a": 1}, is_main=True) is False
     assert (tmp_path / "runs/b2/config.yaml").exists() and (tmp_path / "runs/b2/checkpoints").is_dir()
     assert check_out_dir(tmp_path / "runs" / "b2" / "samples-400k", "run-id", overwrite=False) is False
+
+
+@pytest.mark.parametrize("command", [["encode", "images", "--out", "x.h5"], ["train", "--preset", "tiny-sit"],
+                                     ["sample", "--ckpt", "x.pt", "--out", "s"], ["eval", "a.npz"]])
+@pytest.mark.parametrize("device", ["bogus", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_an_unusable_device_is_one_line_in_every_command(command, device, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main([*command, "--device", device])
+    err = capsys.readouterr().err
+    assert code == 2 and "--device" in err and repr(device) in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())  # refused before anything is written

@@ -106,3 +106,28 @@ def test_parse_assignment():
     assert presets.parse_assignment("loss.semantic_schedule=[[10, 0.5]]") == ("loss.semantic_schedule", [[10, 0.5]])
     with pytest.raises(PresetError, match="KEY=VALUE"):
         presets.parse_assignment("model.depth")
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("optim.lr=-1", "optim.lr=-1.0: expected a finite number > 0"),
+    ("optim.name=sgd", "optim.name='sgd': expected one of adamw, adam"),
+    ("train.precision=fp8", "train.precision='fp8'"),
+    ("train.global_batch=0", "train.global_batch=0: expected an integer >= 1"),
+    ("train.ckpt_every=0", "train.ckpt_every=0"),
+    ("train.max_steps=null", "train.max_steps=None"),
+    ("loss.semantic_schedule=[[1]]", "loss.semantic_schedule=[[1]]"),
+    ("optim.ema_decay=1.5", "optim.ema_decay=1.5"),
+    ("transport.path=spiral", "transport.path='spiral'"),
+])
+def test_out_of_range_values_are_one_line_at_dry_run(assignment, message, capsys):
+    from reglue_cli.main import main
+
+    code = main(["train", "--preset", "tiny-reglue", "--dry-run", "--set", assignment])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_every_preset_passes_the_range_checks():
+    for name in presets.available():
+        presets.load(name)  # raises on the first value out of range
+    assert presets.load("compressor-tiny")["train"]["max_steps"] is None  # null: the epochs decide

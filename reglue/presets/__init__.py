@@ -110,7 +110,13 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def validate(config: dict) -> dict:
-    """Check the resolved config (the model section must build a ModelConfig)."""
+    """Check the resolved config: the model section builds a ModelConfig, every other value is in range."""
+    from reglue.presets.ranges import check_ranges
+
+    problems = check_ranges(config) if config.get("kind") in ("diffusion", "compressor") else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PresetError(problems[0] + more)
     if config.get("kind") == "diffusion":
         ModelConfig.from_dict(config["model"])
     elif config.get("kind") == "compressor":
