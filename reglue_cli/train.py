@@ -91,6 +91,8 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
               show_default="4 or the CPU count if fewer", help="Data-loading processes per GPU.")
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep.")
 @click.option("--keep-every", type=click.IntRange(min=1), help="Also keep every checkpoint whose step is a multiple of N.")
+@click.option("--allow-other-data", is_flag=True,
+              help="Resume this run on another dataset than the one run/data.yaml records (refused otherwise).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option("--tensorboard", is_flag=True, help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
@@ -98,7 +100,7 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
 def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
-          use_compile, tensorboard, device, quiet, **options) -> None:
+          allow_other_data, use_compile, tensorboard, device, quiet, **options) -> None:
     """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
 
     \b
@@ -124,7 +126,7 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
         fail("--data and --outdir are required to train (or pass --dry-run)")
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
                                keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights, tensorboard=tensorboard,
-                               progress=not quiet, device=device)
+                               progress=not quiet, device=device, allow_other_data=allow_other_data)
     run = train_compressor if config["kind"] == "compressor" else train_diffusion
     try:
         trainer = run(config, run_options)

@@ -212,3 +212,97 @@ def test_make_ref_on_a_full_disk_stops_with_one_line_and_reruns_exactly(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "straight.npz"]  # no ref.npz, no partial
     assert reglue(*args, "--out", out).returncode == 0
     assert out.read_bytes() == (tmp_path / "straight.npz").read_bytes()
+
+
+def _train_args(data, run, *extra):
+    return ["train", "--preset", "tiny-sit", "--data", str(data), "--outdir", str(run), "--workers", "0", "--quiet",
+            "--sample-every", "0", "--set", "train.global_batch=4", "--set", "train.log_every=1", *map(str, extra)]
+
+
+def _main(capsys, *argv):
+    from reglue_cli.main import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(folder, encoded, tmp_path, capsys):
+    other = tmp_path / "other.h5"
+    small = make_folder(tmp_path / "small", per_class=2, seed=5, corrupt=False)
+    assert reglue("encode", small, "--out", other, *ENCODE).returncode == 0
+    run = tmp_path / "run"
+    assert _main(capsys, *_train_args(encoded, run, "--max-steps", "2"))[0] == 0
+    code, err = _main(capsys, *_train_args(other, run, "--max-steps", "3"))
+    assert code == 2 and "pass --allow-other-data" in err and "18 rows" in err and "6 rows" in err, err
+    assert not (run / "checkpoints/0000003.pt").exists()
+    code, err = _main(capsys, *_train_args(other, run, "--max-steps", "3", "--allow-other-data"))
+    assert code == 0, err
+    assert "rows: 6" in (run / "data.yaml").read_text()
+
+
+def test_a_failed_first_launch_leaves_nothing_that_blocks_the_corrected_one(encoded, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = _main(capsys, *_train_args(tmp_path / "typo.h5", run, "--max-steps", "1", "--set", "model.depth=3"))
+    assert code == 2 and "typo.h5" in err
+    assert not (run / "config.yaml").exists() and not (run / "data.yaml").exists()
+    assert _main(capsys, *_train_args(encoded, run, "--max-steps", "1"))[0] == 0  # another config: still fine
+
+
+def test_a_second_train_on_one_run_directory_is_refused_naming_the_first(encoded, tmp_path, capsys):
+    from reglue.locks import directory_lock
+
+    run = tmp_path / "run"
+    with directory_lock(run):  # this process plays the first run
+        second = reglue(*_train_args(encoded, run, "--max-steps", "1"))
+        assert_one_line(second, run, f"pid {os.getpid()}")
+        assert not (run / "config.yaml").exists()
+    assert reglue(*_train_args(encoded, run, "--max-steps", "1")).returncode == 0  # free again: runs
+
+
+def test_steps_after_the_last_checkpoint_are_not_logged_twice(encoded, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _main(capsys, *_train_args(encoded, run, "--max-steps", "4", "--ckpt-every", "2"))[0] == 0
+    (run / "checkpoints/0000004.pt").unlink()  # as if killed after step 4 was logged, before it was saved
+    assert _main(capsys, *_train_args(encoded, run, "--max-steps", "4", "--ckpt-every", "2"))[0] == 0
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_labels_outside_the_model_are_one_line(encoded, tmp_path, capsys):
+    code, err = _main(capsys, *_train_args(encoded, tmp_path / "run", "--max-steps", "1", "--set",
+                                           "model.num_classes=2"))
+    assert code == 2 and "label 2 is outside 0..1" in err and err.count("\n") == 1, err
+
+
+def test_a_checkpoint_of_another_model_in_the_run_directory_is_one_line(encoded, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _main(capsys, *_train_args(encoded, run, "--max-steps", "1"))[0] == 0
+    shutil.copy(_checkpoint(tmp_path), run / "checkpoints/0000005.pt")  # a tiny-reglue checkpoint, newest
+    code, err = _main(capsys, *_train_args(encoded, run, "--max-steps", "6"))
+    assert code == 2 and "0000005.pt: a checkpoint of another model (tiny-reglue" in err and err.count("\n") == 1
+
+
+def test_a_folder_of_undecodable_images_writes_no_dataset(tmp_path):
+    (tmp_path / "bad/a").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / f"bad/a/{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    result = reglue("encode", tmp_path / "bad", "--out", tmp_path / "data.h5", *ENCODE)
+    assert result.returncode == 2 and "none of its 3 images could be decoded" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "data.h5").exists()
+
+
+def test_a_second_encode_or_sample_into_one_output_is_refused(folder, tmp_path, capsys):
+    from reglue.locks import directory_lock, file_lock
+
+    out = tmp_path / "data.h5"
+    with file_lock(out):  # this process plays the first encode
+        code, err = _main(capsys, "encode", str(folder), "--out", str(out), *ENCODE)
+        assert code == 2 and f"{out}: in use by another reglue process (pid {os.getpid()})" in err, err
+    assert not list(tmp_path.iterdir())  # nothing written, not even a partial file
+    ckpt = _checkpoint(tmp_path)
+    with directory_lock(tmp_path / "s"):
+        code, err = _main(capsys, "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), *SAMPLE)
+        assert code == 2 and f"pid {os.getpid()}" in err, err
+    assert _main(capsys, "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), *SAMPLE)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["samples.h5", "samples.npz"]  # lock removed

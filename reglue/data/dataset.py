@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -67,6 +68,7 @@ class EncodedDataset(Dataset):
     def __init__(self, path: str | os.PathLike):
         self.paths = resolve_shards(path)
         infos = [_inspect(p) for p in self.paths]
+        self.content_ids = [str(i["attrs"].get("content_sha256", "")) for i in infos]  # encode's content hashes
         self.offsets = np.cumsum([0] + [i["rows"] for i in infos]).tolist()
         self.attrs = infos[0]["attrs"]
         self.class_names = infos[0]["class_names"]
@@ -74,6 +76,22 @@ class EncodedDataset(Dataset):
         self._handles: dict[int, tuple] = {}
         self._pid: int | None = None
         self._labels = np.concatenate([_read_labels(p) for p in self.paths])
+        if len(self._labels) == 0:
+            raise DatasetError(f"{path}: holds no images (every source image was skipped when it was encoded)")
+
+    def identity(self) -> dict:
+        """What a run directory records of its data: the path, the row count and encode's content hash."""
+        digest = hashlib.sha256("".join(self.content_ids).encode()).hexdigest()
+        return {"path": str(self.paths[0] if len(self.paths) == 1 else self.paths[0].parent), "rows": len(self),
+                "content_sha256": digest}
+
+    def check_labels(self, num_classes: int) -> None:
+        """DatasetError unless every label is in 0..num_classes-1 (the model's label table)."""
+        low, high = int(self._labels.min()), int(self._labels.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise DatasetError(f"{self.paths[0]}: label {bad} is outside 0..{num_classes - 1} "
+                               f"(model.num_classes = {num_classes}); set model.num_classes or fix the labels")
 
     def __len__(self) -> int:
         return self.offsets[-1]

@@ -24,6 +24,7 @@ from reglue.data.sources import ImageSource
 from reglue.data.append import ATTR_WRITTEN
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
 from reglue.fileio import new_h5
+from reglue.locks import file_lock
 from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import posterior_moments
 
@@ -248,8 +249,21 @@ def merge_parts(parts: list[Path], out: Path) -> None:
 def encode_dataset(source: ImageSource, out, vae, vae_info: dict, options: EncodeOptions,
                    dist: DistInfo = DistInfo(), log: Callable[[str], None] = tqdm.write,
                    progress: bool = True) -> EncodeSummary:
-    """Encode ``source`` into ``out`` (or its shards); run the same call again to resume an interrupted run."""
-    out, started = Path(out), time.time()
+    """Encode ``source`` into ``out`` (or its shards); run the same call again to resume an interrupted run.
+
+    One process (rank 0 under torchrun) holds ``out``'s lock meanwhile: a second encode into it is refused."""
+    lock = file_lock(out).acquire() if dist.is_main else None
+    try:
+        return _encode(source, Path(out), vae, vae_info, options, dist, log, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _encode(source: ImageSource, out: Path, vae, vae_info: dict, options: EncodeOptions, dist: DistInfo,
+            log: Callable[[str], None], progress: bool) -> EncodeSummary:
+    """encode_dataset's work, under the lock."""
+    started = time.time()
     units = plan_units(out, len(source), options.shard_size, dist.world)
     identity = identity_attrs(source, vae_info, options)
     finals = [u.path for u in units] if options.shard_size else [out]
@@ -272,6 +286,11 @@ def encode_dataset(source: ImageSource, out, vae, vae_info: dict, options: Encod
     barrier()
     if dist.is_main:
         summary.written, summary.skipped_total = _totals(finals)
+        if summary.written == 0:  # an empty "complete" dataset would only fail later, in train or --make-ref
+            for path in finals:
+                path.unlink(missing_ok=True)
+            raise EncodeError(f"{source.root}: none of its {len(source)} images could be decoded "
+                              f"({summary.skipped_total} skipped); nothing was written")
     summary.seconds = time.time() - started
     return summary
 

@@ -27,7 +27,8 @@ from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
 from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import decode_latents, load_vae
 from reglue.sampling.seeds import SampleNoise, make_labels, sample_seed
-from reglue.sampling.store import SAMPLES_H5, check_out_dir, done_indices, merge, open_part
+from reglue.locks import directory_lock
+from reglue.sampling.store import SAMPLES_H5, SampleStoreError, check_out_dir, done_indices, merge, open_part
 from reglue.transport.path import Path as InterpolantPath, get_path
 from reglue.transport.samplers import SAMPLERS, Guidance, guided_velocity, sample_ode, sample_sde, time_grid
 
@@ -141,9 +142,24 @@ def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dis
     """Write ``settings.n`` samples of ``ckpt`` to ``out``; run again to resume, any process count gives the same.
 
     ``batch_size``: samples per pass on each process, rounded up to whole chunks; it decides how often finished
-    samples are saved, never the pixels (settings.chunk does, see the module docstring).
+    samples are saved, never the pixels (settings.chunk does, see the module docstring). One process (rank 0)
+    holds ``out``'s lock meanwhile: a second sampling run into it is refused.
     """
-    out, started = Path(out), time.time()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SampleStoreError(f"{out}: exists and is not a directory")
+    lock = directory_lock(out).acquire() if dist.is_main else None
+    try:
+        return _sample(ckpt, out, settings, batch_size, dist, overwrite, progress, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample(ckpt, out: Path, settings: SampleSettings, batch_size: int, dist: DistInfo, overwrite: bool,
+            progress: bool, log: Callable[[str], None]) -> SampleSummary:
+    """sample_to_dir's work, under the lock."""
+    started = time.time()
     model, config = load_model(ckpt, ema=settings.weights == "ema")
     model = model.to(dist.device).eval()
     cfg = model.config

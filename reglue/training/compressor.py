@@ -18,7 +18,7 @@ from reglue.encoders.vfm import load_vfm
 from reglue.models import SemanticCompressor
 from reglue.training.diffusion import TrainOptions
 from reglue.training.order import StepSampler, data_position, make_split
-from reglue.training.rundir import RunError, start_run
+from reglue.training.rundir import RunError, check_same_model, start_run
 from reglue.training.semantics import RunningMoments, standardise
 from reglue.training.state import make_optimizer
 
@@ -65,7 +65,16 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
 
 
 def _setup(config: dict, options: TrainOptions):
-    dist, run, dataset = start_run(config, options.outdir, options.data, options.device)
+    dist, run, dataset = start_run(config, options.outdir, options.data, options.device, options.allow_other_data)
+    try:
+        return _build(config, options, dist, run, dataset)
+    except BaseException:
+        run.release()
+        raise
+
+
+def _build(config: dict, options: TrainOptions, dist, run, dataset):
+    """Frozen VFM, compressor and optimiser of a checked run directory."""
     v = config["vfm"]
     vfm = load_vfm(v["name"], v["image_size"], options.vfm_weights).to(dist.device)
     channels = config["compressor"]["channels"]
@@ -79,18 +88,29 @@ def _setup(config: dict, options: TrainOptions):
 
 def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
     """Train the compressor; saves run checkpoints and, at the end, ``outdir/compressor.pt``."""
-    dist, run, dataset, vfm, compressor, optimizer = _setup(config, options)
+    setup = _setup(config, options)
+    try:
+        return _train(config, options, *setup)
+    finally:
+        setup[1].release()
+
+
+def _train(config: dict, options: TrainOptions, dist, run, dataset, vfm, compressor, optimizer) -> CompressorRun:
+    """Norm statistics (or the resumed ones), then the training loop; ``run`` is locked and checked."""
     tc, layers = config["train"], config["vfm"]["layers"]
     step, stats = 0, None
     latest = checkpoints.find_latest_checkpoint(run.checkpoints)
     if latest is not None:
         state = checkpoints.load_checkpoint(latest)
+        check_same_model(latest, state.get("config", {}), config)
         compressor.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoints.restore_rng_state(state["rng"])
         step, stats = int(state["step"]), (state["extra"]["mean"], state["extra"]["std"])
         if dist.is_main:
             run.log(f"resumed from {latest} at step {step}", options.echo)
+    run.begin(config, dataset.identity(), step, dist.is_main)
+    barrier()
     if stats is None:
         stats = norm_statistics(vfm, layers, dataset, config["compressor"]["norm_stats_samples"], tc["seed"], dist,
                                 progress=options.progress)

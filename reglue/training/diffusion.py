@@ -19,7 +19,7 @@ from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.training.order import StepSampler, data_position, make_split, step_noise
-from reglue.training.rundir import RunDir, RunError, start_run
+from reglue.training.rundir import RunDir, RunError, check_same_model, start_run
 from reglue.training.semantics import build_semantic_encoder
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, update_ema
 from reglue.transport import JointLoss, LossWeights, sample_time
@@ -45,6 +45,7 @@ class TrainOptions:
     tensorboard: bool = False
     vfm_weights: str | None = None
     max_nonfinite: int = 10
+    allow_other_data: bool = False  # resume onto a dataset other than the one run/data.yaml records
     progress: bool = True
     device: str | None = None
     echo: Callable[[str], None] = field(default=tqdm.write)
@@ -91,6 +92,7 @@ class Trainer:
         if path is None:
             return
         state = checkpoints.load_checkpoint(path)
+        check_same_model(path, state.get("config", {}), self.config)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -105,7 +107,17 @@ class Trainer:
 
 def build_trainer(config: dict, options: TrainOptions) -> Trainer:
     """Set up (or resume) a run: process group, run directory, model, EMA, optimiser, data, frozen encoders."""
-    dist, run, dataset = start_run(config, options.outdir, options.data, options.device)
+    dist, run, dataset = start_run(config, options.outdir, options.data, options.device, options.allow_other_data)
+    try:
+        return _build(config, options, dist, run, dataset)
+    except BaseException:
+        run.release()
+        raise
+
+
+def _build(config: dict, options: TrainOptions, dist, run, dataset) -> Trainer:
+    """The Trainer of a checked run directory and dataset, resumed; then the run directory is written."""
+    dataset.check_labels(config["model"]["num_classes"])
     model_cfg = config["model"]
     if dataset.resolution // 8 != model_cfg["input_size"]:
         raise RunError(f"{options.data}: {dataset.resolution}px images give {dataset.resolution // 8}x"
@@ -120,6 +132,8 @@ def build_trainer(config: dict, options: TrainOptions) -> Trainer:
         guard=NonFiniteGuard(options.max_nonfinite),
     )
     trainer.resume()
+    run.begin(config, dataset.identity(), trainer.step, dist.is_main)
+    barrier()
     if config["train"]["tf32"] and dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return trainer
@@ -235,6 +249,14 @@ def _sample_grid(trainer: Trainer, vae) -> None:
 def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
     """Train until ``train.max_steps``; run again with the same arguments to resume."""
     trainer = build_trainer(config, options)
+    try:
+        return _train(trainer, config, options)
+    finally:
+        trainer.run.release()
+
+
+def _train(trainer: Trainer, config: dict, options: TrainOptions) -> Trainer:
+    """The training loop proper (see train_diffusion)."""
     tc, model_cfg = trainer.train_cfg, trainer.model.config
     split = make_split(tc["global_batch"], trainer.dist.world, options.batch_gpu)
     loss_fn = JointLoss(LossWeights.from_dict(config["loss"]), config["transport"]["path"],

@@ -45,28 +45,55 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.samples = self.root / "samples"
         self.config_path = self.root / "config.yaml"
+        self.data_path = self.root / "data.yaml"  # the dataset it trains on: path, rows, encode's content hash
         self.metrics_path = self.root / "metrics.jsonl"
         self.log_path = self.root / "log.txt"
 
-    def prepare(self, config: dict, is_main: bool) -> bool:
-        """Create the directory (and its parents) and write config.yaml, or check it against ``config``; True when resuming."""
+    def check(self, config: dict, data: dict, allow_other_data: bool = False) -> bool:
+        """Refuse a directory of another run (config or data differ); reads only. True when resuming."""
         if self.root.exists() and not self.root.is_dir():
             raise RunError(f"{self.root}: exists and is not a directory")
         resuming = self.config_path.exists()
         if resuming:
-            try:
-                old = yaml.safe_load(self.config_path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise RunError(f"{self.config_path}: unreadable ({exc.problem})") from None
+            old = self._read_yaml(self.config_path)
             diff = config_difference(old, config)
             if diff:
                 shown = ", ".join(f"{k} ({_flatten(old).get(k)!r} -> {_flatten(config).get(k)!r})" for k in diff[:3])
                 raise RunError(f"{self.root} holds a run with another config: {shown}; use a new --outdir")
-        if is_main:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            self.samples.mkdir(exist_ok=True)
-            atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
+        if self.data_path.exists() and not allow_other_data:
+            old = self._read_yaml(self.data_path)
+            if (old.get("rows"), old.get("content_sha256")) != (data["rows"], data["content_sha256"]):
+                raise RunError(f"{self.root} trains on {old.get('path')} ({old.get('rows')} rows, content "
+                               f"{str(old.get('content_sha256'))[:12]}), --data is {data['path']} ({data['rows']} rows, "
+                               f"content {data['content_sha256'][:12]}); pass --allow-other-data to go on with it")
         return resuming
+
+    def _read_yaml(self, path: Path) -> dict:
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RunError(f"{path}: unreadable ({exc.problem})") from None
+
+    def begin(self, config: dict, data: dict, step: int, is_main: bool) -> None:
+        """Once every input has been checked and the state resumed: write config.yaml and data.yaml, and cut
+        metrics.jsonl back to ``step`` (steps after the last checkpoint are run again, not logged twice)."""
+        if not is_main:
+            return
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.samples.mkdir(exist_ok=True)
+        atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.data_path, yaml.safe_dump(data, sort_keys=False))
+        if self.metrics_path.exists():
+            lines = self.metrics_path.read_text().splitlines()
+            kept = [line for line in lines if _step_of(line) <= step]
+            if len(kept) != len(lines):
+                atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def release(self) -> None:
+        """Let go of the directory's lock (taken by start_run on rank 0)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     def checkpoint_path(self, step: int) -> Path:
         """checkpoints/NNNNNNN.pt."""
@@ -98,13 +125,38 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
 
-def start_run(config: dict, outdir, data, device: str | None):
-    """Join the process group, prepare the run directory (all ranks wait for rank 0) and open the dataset."""
+def check_same_model(path, saved: dict, config: dict) -> None:
+    """RunError when the checkpoint at ``path`` holds another model than ``config`` builds."""
+    section = "model" if config.get("kind") == "diffusion" else "compressor"
+    if saved.get(section) != config.get(section) or saved.get("kind", config.get("kind")) != config.get("kind"):
+        theirs = saved.get("preset", "another preset")
+        raise RunError(f"{path}: a checkpoint of another model ({theirs}, not {config.get('preset')}); "
+                       "move it out of the run directory or use another --outdir")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def start_run(config: dict, outdir, data, device: str | None, allow_other_data: bool = False):
+    """Join the process group, take the run directory's lock (rank 0), open the dataset and check that the
+    directory holds this run or none. Nothing is written: RunDir.begin does that once the run has started."""
     from reglue.data.dataset import EncodedDataset
-    from reglue.distributed import barrier, init_distributed
+    from reglue.distributed import init_distributed
+    from reglue.locks import directory_lock
 
     dist = init_distributed(device)
     run = RunDir(outdir)
-    run.prepare(config, dist.is_main)
-    barrier()
-    return dist, run, EncodedDataset(data)
+    if run.root.exists() and not run.root.is_dir():
+        raise RunError(f"{run.root}: exists and is not a directory")
+    run.lock = directory_lock(run.root).acquire() if dist.is_main else None  # released by the trainers
+    try:
+        dataset = EncodedDataset(data)
+        run.check(config, dataset.identity(), allow_other_data)
+    except BaseException:
+        run.release()
+        raise
+    return dist, run, dataset

@@ -1,0 +1,73 @@
+"""One process at a time per run directory or output: an advisory lock (fcntl.flock) in a small file beside it.
+
+The kernel releases the lock when its process dies, however it dies, so a lock left by a killed run is simply
+taken over. The file holds the holder's pid, named in the refusal. Under torchrun, rank 0 takes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class LockedError(OSError):
+    """Another live process holds the lock; the message names it and its pid."""
+
+
+class OutputLock:
+    """Hold ``lock_path`` for as long as this object lives (or until ``release``); ``what`` is named in refusals."""
+
+    def __init__(self, lock_path: str | os.PathLike, what: str | os.PathLike):
+        self.path, self.what, self.fd = Path(lock_path), str(what), None
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock, or raise LockedError naming the holder's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise LockedError(11, f"in use by another reglue process (pid {holder}); wait for it to finish or "
+                                      "stop it", self.what) from None
+            if self._still_linked(fd):  # not a file its last holder removed while we were opening it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        """Remove the lock file, then let go (a process that opened the removed file retries on the new one)."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def directory_lock(directory: str | os.PathLike) -> OutputLock:
+    """The lock of a run or output directory: ``DIR/.lock``."""
+    return OutputLock(Path(directory) / ".lock", directory)
+
+
+def file_lock(path: str | os.PathLike) -> OutputLock:
+    """The lock of an output file: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return OutputLock(path.parent / f".{path.name}.lock", path)
