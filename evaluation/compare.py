@@ -46,8 +46,23 @@ def load_baselines(groups: list[str] | None = None) -> list[dict]:
     return [r for r in rows if groups is None or r["group"] in groups]
 
 
+METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+def _check_numbers(path: Path, m: dict) -> None:
+    """CompareError unless every metric present is a number (``fid`` required), and ``sample_info`` a mapping."""
+    for key in METRIC_KEYS:
+        value = m.get(key)
+        if (value is not None or key == "fid") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CompareError(f"{path}: '{key}' is {value!r}, expected a number (a metrics file from `reglue eval "
+                               "--json`)")
+    if not isinstance(m.get("sample_info", {}), dict):
+        raise CompareError(f"{path}: 'sample_info' is not a mapping")
+
+
 def _row_from_metrics(path: Path, label: str) -> dict:
     m = json.loads(path.read_text())
+    _check_numbers(path, m)
     info = m.get("sample_info", {})
     settings = info.get("settings", {})
     guidance = settings.get("guidance", {})

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from evaluation.fid import frechet_distance
 from evaluation.fileio import write_error
-from evaluation.images import file_sha256, open_images
+from evaluation.images import ImageInputError, file_sha256, open_images
 from evaluation.inception import InceptionFeatures
 from evaluation.inception_score import IS_SPLIT, inception_score
 from evaluation.precision_recall import precision_recall
@@ -182,6 +182,8 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
     """
     started = time.time()
     images = open_images(samples)
+    if len(images) < 2:
+        raise ImageInputError(f"{samples}: {len(images)} image(s); the metrics need at least 2 (a covariance)")
     ref_path = resolve_reference(ref)
     extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_sha = file_sha256(ref_path)

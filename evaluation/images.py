@@ -73,8 +73,23 @@ class NpzImages:
         """Stored ``mu, sigma, mu_s, sigma_s`` as float64, or None when the file has none."""
         if "mu" not in self.keys:
             return None
-        with np.load(self.path) as npz:
-            return {k: np.asarray(npz[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in npz.files}
+        shapes = {"mu": (POOL_DIMS,), "sigma": (POOL_DIMS, POOL_DIMS), "mu_s": (SPATIAL_DIMS,),
+                  "sigma_s": (SPATIAL_DIMS, SPATIAL_DIMS)}
+        out = {}
+        with np.load(self.path, allow_pickle=False) as npz:
+            for key in (k for k in shapes if k in npz.files):
+                try:
+                    value = npz[key]
+                except ValueError:  # an object array: np.load refuses to unpickle it
+                    raise ImageInputError(f"{self.path}: '{key}' is an object array, expected float numbers") from None
+                if value.shape != shapes[key] or value.dtype.kind not in "fiu":
+                    raise ImageInputError(f"{self.path}: '{key}' is {value.dtype} {value.shape}, expected float "
+                                          f"{shapes[key]} (ADM's Inception statistics)")
+                out[key] = np.asarray(value, np.float64)
+        return out
+
+
+POOL_DIMS, SPATIAL_DIMS = 2048, 2023  # ADM's pool_3 and the sFID spatial features (mixed_6/conv, first 7 channels)
 
 
 class H5Images:

@@ -94,8 +94,12 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
     from evaluation.stats import RunningStats
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)  # before the features: a bad path fails at once
     n = len(images)
+    if n < 2:
+        from evaluation.images import ImageInputError
+
+        raise ImageInputError(f"{n} image(s): a reference needs at least 2 (its statistics are a covariance)")
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the features: a bad path fails at once
     keep = np.sort(np.random.default_rng(seed).permutation(n)[: min(subset, n)])
     pool, spatial = RunningStats(2048), RunningStats(2023)
     device = next(extractor.parameters()).device

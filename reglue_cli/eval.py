@@ -155,5 +155,8 @@ def _make_reference(source, out, resolution, weights, batch_size, device, quiet)
         extractor = InceptionFeatures(weights, device=device)
     except (ImageInputError, InceptionError, SourceError) as exc:
         fail(str(exc))
-    info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
+    try:
+        info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
+    except ImageInputError as exc:
+        fail(f"{source}: {exc}")
     click.echo(f"reference batch {info['out']}: statistics over {info['n']:,} images, {info['subset']:,} kept as arr_0")

@@ -306,3 +306,48 @@ def test_a_second_encode_or_sample_into_one_output_is_refused(folder, tmp_path, 
         assert code == 2 and f"pid {os.getpid()}" in err, err
     assert _main(capsys, "sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "s"), *SAMPLE)[0] == 0
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["samples.h5", "samples.npz"]  # lock removed
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _one_image_folder(path):
+    from PIL import Image
+
+    (path / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path / "a/0.png")
+    return path
+
+
+def test_eval_inputs_that_cannot_give_metrics_are_one_line(tmp_path, capsys):
+    from evaluation.inception import random_weights_file
+
+    weights = random_weights_file()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    ref = _npz(tmp_path / "ref.npz", arr_0=images)
+    objects = np.empty(2048, dtype=object)
+    objects[:] = [0.0] * 2048
+    cases = [
+        ([_npz(tmp_path / "one.npz", arr_0=images[:1]), "--ref", ref], "1 image(s); the metrics need at least 2"),
+        ([_npz(tmp_path / "none.npz", arr_0=images[:0]), "--ref", ref], "0 image(s)"),
+        ([_npz(tmp_path / "s.npz", arr_0=images), "--ref", _npz(tmp_path / "obj.npz", arr_0=images, mu=objects)],
+         "'mu' is an object array"),
+        ([tmp_path / "s.npz", "--ref", _npz(tmp_path / "bad_mu.npz", arr_0=images, mu=np.zeros(100))],
+         "'mu' is float64 (100,), expected float (2048,)"),
+        (["--make-ref", _one_image_folder(tmp_path / "folder"), "--out", tmp_path / "r.npz", "--resolution", "16"],
+         "a reference needs at least 2"),
+    ]
+    for argv, message in cases:
+        code, err = _main(capsys, "eval", *map(str, argv), "--inception-weights", weights, "--quiet")
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_compare_refuses_a_metrics_file_without_numbers(tmp_path, capsys):
+    import json
+
+    (tmp_path / "m.json").write_text(json.dumps({"fid": "12.9", "sample_info": {}}))
+    code, err = _main(capsys, "compare", str(tmp_path / "m.json"))
+    assert code == 2 and "'fid' is '12.9', expected a number" in err and err.count("\n") == 1, err
