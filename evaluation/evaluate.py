@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from evaluation.fid import frechet_distance
-from evaluation.fileio import write_error
+from evaluation.fileio import abandon_h5, write_error
 from evaluation.images import ImageInputError, file_sha256, open_images
 from evaluation.inception import InceptionFeatures
 from evaluation.inception_score import IS_SPLIT, inception_score
@@ -42,19 +42,32 @@ class EvalOptions:
 
 
 class FeatureSink:
-    """Collects pool and logits in memory, statistics in float64, and optionally every feature in HDF5."""
+    """Collects pool and logits in memory, statistics in float64, and optionally every feature in HDF5.
+
+    The HDF5 file is flushed after every batch, so a failed write (a full disk) raises at once, as one OSError
+    naming ``display`` (the user's --features), and the file is closed as the last flush left it."""
 
     def __init__(self, n: int, path: str | None = None, display: str | None = None):
         self.display = display or path  # the path named in errors (the user's --features, not its temporary)
         self.pool, self.logits = np.zeros((n, POOL_DIM), np.float32), np.zeros((n, LOGITS_DIM), np.float32)
         self.pool_stats, self.spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
-        self.h5 = None
+        self.h5, self.columns = None, {}
         if path:
             import h5py
 
-            self.h5 = h5py.File(path, "w")
-            for name, dim in (("pool", POOL_DIM), ("spatial", SPATIAL_DIM), ("logits", LOGITS_DIM)):
-                self.h5.create_dataset(name, (n, dim), np.float32, chunks=(min(n, 256), dim))
+            try:
+                self.h5 = h5py.File(path, "w")
+                for name, dim in (("pool", POOL_DIM), ("spatial", SPATIAL_DIM), ("logits", LOGITS_DIM)):
+                    self.columns[name] = self.h5.create_dataset(name, (n, dim), np.float32, chunks=(min(n, 256), dim))
+                self.h5.flush()
+            except (OSError, RuntimeError) as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: BaseException):
+        if self.h5 is not None:
+            abandon_h5(self.h5)  # first: dropping the dataset handles would retry their writes
+            self.columns.clear()
+        raise write_error(self.display, exc) from None
 
     def add(self, start: int, features) -> None:
         """Store one batch of Features at rows [start, start + B)."""
@@ -65,14 +78,19 @@ class FeatureSink:
         if self.h5 is not None:
             try:
                 for name in ("pool", "spatial", "logits"):
-                    self.h5[name][start:end] = getattr(features, name).cpu().numpy()
+                    self.columns[name][start:end] = getattr(features, name).cpu().numpy()
+                self.h5.flush()
             except (OSError, RuntimeError) as exc:
-                raise write_error(self.display, exc) from None
+                self._fail(exc)
 
     def close(self) -> None:
         """Finish the HDF5 file, if any (evaluate() adds the results as attributes afterwards)."""
-        if self.h5 is not None:
-            self.h5.close()
+        if self.h5 is not None and self.h5.id.valid:
+            try:
+                self.columns.clear()
+                self.h5.close()
+            except (OSError, RuntimeError) as exc:
+                self._fail(exc)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -240,12 +258,25 @@ def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha
         result.setdefault("families", {})["dinov2"] = fd_dinov2(images, ref_path, options)
     result["seconds"] = time.time() - started
     if partial is not None and partial.exists():
-        import h5py
-
-        with h5py.File(partial, "a") as f:
-            f.attrs.update({k: str(v) for k, v in result.items()})
-        os.replace(partial, options.features_out)
+        _finish_features(partial, options.features_out, result)
     return result
+
+
+def _finish_features(partial: Path, final, result: dict) -> None:
+    """Write the results as attributes of the features file, then rename it into place."""
+    import h5py
+
+    try:
+        f = h5py.File(partial, "a")
+    except (OSError, RuntimeError) as exc:
+        raise write_error(final, exc) from None
+    try:
+        f.attrs.update({k: str(v) for k, v in result.items()})
+        f.close()
+    except (OSError, RuntimeError) as exc:
+        abandon_h5(f)
+        raise write_error(final, exc) from None
+    os.replace(partial, final)
 
 
 def other_families(images, ref_path: Path, extractor: InceptionFeatures, options: EvalOptions) -> dict:

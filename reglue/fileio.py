@@ -7,10 +7,14 @@ import contextlib
 import errno
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from evaluation.fileio import abandon_h5, hdf5_errno
+
+__all__ = ["OutputError", "abandon_h5", "atomic_path", "atomic_write_text", "new_h5", "output_error", "save_torch",
+           "sweep_temps"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -19,17 +23,12 @@ class OutputError(OSError):
     """An output could not be written: ``filename`` is the path the user gave, ``strerror`` the cause."""
 
 
-_HDF5_CAUSE = re.compile(r"errno = (\d+), error message = '([^']+)'")
-
-
 def output_error(path, exc: BaseException) -> OutputError:
     """OutputError naming ``path`` with the operating system's reason inside ``exc`` (h5py, torch.save, open ...)."""
     if isinstance(exc, OutputError):
         return OutputError(exc.errno, exc.strerror, str(path))
     code, reason = getattr(exc, "errno", None), getattr(exc, "strerror", None)
-    match = _HDF5_CAUSE.search(str(exc))  # h5py reports the driver's errno inside its message
-    if match:
-        code = int(match.group(1))
+    code = hdf5_errno(exc) or code  # h5py reports the driver's errno inside its message
     if code:
         reason = os.strerror(code)  # one spelling whatever layer reported it ("No space left on device")
     if reason is None:
@@ -95,7 +94,7 @@ def _is_write_failure(exc: BaseException) -> bool:
     if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS):
         return True
     text = str(exc)
-    return bool(_HDF5_CAUSE.search(text)) or any(t in text for t in ("unexpected pos", "write failed",
+    return hdf5_errno(exc) is not None or any(t in text for t in ("unexpected pos", "write failed",
                                                                       "failed writing"))
 
 
@@ -103,29 +102,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def abandon_h5(file) -> None:
-    """Close an h5py file after a failed write without touching the disk again.
-
-    HDF5 retries the failed writes when the file is closed and again at interpreter exit, where it can crash
-    the process (exit 139, after 'Exception ignored' noise). Pointing its file descriptor at /dev/null first lets
-    it close cleanly and leaves the file on disk exactly as the last successful flush wrote it.
-    """
-    if not file.id.valid:
-        return
-    with contextlib.suppress(Exception):
-        handle = file.id.get_vfd_handle()
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, handle)
-        os.close(null)
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda *args: None
-    try:
-        with contextlib.suppress(Exception):
-            file.close()
-    finally:
-        sys.unraisablehook = hook
 
 
 @contextlib.contextmanager

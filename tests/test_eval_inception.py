@@ -304,39 +304,3 @@ def test_torchrun_two_processes_give_the_same_metrics(weights, tmp_path):
         assert a[key] == pytest.approx(b[key], rel=1e-6)
     assert (a["precision"], a["recall"]) == (b["precision"], b["recall"])
 
-
-def test_a_failed_eval_keeps_an_existing_features_file(weights, tmp_path, capsys, monkeypatch):
-    """--features is written beside the old file and renamed when complete: a run that dies mid-way (here an
-    extractor failing on its second batch) leaves the good old file as it was, and no temporary."""
-    from evaluation import evaluate as evaluate_module
-
-    rng = np.random.default_rng(2)
-    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
-    _npz(tmp_path / "samples.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
-    argv = ["eval", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
-            "--features", str(tmp_path / "features.h5"), "--quiet", "--batch-size", "4"]
-    assert main(argv) == 0, capsys.readouterr().err
-    good = (tmp_path / "features.h5").read_bytes()
-    real, calls = evaluate_module.FeatureSink.add, []
-
-    class FullDisk:  # an HDF5 dataset on a full disk: h5py hides the errno in its message
-        def __getitem__(self, name):
-            return self
-
-        def __setitem__(self, rows, values):
-            raise RuntimeError("Can't write data (file write failed: errno = 28, error message = 'No space left on "
-                               "device', buf = 0x0)")
-
-    def failing(self, start, features):
-        calls.append(start)
-        if self.h5 is not None and len(calls) > 1:
-            self.h5.close()
-            self.h5 = FullDisk()
-        return real(self, start, features)
-
-    monkeypatch.setattr(evaluate_module.FeatureSink, "add", failing)
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and f"{tmp_path / 'features.h5'}: cannot write: No space left on device" in err
-    assert (tmp_path / "features.h5").read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.h5", "ref.npz", "samples.npz"]

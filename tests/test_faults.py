@@ -93,11 +93,19 @@ def _checkpoint(directory: Path) -> Path:
 SAMPLE = ["--n", "12", "--steps", "3", "--vae", "tiny", "--cfg", "2", "--chunk", "4", "--batch-size", "4", "--quiet"]
 
 
-@pytest.mark.parametrize("limit", [60_000, 140_000])  # while writing the parts; while merging / writing the npz
-def test_sample_on_a_full_disk_stops_with_one_line_and_resumes_exactly(tmp_path, limit):
-    ckpt = _checkpoint(tmp_path)
-    straight = reglue("sample", "--ckpt", ckpt, "--out", tmp_path / "straight", *SAMPLE)
+@pytest.fixture(scope="module")
+def straight_samples(tmp_path_factory):
+    """(checkpoint, samples.npz of an uninterrupted run)."""
+    root = tmp_path_factory.mktemp("straight")
+    ckpt = _checkpoint(root)
+    straight = reglue("sample", "--ckpt", ckpt, "--out", root / "straight", *SAMPLE)
     assert straight.returncode == 0, straight.stderr
+    return ckpt, root / "straight/samples.npz"
+
+
+@pytest.mark.parametrize("limit", [60_000, 140_000])  # while writing the parts; while merging / writing the npz
+def test_sample_on_a_full_disk_stops_with_one_line_and_resumes_exactly(straight_samples, tmp_path, limit):
+    ckpt, straight = straight_samples
     out = tmp_path / "full"
     full = reglue("sample", "--ckpt", ckpt, "--out", out, *SAMPLE, limit=limit)
     assert_one_line(full, out, "File too large")
@@ -107,7 +115,7 @@ def test_sample_on_a_full_disk_stops_with_one_line_and_resumes_exactly(tmp_path,
             assert not f.attrs.get("complete")
     again = reglue("sample", "--ckpt", ckpt, "--out", out, *SAMPLE)
     assert again.returncode == 0, again.stderr
-    assert (out / "samples.npz").read_bytes() == (tmp_path / "straight/samples.npz").read_bytes()
+    assert (out / "samples.npz").read_bytes() == straight.read_bytes()
     assert not temps(tmp_path)
 
 
@@ -351,3 +359,19 @@ def test_compare_refuses_a_metrics_file_without_numbers(tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps({"fid": "12.9", "sample_info": {}}))
     code, err = _main(capsys, "compare", str(tmp_path / "m.json"))
     assert code == 2 and "'fid' is '12.9', expected a number" in err and err.count("\n") == 1, err
+
+
+def test_eval_features_on_a_full_disk_keep_the_old_file(tmp_path):
+    from evaluation.inception import random_weights_file
+
+    rng = np.random.default_rng(1)
+    ref = _npz(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    samples = _npz(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    features = tmp_path / "features.h5"
+    args = ["eval", samples, "--ref", ref, "--inception-weights", random_weights_file(), "--quiet", "--features",
+            features]
+    assert reglue(*args).returncode == 0  # also caches the reference features: only --features is written below
+    good = features.read_bytes()
+    full = reglue(*args, limit=50_000)  # 8 rows of pool + spatial + logits are 162 kB
+    assert_one_line(full, features, "File too large")
+    assert features.read_bytes() == good and not temps(tmp_path)  # the rerun is the first command again
