@@ -18,7 +18,7 @@ from reglue.encoders.vfm import load_vfm
 from reglue.models import SemanticCompressor
 from reglue.training.diffusion import TrainOptions
 from reglue.training.order import StepSampler, data_position, make_split
-from reglue.training.rundir import RunError, check_same_model, start_run
+from reglue.training.rundir import RunError, check_same_model, open_run
 from reglue.training.semantics import RunningMoments, standardise
 from reglue.training.state import make_optimizer
 
@@ -65,12 +65,7 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
 
 
 def _setup(config: dict, options: TrainOptions):
-    dist, run, dataset = start_run(config, options.outdir, options.data, options.device, options.allow_other_data)
-    try:
-        return _build(config, options, dist, run, dataset)
-    except BaseException:
-        run.release()
-        raise
+    return open_run(config, options, _build)
 
 
 def _build(config: dict, options: TrainOptions, dist, run, dataset):

@@ -19,7 +19,7 @@ from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.training.order import StepSampler, data_position, make_split, step_noise
-from reglue.training.rundir import RunDir, RunError, check_same_model, start_run
+from reglue.training.rundir import RunDir, RunError, check_same_model, open_run
 from reglue.training.semantics import build_semantic_encoder
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, update_ema
 from reglue.transport import JointLoss, LossWeights, sample_time
@@ -107,12 +107,7 @@ class Trainer:
 
 def build_trainer(config: dict, options: TrainOptions) -> Trainer:
     """Set up (or resume) a run: process group, run directory, model, EMA, optimiser, data, frozen encoders."""
-    dist, run, dataset = start_run(config, options.outdir, options.data, options.device, options.allow_other_data)
-    try:
-        return _build(config, options, dist, run, dataset)
-    except BaseException:
-        run.release()
-        raise
+    return open_run(config, options, _build)
 
 
 def _build(config: dict, options: TrainOptions, dist, run, dataset) -> Trainer:

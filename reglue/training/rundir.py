@@ -160,3 +160,14 @@ def start_run(config: dict, outdir, data, device: str | None, allow_other_data: 
         run.release()
         raise
     return dist, run, dataset
+
+
+def open_run(config: dict, options, build):
+    """start_run with ``options`` (TrainOptions), then ``build(config, options, dist, run, dataset)``; the run
+    directory's lock is released if building fails."""
+    dist, run, dataset = start_run(config, options.outdir, options.data, options.device, options.allow_other_data)
+    try:
+        return build(config, options, dist, run, dataset)
+    except BaseException:
+        run.release()
+        raise
