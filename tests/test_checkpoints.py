@@ -97,13 +97,13 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_temp(tmp_path, monkey
     before = path.read_bytes()
 
     def broken_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise OSError("disk full")
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="cannot write: No space left on device") as caught:
         checkpoints.save_checkpoint(path, config={"a": 2}, step=1, model=None)
+    assert caught.value.filename == str(path)  # the checkpoint, not its temporary
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["0000001.pt"]
     assert checkpoints.load_checkpoint(path)["config"] == {"a": 1}

@@ -114,8 +114,13 @@ def test_output_directories_are_created_with_their_parents(tmp_path):
     from reglue.sampling.store import check_out_dir
     from reglue.training.rundir import RunDir
 
-    assert RunDir(tmp_path / "runs" / "b2").prepare({"a": 1}, is_main=True) is False
+    run = RunDir(tmp_path / "runs" / "b2")
+    data = {"path": "d.h5", "rows": 1, "content_sha256": "0" * 64}
+    assert run.check({"a": 1}, data) is False  # a new run: nothing to resume, nothing written yet
+    assert not (tmp_path / "runs").exists()
+    run.begin({"a": 1}, data, step=0, is_main=True)
     assert (tmp_path / "runs/b2/config.yaml").exists() and (tmp_path / "runs/b2/checkpoints").is_dir()
+    assert run.check({"a": 1}, data) is True
     assert check_out_dir(tmp_path / "runs" / "b2" / "samples-400k", "run-id", overwrite=False) is False
 
 

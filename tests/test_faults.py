@@ -375,3 +375,31 @@ def test_eval_features_on_a_full_disk_keep_the_old_file(tmp_path):
     full = reglue(*args, limit=50_000)  # 8 rows of pool + spatial + logits are 162 kB
     assert_one_line(full, features, "File too large")
     assert features.read_bytes() == good and not temps(tmp_path)  # the rerun is the first command again
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    import signal
+
+    from reglue.locks import LockedError, directory_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from reglue.locks import directory_lock; "
+                               f"directory_lock({str(tmp_path / 'run')!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+        directory_lock(tmp_path / "run").acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / "run/.lock").exists()  # left behind by the kill ...
+    directory_lock(tmp_path / "run").acquire().release()  # ... and taken over
+
+
+def test_an_output_that_hdf5_reports_locked_is_refused_not_deleted(folder, tmp_path):
+    out = tmp_path / "data.h5"
+    partial = tmp_path / "data.h5.partial"
+    with h5py.File(partial, "w") as f:
+        f.attrs["run_id"] = "someone else's"
+    with h5py.File(partial, "a"):  # held open for writing by another program: HDF5 locks the file
+        result = reglue("encode", folder, "--out", out, *ENCODE)
+        assert_one_line(result, out, "in use by another process (HDF5 file lock)")
+    assert partial.exists()
