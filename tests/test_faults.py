@@ -25,8 +25,11 @@ from test_encode import make_folder
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reglue(*args, limit: int | None = None, cwd=REPO):
-    """Run `python -m reglue_cli ARGS` with every file it writes limited to ``limit`` bytes."""
+def reglue(*args, limit: int | None = None, cwd=REPO, separate: bool = False):
+    """Run `reglue ARGS`: in a process of its own with every file it writes limited to ``limit`` bytes, or, with
+    no limit, in this process (a process start and a torch import saved; ``separate`` forces a process)."""
+    if limit is None and not separate:
+        return _in_process(args)
 
     def set_limit():
         if limit is not None:
@@ -35,6 +38,19 @@ def reglue(*args, limit: int | None = None, cwd=REPO):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "reglue_cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600, preexec_fn=set_limit)
+
+
+def _in_process(args):
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from reglue_cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def assert_one_line(result, *words):
@@ -262,7 +278,7 @@ def test_a_second_train_on_one_run_directory_is_refused_naming_the_first(encoded
 
     run = tmp_path / "run"
     with directory_lock(run):  # this process plays the first run
-        second = reglue(*_train_args(encoded, run, "--max-steps", "1"))
+        second = reglue(*_train_args(encoded, run, "--max-steps", "1"), separate=True)
         assert_one_line(second, run, f"pid {os.getpid()}")
         assert not (run / "config.yaml").exists()
     assert reglue(*_train_args(encoded, run, "--max-steps", "1")).returncode == 0  # free again: runs
@@ -400,6 +416,6 @@ def test_an_output_that_hdf5_reports_locked_is_refused_not_deleted(folder, tmp_p
     with h5py.File(partial, "w") as f:
         f.attrs["run_id"] = "someone else's"
     with h5py.File(partial, "a"):  # held open for writing by another program: HDF5 locks the file
-        result = reglue("encode", folder, "--out", out, *ENCODE)
+        result = reglue("encode", folder, "--out", out, *ENCODE, separate=True)  # HDF5 locks across processes
         assert_one_line(result, out, "in use by another process (HDF5 file lock)")
     assert partial.exists()
