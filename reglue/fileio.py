@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.fileio import abandon_h5, hdf5_errno
+from evaluation.fileio import abandon_h5, hdf5_errno, write_error
 
 __all__ = ["OutputError", "abandon_h5", "atomic_path", "atomic_write_text", "new_h5", "output_error", "save_torch",
            "sweep_temps"]
@@ -27,15 +27,7 @@ def output_error(path, exc: BaseException) -> OutputError:
     """OutputError naming ``path`` with the operating system's reason inside ``exc`` (h5py, torch.save, open ...)."""
     if isinstance(exc, OutputError):
         return OutputError(exc.errno, exc.strerror, str(path))
-    code, reason = getattr(exc, "errno", None), getattr(exc, "strerror", None)
-    code = hdf5_errno(exc) or code  # h5py reports the driver's errno inside its message
-    if code:
-        reason = os.strerror(code)  # one spelling whatever layer reported it ("No space left on device")
-    if reason is None:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "unexpected pos" in reason or "write failed" in reason:  # torch.save's zip writer on a full disk
-            reason = f"write failed ({reason})"
-    return OutputError(code or errno.EIO, f"cannot write: {reason}", str(path))
+    return OutputError(*write_error(path, exc).args, str(path))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,6 +4,7 @@ counted batch against its stored hash and resumes after it. Used by the encoder 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -43,8 +44,8 @@ class AppendFile:
     def __init__(self, path, run_id: str, columns: dict, attrs: dict | None = None, display=None):
         self.path = Path(path)
         self.display = Path(display) if display is not None else self.path
-        self.names = list(columns)
-        try:
+        self.file = None
+        with self._writing():
             self.file = self._open_or_resume(run_id, columns)
             if ATTR_RUN_ID not in self.file.attrs:
                 for name, (shape, dtype, chunk_rows) in columns.items():
@@ -53,14 +54,20 @@ class AppendFile:
                 self.file.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
                 self.file.attrs.update({ATTR_RUN_ID: run_id, ATTR_WRITTEN: 0})
                 self.file.flush()
+        # Kept open: a dataset handle closed mid-run flushes its chunks there, where a write error is only printed.
+        self.datasets = {name: self.file[name] for name in columns}
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (full disk) closes the file as the last flush left it and raises OutputError."""
+        try:
+            yield
         except OutputError:
             raise
         except (OSError, RuntimeError) as exc:
-            if getattr(self, "file", None) is not None:
+            if self.file is not None:
                 abandon_h5(self.file)
             raise output_error(self.display, exc) from None
-        # Kept open: a dataset handle closed mid-run flushes its chunks there, where a write error is only printed.
-        self.datasets = {name: self.file[name] for name in self.names}
 
     def _open_or_resume(self, run_id: str, columns: dict) -> h5py.File:
         if self.path.exists():
@@ -115,7 +122,7 @@ class AppendFile:
         n = len(next(iter(rows.values())))
         rows = {name: values if self.datasets[name].dtype.kind == "O" else
                 np.asarray(values, dtype=self.datasets[name].dtype) for name, values in rows.items()}
-        try:
+        with self._writing():
             for name, values in rows.items():
                 ds = self.datasets[name]
                 ds.resize(start + n, axis=0)
@@ -126,9 +133,6 @@ class AppendFile:
             self.file.attrs.update({ATTR_WRITTEN: start + n, ATTR_LAST_ROWS: n,
                                     ATTR_LAST_SHA: batch_sha256(rows, 0, n)})
             self.file.flush()
-        except (OSError, RuntimeError) as exc:
-            abandon_h5(self.file)
-            raise output_error(self.display, exc) from None
 
     def column(self, name: str) -> np.ndarray:
         """Every written value of one (small) column."""
@@ -137,21 +141,15 @@ class AppendFile:
     def close(self) -> None:
         """Close (idempotent); the file stays for a later resume."""
         if self.file.id.valid:
-            try:
+            with self._writing():
                 self.datasets.clear()
                 self.file.close()
-            except (OSError, RuntimeError) as exc:
-                abandon_h5(self.file)
-                raise output_error(self.display, exc) from None
 
     def finish(self, final_path, attrs: dict | None = None) -> Path:
         """Record ``attrs``, close, and rename to ``final_path`` (atomic on one file system)."""
-        try:
+        with self._writing():
             self.file.attrs.update(attrs or {})
             self.file.flush()
-        except (OSError, RuntimeError) as exc:
-            abandon_h5(self.file)
-            raise output_error(self.display, exc) from None
         self.close()
         os.replace(self.path, final_path)
         return Path(final_path)

@@ -51,8 +51,6 @@ class RunDir:
 
     def check(self, config: dict, data: dict, allow_other_data: bool = False) -> bool:
         """Refuse a directory of another run (config or data differ); reads only. True when resuming."""
-        if self.root.exists() and not self.root.is_dir():
-            raise RunError(f"{self.root}: exists and is not a directory")
         resuming = self.config_path.exists()
         if resuming:
             old = self._read_yaml(self.config_path)
