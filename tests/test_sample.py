@@ -400,19 +400,34 @@ def test_samples_h5_records_the_settings(ckpt, tmp_path):
     assert not (tmp_path / "s/parts").exists()
 
 
+def test_the_thread_count_cannot_change_a_pixel(ckpt, tmp_path):
+    """torchrun gives each CPU worker one thread, a single process takes every core; oneDNN splits its sums by
+    thread count (on this machine 2 threads and 1 give other bytes for these settings), so CPU sampling runs on
+    one thread whatever the caller set."""
+    threads = torch.get_num_threads()
+    try:
+        for name, n in (("many", 4), ("one", 1)):
+            torch.set_num_threads(n)
+            sample_to_dir(ckpt, tmp_path / name, _settings(n=12, chunk=4), batch_size=5, progress=False)
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "many/samples.npz").read_bytes() == (tmp_path / "one/samples.npz").read_bytes()
+
+
 def test_sampling_switches_off_cudnn_autotuning(ckpt, tmp_path, monkeypatch):
     seen = []
     real = sampling_run.integrate
 
     def spy(*args, **kw):
-        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads()))
         return real(*args, **kw)
 
     monkeypatch.setattr(sampling_run, "integrate", spy)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     sample_to_dir(ckpt, tmp_path / "s", _settings(n=2), progress=False)
-    assert seen and set(seen) == {(False, True)}
+    assert seen and set(seen) == {(False, True, 1)}  # and one CPU thread
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)  # restored
 
 

@@ -5,7 +5,7 @@ Same pixels on any machine count and batch size, by construction: samples are cu
 exactly one chunk (doubled with the null class where guidance acts). A chunk's inputs depend only on
 (settings, chunk index), never on ``--batch-size`` or the number of processes, so a kernel that chooses its
 algorithm by batch size (oneDNN, cuDNN, cuBLAS) sees the same shapes and values everywhere; cuDNN's autotuner
-is switched off while sampling.
+is switched off while sampling, and a CPU samples on one thread (the thread count changes oneDNN's sums).
 """
 
 from __future__ import annotations
@@ -97,15 +97,20 @@ def passes_of(chunks: list[range], batch_size: int, chunk: int) -> list[list[ran
 
 
 @contextmanager
-def deterministic_kernels():
-    """No cuDNN autotuning (its choice can differ between runs) and deterministic cuDNN algorithms; restored after."""
+def deterministic_kernels(device: torch.device):
+    """No cuDNN autotuning (its choice can differ between runs) and deterministic cuDNN algorithms; on a CPU, one
+    intra-op thread (oneDNN splits reductions by thread count, and torchrun gives each worker one thread while a
+    single process takes every core). Restored after."""
     cudnn = torch.backends.cudnn
-    saved = cudnn.benchmark, cudnn.deterministic
+    saved = cudnn.benchmark, cudnn.deterministic, torch.get_num_threads()
     cudnn.benchmark, cudnn.deterministic = False, True
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        cudnn.benchmark, cudnn.deterministic = saved
+        cudnn.benchmark, cudnn.deterministic = saved[:2]
+        torch.set_num_threads(saved[2])
 
 
 def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.Tensor, device,
@@ -189,7 +194,7 @@ def _sample(ckpt, out: Path, settings: SampleSettings, batch_size: int, dist: Di
     bar = tqdm(total=settings.n, initial=len(done), unit="img", desc="sample", dynamic_ncols=True,
                disable=not (progress and dist.is_main))
     try:
-        with deterministic_kernels():
+        with deterministic_kernels(torch.device(dist.device)):
             for chunks in passes_of(todo, batch_size, settings.chunk):
                 part.append(_concat([sample_chunk(model, vae, settings, c, labels, dist.device, path)
                                      for c in chunks]))
