@@ -9,17 +9,22 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.errors import InputError
 from evaluation.inception import is_published_weights
 from evaluation.reference import REGISTRY
 
 BASELINES = REGISTRY.parent / "baselines.yaml"
-GROUPS = ("sit-b2", "sit-xl2", "cfg", "ablation")
+GROUPS = ("sit-b2", "sit-xl2", "cfg", "ablation", "uncond")
+CONDITIONINGS = ("class-conditional", "unconditional")  # a row's `conditioning`; the defaults say class-conditional
+UNCOND_MARK = " [uncond]"  # after the method of an unconditional row, in tables and in the plot's legend
+UNCOND_PRESET_SUFFIX = "-uncond"  # our run is unconditional when its samples say num_classes 0, or its preset is
+# named so (sit-b2-uncond, ...; samples written before num_classes was recorded)
 REQUIRED = ("group", "method", "model", "steps", "fid", "source")
 METRICS = (("FID", "fid", "{:.2f}"), ("sFID", "sfid", "{:.2f}"), ("IS", "is", "{:.1f}"),
            ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"))
 
 
-class CompareError(ValueError):
+class CompareError(InputError, ValueError):
     """An input that compare cannot read."""
 
 
@@ -27,12 +32,15 @@ def validate_baselines(data: dict) -> list[str]:
     """Problems with the baselines file's schema (empty when it is valid)."""
     problems = []
     for i, row in enumerate(data.get("rows", [])):
-        row = {**data.get("defaults", {}), **row}
+        row = {"conditioning": CONDITIONINGS[0], **data.get("defaults", {}), **row}
         missing = [k for k in REQUIRED if k not in row or (row[k] in (None, "") and k != "steps")]
         if missing:
             problems.append(f"row {i} ({row.get('method')}): missing {', '.join(missing)}")
         if row.get("group") not in GROUPS:
             problems.append(f"row {i}: unknown group {row.get('group')!r}")
+        if row.get("conditioning") not in CONDITIONINGS:
+            problems.append(f"row {i}: conditioning {row.get('conditioning')!r}, expected one of "
+                            f"{', '.join(CONDITIONINGS)}")
         for _, key, _ in METRICS:
             if row.get(key) is not None and not isinstance(row[key], (int, float)):
                 problems.append(f"row {i}: {key} is not a number")
@@ -42,7 +50,7 @@ def validate_baselines(data: dict) -> list[str]:
 def load_baselines(groups: list[str] | None = None) -> list[dict]:
     """Published rows of the chosen groups (all when None), defaults filled in."""
     data = yaml.safe_load(BASELINES.read_text())
-    rows = [{**data["defaults"], **row, "ours": False} for row in data["rows"]]
+    rows = [{"conditioning": CONDITIONINGS[0], **data["defaults"], **row, "ours": False} for row in data["rows"]]
     return [r for r in rows if groups is None or r["group"] in groups]
 
 
@@ -74,11 +82,23 @@ def _row_from_metrics(path: Path, label: str) -> dict:
     sampler = f"SDE Euler-Maruyama {settings.get('steps')}" if sampler == "sde" else f"{sampler} {settings.get('steps')}"
     stand_in = info.get("decoder") == "tiny" or str(info.get("preset", "")).startswith("tiny") or \
         not is_published_weights(m.get("inception_weights_sha256", ""))
+    unconditional = info.get("num_classes") == 0 or str(info.get("preset", "")).endswith(UNCOND_PRESET_SUFFIX)
+    conditioning = CONDITIONINGS[1] if unconditional else CONDITIONINGS[0]
     return {"group": "ours", "method": label, "model": info.get("preset", "?"), "steps": info.get("step"),
             "epochs": None, "fid": m["fid"], "sfid": m.get("sfid"), "is": m.get("inception_score"),
             "precision": m.get("precision"), "recall": m.get("recall"), "sampler": sampler, "cfg": cfg,
             "decoder": decoder_name(info.get("decoder", "?")), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
-            "source": str(path), "note": None, "ours": True, "stand_in": stand_in}
+            "source": str(path), "note": None, "conditioning": conditioning, "ours": True, "stand_in": stand_in}
+
+
+def is_unconditional(row: dict) -> bool:
+    """Whether a row's number is for unconditional generation (no class labels)."""
+    return row.get("conditioning") == "unconditional"
+
+
+def method_label(row: dict) -> str:
+    """The row's method, marked ' [uncond]' when unconditional: never an unmarked unconditional number."""
+    return str(row["method"]) + (UNCOND_MARK if is_unconditional(row) else "")
 
 
 def decoder_name(decoder: str) -> str:
@@ -121,6 +141,10 @@ def caveats(rows: list[dict]) -> list[str]:
     if len(families) > 1:
         notes.append(f"Samplers differ ({', '.join(families)}): SiT-XL/2's 8.3 is an SDE number, its ODE gives ~9.5 "
                      "(SiT #31); compare SDE with SDE.")
+    unconditional = sum(map(is_unconditional, rows))
+    if 0 < unconditional < len(rows):
+        notes.append("Unconditional and class-conditional numbers are mixed (rows marked [uncond]): an unconditional "
+                     "FID is not comparable with a class-conditional one (SiT-B/2 @400K: 59.8 vs 33.0).")
     guided = [r for r in rows if r["cfg"]]
     if guided and len(guided) < len(rows):
         notes.append("Guided and unguided numbers are mixed: a CFG FID is not comparable with one without CFG.")
@@ -152,7 +176,7 @@ def _cells(row: dict) -> list[str]:
     cfg = "-" if not row["cfg"] else f"{row['cfg'].get('scale')} ({row['cfg'].get('channels')})"
     steps = "-" if row["steps"] is None else f"{row['steps'] / 1000:g}K"
     metrics = ["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in METRICS]
-    return [mark, row["method"], str(row["model"]), steps, *metrics, cfg, row["source"]]
+    return [mark, method_label(row), str(row["model"]), steps, *metrics, cfg, row["source"]]
 
 
 HEADER = ["", "method", "model", "steps", *[name for name, _, _ in METRICS], "CFG", "source"]
@@ -189,15 +213,15 @@ def plot_fid(rows: list[dict], path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     published = [r for r in rows if not r["ours"] and r["steps"]]
     palette = plt.get_cmap("tab10")
-    for i, method in enumerate(sorted({r["method"] for r in published})):
-        points = sorted((r["steps"], r["fid"]) for r in published if r["method"] == method)
+    for i, method in enumerate(sorted({method_label(r) for r in published})):
+        points = sorted((r["steps"], r["fid"]) for r in published if method_label(r) == method)
         ax.plot(*zip(*points), linestyle="--", linewidth=1, marker="s", markersize=5, alpha=0.75,
                 color=palette(i % 10), label=f"{method} (published)")
         for x, y in points:
             ax.annotate(f"{y:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=palette(i % 10))
     ours = [r for r in rows if r["ours"] and r["steps"]]
-    for i, label in enumerate(sorted({r["method"] for r in ours})):
-        points = sorted((r["steps"], r["fid"]) for r in ours if r["method"] == label)
+    for i, label in enumerate(sorted({method_label(r) for r in ours})):
+        points = sorted((r["steps"], r["fid"]) for r in ours if method_label(r) == label)
         ax.plot(*zip(*points), marker="o", markersize=7, linewidth=2.5, color=("black", "crimson", "navy")[i % 3],
                 label=f"{label} (ours)", zorder=5)
     ax.set_xscale("log")

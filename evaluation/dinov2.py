@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluation.errors import InputError
+
 DINOV2_WEIGHTS_ENV = "REGLUE_DINOV2_WEIGHTS"
 TIMM_NAME = "vit_large_patch14_dinov2.lvd142m"
 INPUT_SIZE = 224
@@ -28,7 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DinoV2Error(RuntimeError):
+class DinoV2Error(InputError, RuntimeError):
     """The DINOv2 weights cannot be loaded."""
 
 

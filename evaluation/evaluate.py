@@ -329,7 +329,8 @@ def sample_provenance(path) -> dict:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     except OSError:
         return {}
-    info = {k: attrs[k] for k in ("preset", "step", "decoder", "quantisation", "checkpoint") if k in attrs}
+    keys = ("preset", "step", "decoder", "quantisation", "checkpoint", "num_classes")
+    info = {k: attrs[k] for k in keys if k in attrs}
     if "settings" in attrs:
         info["settings"] = json.loads(attrs["settings"])
     return info

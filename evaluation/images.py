@@ -10,10 +10,12 @@ from typing import Iterator
 
 import numpy as np
 
+from evaluation.errors import InputError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class ImageInputError(ValueError):
+class ImageInputError(InputError, ValueError):
     """An input that cannot be evaluated; the one-line message names the file and the problem."""
 
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from evaluation.errors import InputError
 from evaluation.images import file_sha256
 
 WEIGHTS_ENV = "REGLUE_INCEPTION_WEIGHTS"
@@ -26,7 +27,7 @@ PUBLISHED_SHA256_PREFIX = "6726825d"  # torch-fidelity's release file name carri
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 x 17 x 7 = 2023 values
 
 
-class InceptionError(RuntimeError):
+class InceptionError(InputError, RuntimeError):
     """The Inception weights cannot be found or are not the expected network."""
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.errors import InputError
+
 REFERENCE_DIR_ENV = "REGLUE_REFERENCE_DIR"  # where named reference batches are looked for and downloaded to
 REGISTRY = Path(__file__).resolve().parents[1] / "reference_stats" / "registry.yaml"
 
 
-class ReferenceError(ValueError):
+class ReferenceStatsError(InputError, ValueError):
     """A reference batch that cannot be found or verified."""
 
 
@@ -32,13 +34,13 @@ def resolve_reference(ref: str, download: bool = True) -> Path:
         return path
     entries = registry()
     if ref not in entries:
-        raise ReferenceError(f"reference {ref!r}: no such file, and not one of {', '.join(entries)}")
+        raise ReferenceStatsError(f"reference {ref!r}: no such file, and not one of {', '.join(entries)}")
     entry = entries[ref]
     target = reference_dir() / entry["file"]
     if target.exists():
         return target
     if not download:
-        raise ReferenceError(f"reference {ref}: {target} is missing")
+        raise ReferenceStatsError(f"reference {ref}: {target} is missing")
     return _download(entry, target, ref)
 
 
@@ -53,12 +55,12 @@ def _download(entry: dict, target: Path, name: str) -> Path:
     try:
         torch.hub.download_url_to_file(entry["url"], str(tmp), progress=True)
     except Exception as exc:  # noqa: BLE001 - any network failure gets the same advice
-        raise ReferenceError(
+        raise ReferenceStatsError(
             f"cannot download reference {name} ({type(exc).__name__}); fetch {entry['url']} elsewhere and put it at "
             f"{target} (or set {REFERENCE_DIR_ENV}), or pass --ref PATH") from None
     if entry.get("sha256") and file_sha256(tmp) != entry["sha256"]:
         tmp.unlink()
-        raise ReferenceError(f"reference {name}: checksum mismatch after download")
+        raise ReferenceStatsError(f"reference {name}: checksum mismatch after download")
     tmp.replace(target)
     return target
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from evaluation.compare import CompareError, GROUPS, features_distance, format_rows, load_baselines, load_ours, plot_fid
+from evaluation.compare import GROUPS, features_distance, format_rows, load_baselines, load_ours, plot_fid
+from evaluation.errors import InputError
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import fail
 
@@ -34,7 +35,7 @@ def compare(inputs, baselines, fmt, out, plot) -> None:
     if len(inputs) == 2 and all(Path(p).suffix in (".h5", ".hdf5") for p in inputs):
         try:
             result = features_distance(*inputs)
-        except CompareError as exc:
+        except InputError as exc:
             fail(str(exc))
         click.echo(json.dumps(result, indent=2) if fmt == "json" else
                    f"{inputs[0]} vs {inputs[1]}: FID {result['fid']:.4f}  sFID {result['sfid']:.4f}  "
@@ -46,7 +47,7 @@ def compare(inputs, baselines, fmt, out, plot) -> None:
         fail(f"--baselines: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}, all, none")
     try:
         rows = load_ours(list(inputs)) + load_baselines(groups)
-    except CompareError as exc:
+    except InputError as exc:
         fail(str(exc))
     if not rows:
         fail("nothing to compare: give run directories or metrics files, or --baselines")

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import click
 
+from evaluation.errors import InputError
 from evaluation.evaluate import EvalOptions, evaluate
-from evaluation.dinov2 import DinoV2Error
 from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
-from evaluation.images import ImageInputError
-from evaluation.inception import InceptionError, is_published_weights
+from evaluation.inception import is_published_weights
 from evaluation.precision_recall import PR_PRECISIONS
-from evaluation.reference import ReferenceError
 from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import SourceError, open_source
 from reglue.distributed import init_distributed, shutdown
@@ -105,7 +103,7 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
         warnings.simplefilter("always")
         try:
             result = evaluate(samples, ref, inception_weights, options)
-        except (ImageInputError, InceptionError, ReferenceError, DinoV2Error) as exc:
+        except InputError as exc:
             fail(str(exc))
         finally:
             shutdown()
@@ -153,10 +151,10 @@ def _make_reference(source, out, resolution, weights, batch_size, device, quiet)
         else:
             images = CroppedFolder(open_source(source), resolution)
         extractor = InceptionFeatures(weights, device=device)
-    except (ImageInputError, InceptionError, SourceError) as exc:
+    except (InputError, SourceError) as exc:
         fail(str(exc))
     try:
         info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
-    except ImageInputError as exc:
+    except InputError as exc:
         fail(f"{source}: {exc}")
     click.echo(f"reference batch {info['out']}: statistics over {info['n']:,} images, {info['subset']:,} kept as arr_0")

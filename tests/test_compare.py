@@ -19,11 +19,40 @@ def test_baselines_file_is_valid_and_every_row_has_a_source():
     assert validate_baselines(data) == []
     rows = load_baselines()
     assert len(rows) > 50 and all(r["source"] for r in rows)
-    assert {r["group"] for r in rows} == {"sit-b2", "sit-xl2", "cfg", "ablation"}
+    assert {r["group"] for r in rows} == {"sit-b2", "sit-xl2", "cfg", "ablation", "uncond"}
     broken = {"defaults": data["defaults"], "rows": [{"group": "sit-b2", "method": "X", "model": "SiT-B/2",
                                                       "steps": 1, "fid": "12"}]}
     problems = validate_baselines(broken)
     assert any("missing source" in p for p in problems) and any("fid is not a number" in p for p in problems)
+    broken["rows"][0].update(source="x", fid=1.0, conditioning="uncond")
+    assert any("conditioning 'uncond'" in p for p in validate_baselines(broken))
+
+
+def test_unconditional_rows_of_reglue_table_2b_are_marked(tmp_path, capsys):
+    rows = load_baselines()
+    uncond = {r["method"]: r for r in rows if r["conditioning"] == "unconditional"}
+    assert {m: r["fid"] for m, r in uncond.items()} == {"SiT": 59.8, "ReDi": 43.6, "REG": 29.7, "REGLUE": 28.7}
+    for r in uncond.values():
+        assert (r["group"], r["model"], r["steps"], r["cfg"]) == ("uncond", "SiT-B/2", 400_000, None)
+        assert r["source"] == "REGLUE Table 2(b)"
+    conditional = [r for r in rows if r["model"] == "SiT-B/2" and r["steps"] == 400_000 and r not in uncond.values()]
+    assert conditional and all(r["conditioning"] == "class-conditional" for r in conditional)
+    assert all(r["conditioning"] == "class-conditional" for r in load_baselines(["sit-b2", "ablation"]))
+    # beside class-conditional rows they are marked and a caveat says so; alone, no caveat
+    assert not any("Unconditional" in n for n in caveats(load_baselines(["uncond"])))
+    code = main(["compare", "--baselines", "sit-b2,uncond"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if "REGLUE Table 2(b)" in line]
+    assert len(lines) == 4 and all("[uncond]" in line for line in lines)
+    assert not any("[uncond]" in line for line in out.splitlines() if "12.90" in line)
+    assert "Unconditional and class-conditional numbers are mixed" in out
+    # our run of an -uncond preset is unconditional too, and gets the caveat beside the default sit-b2 rows
+    ours = load_ours([str(_fake_run(tmp_path, "b2-uncond", fid=30.0, preset="sit-b2-reglue-uncond"))])
+    assert ours[0]["conditioning"] == "unconditional"
+    text = format_rows(ours + load_baselines(["sit-b2"]), "markdown")
+    assert "b2-uncond [uncond]" in text and "Unconditional and class-conditional numbers are mixed" in text
+    assert not any("Unconditional" in n for n in caveats(ours + load_baselines(["uncond"])))
 
 
 def _fake_run(root, name, sampler="sde", step=400_000, fid=20.0, preset="sit-b2-reglue",
@@ -118,3 +147,14 @@ def test_features_distance_equals_the_eval_suite(weights, tmp_path):  # noqa: F8
     for key in ("fid", "sfid"):
         assert result[key] == pytest.approx(scored[key], rel=1e-9)
     assert (result["precision"], result["recall"]) == (scored["precision"], scored["recall"])
+
+
+def test_our_run_is_unconditional_when_its_samples_say_num_classes_0(tmp_path):
+    from evaluation.compare import _row_from_metrics
+
+    for info, expected in (({"preset": "tiny-sit", "num_classes": 0}, "unconditional"),
+                           ({"preset": "tiny-sit", "num_classes": 10}, "class-conditional"),
+                           ({"preset": "sit-b2-uncond"}, "unconditional")):  # samples from before num_classes
+        path = tmp_path / "metrics.json"
+        path.write_text(json.dumps({"fid": 30.0, "sample_info": info}))
+        assert _row_from_metrics(path, "ours")["conditioning"] == expected
