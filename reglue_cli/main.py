@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from reglue.errors import UserError
 from reglue_cli.errors import EXIT_USAGE, report
 from reglue_cli.encode import encode
 from reglue_cli.eval import eval_
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(_command_name(argv), exc.format_message(), EXIT_USAGE)
     except click.ClickException as exc:
         return report(_command_name(argv), exc.format_message(), exc.exit_code)
+    except UserError as exc:  # bad input of any command: one line (any other exception is a bug: traceback)
+        return report(_command_name(argv), str(exc), EXIT_USAGE)
     except OSError as exc:  # a path the commands did not check (permissions, a vanished file, a full disk)
         return report(_command_name(argv), _describe_os_error(exc), EXIT_USAGE if exc.filename else 1)
     return 0

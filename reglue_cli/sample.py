@@ -7,12 +7,9 @@ from pathlib import Path
 
 import click
 
-from reglue.checkpoints import CheckpointError
 from reglue.distributed import init_distributed, shutdown
-from reglue.encoders.loading import ModelLoadError
-from reglue.sampling.run import DEFAULT_CHUNK, SampleSettings, sample_to_dir, write_grid
-from reglue.sampling.store import SampleStoreError
-from reglue.transport.samplers import SAMPLERS, Guidance
+from reglue.sampling.run import DEFAULT_CHUNK, SampleRequest, sample_to_dir, write_grid
+from reglue.transport.samplers import SAMPLERS
 from reglue_cli.errors import check_device, fail
 
 
@@ -33,17 +30,22 @@ def parse_interval(text: str) -> tuple[float, float]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--n", "--num-samples", "n", type=click.IntRange(min=1), default=50_000, show_default=True,
               help="Number of samples (under torchrun write --num-samples: torchrun mistakes --n for its own options).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="sde", show_default=True,
-              help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid.")
-@click.option("--steps", type=click.IntRange(min=1), default=250, show_default=True, help="Integration steps.")
-@click.option("--cfg", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid "
+                   "[default: the checkpoint's sampling.sampler, sde for every preset].")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets].")
+@click.option("--cfg", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model "
+                   "[default: the checkpoint's sampling.cfg_scale: 1, or 2.8 for sit-xl2-reglue].")
 @click.option("--cls-cfg", type=click.FloatRange(min=0), default=None,
-              help="[CLS] guidance scale [default: --cfg]. The official generate.py differs: see docs/sample.md.")
-@click.option("--interval", default="0,0.9", show_default=True, metavar="LOW,HIGH",
-              help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere.")
-@click.option("--cfg-channels", type=click.Choice(["all", "latents"]), default="all", show_default=True,
-              help="Guide every channel (REGLUE) or only the 4 VAE channels.")
+              help="[CLS] guidance scale [default: --cfg when given, else the checkpoint's sampling.cfg_cls_scale]. "
+                   "The official generate.py differs: see docs/sample.md.")
+@click.option("--interval", default=None, metavar="LOW,HIGH",
+              help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere "
+                   "[default: the checkpoint's sampling.guidance_interval, 0,0.9].")
+@click.option("--cfg-channels", type=click.Choice(["all", "latents"]), default=None,
+              help="Guide every channel (REGLUE) or only the 4 VAE channels [default: the checkpoint's, all].")
 @click.option("--reference-vae-cfg", is_flag=True,
               help="With --cfg-channels latents and --sampler sde: the official --vae_cfg true, d_c + S (d_c - d_u) "
                    "on the latents (scale S + 1), standard CFG on every channel at the last step.")
@@ -71,9 +73,11 @@ def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, r
     """Sample N images from CKPT into OUT/samples.h5 and OUT/samples.npz (arr_0: uint8 N x H x W x 3).
 
     \b
-    The defaults are the reference's: 250-step Euler-Maruyama SDE from t = 1 to 0.04 plus a last
-    deterministic step, EMA weights, sd-vae-ft-ema decoder, uniform random labels; the interpolant path
-    (linear/cosine) and the null class come from the checkpoint. The paper's guided numbers:
+    Sampler, steps and guidance default to the checkpoint's `sampling` section (its preset's, see
+    docs/presets.md): for the paper presets the reference's 250-step Euler-Maruyama SDE from t = 1 to 0.04
+    plus a last deterministic step; EMA weights, sd-vae-ft-ema decoder, uniform random labels; the
+    interpolant path (linear/cosine) and the null class come from the checkpoint too. samples.h5 records
+    the settings used. The paper's guided numbers:
     --cfg 2.3 --cls-cfg 2.3 --interval 0,0.9 (the reference's script); its CFG table used 2.8. Porting an
     official generate.py command: docs/sample.md maps every flag. Run the same command again to resume;
     any --batch-size and any number of GPUs give the same images:
@@ -83,22 +87,17 @@ def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, r
     for flag, value in (("--cfg", cfg), ("--cls-cfg", cls_cfg)):
         if value is not None and not math.isfinite(value):
             fail(f"{flag} {value}: a guidance scale must be a finite number")
-    low_high = parse_interval(interval)
+    low_high = parse_interval(interval) if interval is not None else None
     if reference_vae_cfg and cfg_channels != "latents":
         fail("--reference-vae-cfg only applies with --cfg-channels latents")
-    try:
-        settings = SampleSettings(
-            n=n, sampler=sampler, steps=steps, seed=seed, balanced=balanced, classes=tuple(classes) or None,
-            weights=weights, vae=vae, chunk=chunk,
-            guidance=Guidance(scale=cfg, cls_scale=cls_cfg, interval=low_high, channels=cfg_channels,
-                              reference_vae_cfg=reference_vae_cfg))
-    except ValueError as exc:
-        fail(str(exc))
+    request = SampleRequest(n=n, sampler=sampler, steps=steps, cfg=cfg, cls_cfg=cls_cfg, interval=low_high,
+                            channels=cfg_channels, reference_vae_cfg=reference_vae_cfg, seed=seed, balanced=balanced,
+                            classes=tuple(classes) or None, weights=weights, vae=vae, chunk=chunk)
+    if reference_vae_cfg and sampler not in (None, "sde"):
+        fail("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
     dist = init_distributed(device)
     try:
-        summary = sample_to_dir(ckpt, out, settings, batch_size, dist, overwrite, progress=not quiet)
-    except (CheckpointError, ModelLoadError, SampleStoreError, ValueError) as exc:
-        fail(str(exc))
+        summary = sample_to_dir(ckpt, out, request, batch_size, dist, overwrite, progress=not quiet)
     finally:
         shutdown()
     if dist.is_main:

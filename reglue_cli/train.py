@@ -8,20 +8,13 @@ import os
 import click
 import yaml
 
+from reglue import config as run_config
 from reglue import presets
-from reglue.models import ConfigError, count_compressor_parameters, count_parameters
-from reglue.checkpoints import CheckpointError
-from reglue.data.dataset import DatasetError
 from reglue.distributed import shutdown
-from reglue.encoders.loading import ModelLoadError
+from reglue.models import count_compressor_parameters, count_parameters
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
-from reglue.training.rundir import RunError
-from reglue.training.semantics import SemanticsError
 from reglue_cli.errors import check_device, fail
-
-# Failures caused by the input (files, models, configs): one line, exit code 2.
-EXPECTED_ERRORS = (CheckpointError, DatasetError, ModelLoadError, RunError, SemanticsError, ConfigError)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -38,30 +31,31 @@ OPTION_KEYS = {
 }
 
 
-def resolve_config(preset: str, assignments: tuple[str, ...], options: dict) -> dict:
-    """The preset with ``--set KEY=VALUE`` assignments, then the shortcut options, applied."""
+def resolve_config(preset: str, assignments: tuple[str, ...], options: dict) -> run_config.RunConfig:
+    """The typed preset with ``--set KEY=VALUE`` assignments, then the shortcut options, applied and checked."""
     overrides = dict(presets.parse_assignment(a) for a in assignments)
     overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
-    config = presets.load(preset)
+    data = presets.resolve(preset)
     for key, value in overrides.items():
-        presets.apply_override(config, key, value)
-    return presets.validate(config)
+        presets.apply_override(data, key, value)
+    return run_config.from_dict(data)
 
 
-def parameter_counts(config: dict) -> dict[str, int]:
+def parameter_counts(config: run_config.RunConfig) -> dict[str, int]:
     """Parameter counts of what the preset trains."""
-    if config["kind"] == "compressor":
+    if config.kind == "compressor":
         return count_compressor_parameters(config)
     return count_parameters(config)
 
 
-def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
+def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json: bool) -> None:
     """The resolved config and parameter counts, as YAML-like text or as JSON."""
+    data = {k: v for k, v in run_config.to_dict(config).items() if k != "origin"}
     if as_json:
-        click.echo(json.dumps({"preset": config["preset"], "config": config, "parameters": counts}, indent=2))
+        click.echo(json.dumps({"preset": config.preset, "config": data, "parameters": counts}, indent=2))
         return
-    click.echo(f"# preset {config['preset']}: {config.get('description', '')}")
-    click.echo(yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip())
+    click.echo(f"# preset {config.preset}: {config.description}")
+    click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=None).rstrip())
     click.echo("# parameters")
     for name, value in counts.items():
         click.echo(f"#   {name:<18} {value:>15,}")
@@ -81,8 +75,9 @@ def print_dry_run(config: dict, counts: dict[str, int], as_json: bool) -> None:
 @click.option("--ckpt-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
 @click.option("--log-every", type=click.IntRange(min=1), help="Print and log the loss terms every N steps.")
 @click.option("--sample-every", type=click.IntRange(min=0), help="Save a grid of EMA samples every N steps (0: never).")
-@click.option("--compressor", type=click.Path(dir_okay=False),
-              help="Frozen semantic compressor for REGLUE presets: ours (from a compressor-* run) or the official file.")
+@click.option("--compressor", type=click.Path(),
+              help="Frozen semantic compressor for REGLUE presets: a compressor-* run's directory (or any of its "
+                   "checkpoints, or its compressor.pt), or the official file.")
 @click.option("--vfm-weights", type=click.Path(dir_okay=False),
               help="Local DINOv2 weights file (torch.hub or timm format) for machines without network.")
 @click.option("--batch-gpu", type=click.IntRange(min=1),
@@ -113,10 +108,7 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
     The official compressor works too: --compressor compressor.pth --set compressor.norm_stats=stats.pth
     To resume, run the same command again (a larger --max-steps continues a finished run).
     """
-    try:
-        config = resolve_config(preset, assignments, options)
-    except ConfigError as exc:
-        fail(str(exc))
+    config = resolve_config(preset, assignments, options)  # a ConfigError is one line and exit 2 (reglue_cli.main)
     if as_json and not dry_run:
         fail("--json only applies to --dry-run")
     if dry_run:
@@ -127,13 +119,11 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
                                keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights, tensorboard=tensorboard,
                                progress=not quiet, device=device, allow_other_data=allow_other_data)
-    run = train_compressor if config["kind"] == "compressor" else train_diffusion
+    run = train_compressor if config.kind == "compressor" else train_diffusion
     try:
         trainer = run(config, run_options)
     except TrainingStopped as exc:
         raise click.ClickException(str(exc)) from None  # exit 1: the run failed, the input was fine
-    except EXPECTED_ERRORS as exc:
-        fail(str(exc))
     finally:
         shutdown()
     if trainer.dist.is_main:

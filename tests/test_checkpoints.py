@@ -1,6 +1,7 @@
 """Checkpoints: bit-exact round trip, atomic writes, truncated files, and the official file formats."""
 
 import argparse
+import dataclasses
 import random
 import warnings
 
@@ -12,6 +13,7 @@ from conftest import randomize_, tiny_config
 from official_layout import OfficialEncoderDecoder, OfficialSiT, numpy_stats, randomize, rename_pickle_global
 from reglue import checkpoints, presets
 from reglue.checkpoints import CheckpointError
+from reglue.config import DiffusionRun, to_dict
 from reglue.models import SemanticCompressor, SiT, build
 
 
@@ -45,7 +47,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["0000002.pt"]  # no temp file left behind
     state = torch.load(path, weights_only=True)  # plain weights-only loading works
     assert state["format"] == "reglue-checkpoint" and state["version"] == 1
-    assert state["step"] == 2 and state["config"] == config and state["data_state"] == data_state
+    assert state["step"] == 2 and state["config"] == to_dict(config) and state["data_state"] == data_state
     _assert_same_state(state["model"], model.state_dict())
     _assert_same_state(state["ema"], ema.state_dict())
     opt2 = torch.optim.AdamW(build(state["config"]).parameters(), lr=1e-3)
@@ -57,9 +59,10 @@ def test_round_trip_is_bit_exact(tmp_path):
     for ema_flag, reference in ((False, model), (True, ema)):
         loaded, loaded_config = checkpoints.load_model(path, ema=ema_flag)
         _assert_same_state(loaded.state_dict(), reference.state_dict())
-        assert not loaded.training and loaded_config["preset"] == "tiny-reglue"
-        assert loaded_config["origin"] == {"format": "reglue", "path": str(path), "step": 2,
-                                           "weights": "ema" if ema_flag else "model"}
+        assert not loaded.training and loaded_config.preset == "tiny-reglue"
+        assert isinstance(loaded_config, DiffusionRun) and dataclasses.replace(loaded_config, origin=None) == config
+        assert loaded_config.origin == {"format": "reglue", "path": str(path), "step": 2,
+                                        "weights": "ema" if ema_flag else "model"}
 
 
 def test_rng_state_restores_every_generator(tmp_path):
@@ -134,6 +137,12 @@ def test_truncated_corrupt_and_foreign_checkpoints_are_refused_and_skipped(tmp_p
 
 # ---------------------------------------------------------------------------------------------- official files
 
+# The official fixtures use a 32x32 latent grid (256 px, 16x16 = DINOv2's tokens at 224) and the DINOv2-B token
+# width 768 for [CLS] and the projector output, so the loaded run configuration passes its cross-section checks
+# (reglue/config/checks.py); hidden width and depth stay tiny.
+GRID, VFM_WIDTH = 32, 768
+
+
 def _args(**kw):
     base = dict(model="SiT-B/2", encoder_depth=1, qk_norm=False, num_classes=1000, cfg_prob=0.1, proj_coeff=0.5,
                 resolution=256)
@@ -142,6 +151,7 @@ def _args(**kw):
 
 def _official_file(tmp_path, name, args, **layout):
     """An official-layout model and its EMA with random weights, saved as the official train.py does."""
+    layout = dict(input_size=GRID, cls_dim=VFM_WIDTH, **layout)
     official = randomize(OfficialSiT(**layout), seed=1).eval()
     ema = randomize(OfficialSiT(**layout), seed=2).eval()
     path = tmp_path / name
@@ -149,9 +159,9 @@ def _official_file(tmp_path, name, args, **layout):
     return official, ema, path
 
 
-def _compare(official, ours, with_cls, in_channels, cls_dim=16):
+def _compare(official, ours, with_cls, in_channels, cls_dim=VFM_WIDTH):
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(3, in_channels, 8, 8, generator=gen)
+    x = torch.randn(3, in_channels, GRID, GRID, generator=gen)
     t, y = torch.rand(3, generator=gen), torch.tensor([0, 5, 1000])
     cls = torch.randn(3, cls_dim, generator=gen) if with_cls else None
     with torch.no_grad():
@@ -173,13 +183,14 @@ def test_official_reglue_checkpoint_loads_and_matches(tmp_path, ema):
                  compression_model_path="/x/compression_model.pth", norm_stats="/x/dino_mean_std.pth")
     official, official_ema, path = _official_file(tmp_path, "reglue.pt", args, in_channels=20)
     ours, config = checkpoints.load_model(path, ema=ema)
-    assert config["preset"] == "sit-b2-reglue" and not ours.training
-    assert config["origin"] == {"format": "official-reglue", "path": str(path), "step": 123,
-                                "weights": "ema" if ema else "model", "compressor": "/x/compression_model.pth",
-                                "norm_stats": "/x/dino_mean_std.pth"}
-    m = config["model"]
-    assert (m["semantic_channels"], m["cls_token"], m["cls_dim"], m["input_size"]) == (16, True, 16, 8)
-    assert m["projector"]["depth"] == 1 and m["projector"]["align_cls"] and not m["qk_norm"]
+    assert config.preset == "sit-b2-reglue" and not ours.training
+    assert config.origin == {"format": "official-reglue", "path": str(path), "step": 123,
+                             "weights": "ema" if ema else "model", "compressor": "/x/compression_model.pth",
+                             "norm_stats": "/x/dino_mean_std.pth"}
+    m = config.model
+    assert (m.semantic_channels, m.cls_token, m.cls_dim, m.input_size) == (16, True, VFM_WIDTH, GRID)
+    assert (m.hidden_size, m.depth, m.projector.hidden_dim) == (128, 2, 24)  # read off the weights, not B/2's
+    assert m.projector.depth == 1 and m.projector.align_cls and not m.qk_norm
     _compare(official_ema if ema else official, ours, True, 20)
 
 
@@ -187,33 +198,34 @@ def test_official_reg_checkpoint_with_qk_norm_loads_and_matches(tmp_path):
     _, official_ema, path = _official_file(tmp_path, "reg.pt", _args(model="SiT-XL/2", cls=0.03, qk_norm=True),
                                            in_channels=4, d=144, qk_norm=True)  # XL's head width is 72
     ours, config = checkpoints.load_model(path)
-    assert config["preset"] == "sit-xl2-reg" and config["origin"]["format"] == "official-reg"
-    assert config["model"]["qk_norm"] and config["model"]["semantic_channels"] == 0
-    assert (config["model"]["hidden_size"], config["model"]["num_heads"]) == (144, 2)
+    assert config.preset == "sit-xl2-reg" and config.origin["format"] == "official-reg"
+    assert config.model.qk_norm and config.model.semantic_channels == 0
+    assert (config.model.hidden_size, config.model.num_heads) == (144, 2)
     _compare(official_ema, ours, True, 4)
 
 
 def test_official_repa_checkpoint_loads_and_matches(tmp_path):
     _, official_ema, path = _official_file(tmp_path, "repa.pt", _args(model="SiT-L/2", encoder_depth=2),
                                            in_channels=4, with_cls=False, encoder_depth=2)
-    assert official_ema.pos_embed.shape[1] == 16  # 4x4 patches, no [CLS] slot
+    assert official_ema.pos_embed.shape[1] == 256  # 16x16 patches, no [CLS] slot
     ours, config = checkpoints.load_model(path)
-    assert config["preset"] == "sit-l2-repa" and config["origin"]["format"] == "official-repa"
-    assert not config["model"]["cls_token"] and config["model"]["projector"]["depth"] == 2
+    assert config.preset == "sit-l2-repa" and config.origin["format"] == "official-repa"
+    assert not config.model.cls_token and config.model.projector.depth == 2
     _compare(official_ema, ours, False, 4)
 
 
 def test_a_bare_official_state_dict_is_read_by_its_shapes(tmp_path, monkeypatch):
-    official = randomize(OfficialSiT(in_channels=4, d=128, depth=2, with_cls=False, with_projector=False)).eval()
+    official = randomize(OfficialSiT(in_channels=4, d=128, depth=2, input_size=GRID, with_cls=False,
+                                     with_projector=False)).eval()
     torch.save(official.state_dict(), tmp_path / "last.pt")  # a released state dict: no args, no step
     with pytest.raises(CheckpointError, match="last.pt: no args.model, and hidden 128 / depth 2 match no SiT size"):
         checkpoints.load_model(tmp_path / "last.pt")
     monkeypatch.setitem(checkpoints.STANDARD_SIZES, (128, 2), "S")  # pretend: a real S/2 is 33M parameters
     ours, config = checkpoints.load_model(tmp_path / "last.pt")
-    assert config["preset"] == "sit-s2" and config["origin"]["weights"] == "state dict"
-    assert config["model"]["projector"] is None and config["model"]["num_heads"] == 2  # S/2's head width, 64
+    assert config.preset == "sit-s2" and config.origin["weights"] == "state dict"
+    assert config.model.projector is None and config.model.num_heads == 2  # S/2's head width, 64
     gen = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, generator=gen), torch.tensor([3, 1000])
+    x, t, y = torch.randn(2, 4, GRID, GRID, generator=gen), torch.rand(2, generator=gen), torch.tensor([3, 1000])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t, y).velocity, official(x, t, y)[0], atol=1e-5, rtol=1e-5)
     torch.save({k: v.half() for k, v in official.state_dict().items()}, tmp_path / "half.pt")  # an fp16 release
@@ -223,7 +235,7 @@ def test_a_bare_official_state_dict_is_read_by_its_shapes(tmp_path, monkeypatch)
 
 
 def test_official_loading_is_strict(tmp_path):
-    official = randomize(OfficialSiT())
+    official = randomize(OfficialSiT(input_size=GRID, cls_dim=VFM_WIDTH))
     for name, edit, expected in (("missing.pt", lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), "blocks.1.mlp.fc2.bias"),
                                  ("extra.pt", lambda sd: sd.update({"projectors.1.0.weight": torch.zeros(1)}),
                                   "projectors.1.0.weight"),
@@ -323,4 +335,22 @@ def test_foreign_files_are_named(tmp_path):
 def test_official_path_type_reaches_the_config(tmp_path, path_type, expected):
     args = _args(cls=0.03, **({} if path_type is None else {"path_type": path_type}))
     _, _, path = _official_file(tmp_path, "reg.pt", args, in_channels=4)
-    assert checkpoints.load_model(path)[1]["transport"]["path"] == expected  # the SDE's score depends on it
+    assert checkpoints.load_model(path)[1].transport.path == expected  # the SDE's score depends on it
+
+
+@pytest.mark.parametrize("with_projector", [False, True])
+def test_official_grid_other_than_256_px_reaches_the_config(tmp_path, with_projector):
+    """An official model on another latent grid (here 8x8: 64 px) loads with that grid, the matching image
+    resolution and, for REPA, the VFM input that gives as many tokens as it has patches (14 px per token)."""
+    official = randomize(OfficialSiT(in_channels=4, d=128, depth=2, input_size=8, cls_dim=VFM_WIDTH,
+                                     with_cls=False, with_projector=with_projector)).eval()
+    torch.save({"model": official.state_dict(), "args": _args(resolution=64), "steps": 1}, tmp_path / "small.pt")
+    ours, config = checkpoints.load_model(tmp_path / "small.pt")
+    assert config.preset == ("sit-b2-repa" if with_projector else "sit-b2")
+    assert (config.model.input_size, config.data.resolution) == (8, 64)
+    if with_projector:
+        assert config.vfm.image_size == 4 * 14  # 4x4 patches <-> 4x4 DINOv2 tokens
+    gen = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, generator=gen), torch.tensor([3, 1000])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y).velocity, official(x, t, y)[0], atol=1e-5, rtol=1e-5)

@@ -69,7 +69,7 @@ def _write_dataset(path, latent):
     mean = latent[labels] / SCALE
     moments = np.concatenate([mean, np.full_like(mean, SIGMA / SCALE)], axis=1).astype(np.float32)
     writer = EncodedWriter(path, "closed-form", 64, (8, 8, 8), "float32", False, [f"class{k}" for k in range(K)],
-                           {"resolution": 64})
+                           {"resolution": 64, "vae": "tiny"})  # latents built directly, decoded by the tiny VAE
     writer.append(images, moments, labels, np.array([f"{i}" for i in range(len(labels))], dtype=object), len(labels))
     writer.finish()
     return path

@@ -70,7 +70,7 @@ def encode(folder, out, vae_info, **options):
 
 
 def reference_adm_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Independent reading of method.md section 1, written with PIL's own crop box."""
+    """Independent reading of docs/method.md section 1, written with PIL's own crop box."""
     w, h = image.size
     while min(w, h) >= 2 * size:
         w, h = w // 2, h // 2
@@ -315,7 +315,7 @@ def test_reader_refuses_partial_and_foreign_files(tmp_path):
 def test_posterior_sample_is_mean_plus_std_times_eps_scaled():
     moments = torch.randn(3, 8, 4, 4)
     moments[:, 4:] = moments[:, 4:].abs()
-    z = sample_latents(moments, torch.Generator().manual_seed(5))
+    z = sample_latents(moments, LATENT_SCALE, torch.Generator().manual_seed(5))
     eps = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5)).double().numpy()
     m = moments.double().numpy()
     np.testing.assert_allclose(z.numpy(), (m[:, :4] + m[:, 4:] * eps) * LATENT_SCALE, rtol=1e-6, atol=1e-7)

@@ -14,7 +14,7 @@ from reglue.models import (
 )
 from reglue.models.sit import sincos_2d_embedding, timestep_frequencies
 
-# method.md section 4: the counts the paper's models have (frozen sin-cos position embedding included).
+# docs/method.md section 4: the counts the paper's models have (frozen sin-cos position embedding included).
 PINNED = {
     "sit-b2-reglue": (131_781_968, 139_126_864),
     "sit-xl2-reglue": (677_033_552, 685_164_880),
@@ -135,7 +135,7 @@ def test_qk_norm_adds_affine_norms_per_head():
 
 
 def test_sit_s2_builds_and_runs():
-    config = presets.load("sit-s2", model__input_size=8)
+    config = presets.load("sit-s2", model__input_size=8, data__resolution=64)  # 64 px -> 8x8 latents
     model = build(config).eval()
     x, t, y, _ = _inputs(model.config, n=2)
     assert model(x, t, y).velocity.shape == (2, 4, 8, 8)

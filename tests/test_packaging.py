@@ -14,7 +14,7 @@ assert evaluation.__file__.startswith(sys.argv[1]), evaluation.__file__
 from evaluation.compare import load_baselines
 from evaluation.reference import registry
 from reglue import presets
-print(len(load_baselines(["sit-b2"])), registry()["imagenet256"]["file"], presets.load("sit-b2-reglue")["preset"])
+print(len(load_baselines(["sit-b2"])), registry()["imagenet256"]["file"], presets.load("sit-b2-reglue").preset)
 """
 
 

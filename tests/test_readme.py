@@ -137,4 +137,4 @@ def _run_python_api_block(cwd: Path) -> None:
         os.chdir(old)
     out = namespace["out"]
     assert out.velocity.shape == (2, 20, 32, 32) and out.cls_velocity.shape == (2, 768)
-    assert namespace["config"]["preset"] == "sit-b2-reglue" and namespace["model"].config.in_channels == 20
+    assert namespace["config"].preset == "sit-b2-reglue" and namespace["model"].config.in_channels == 20

@@ -361,11 +361,12 @@ def batch_sensitive(monkeypatch):
 
 
 def test_the_stand_ins_would_expose_a_batch_dependent_pipeline(ckpt):
+    from reglue.constants import LATENT_SCALE
     from reglue.encoders.vae import decode_latents, load_vae
 
     decoder = BatchSensitive(load_vae("tiny")[0])
     z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(decode_latents(decoder, z)[:1], decode_latents(decoder, z[:1]))
+    assert not torch.equal(decode_latents(decoder, z, LATENT_SCALE)[:1], decode_latents(decoder, z[:1], LATENT_SCALE))
     model = BatchSensitive(checkpoints.load_model(ckpt)[0])
     x, cls = torch.randn(4, 8, 8, 8), torch.randn(4, 32)
     t, y = torch.full((4,), 0.5), torch.arange(4)

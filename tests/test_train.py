@@ -1,8 +1,10 @@
 """`reglue train`: loss goes down, resume is bit-exact (also after SIGKILL), torchrun matches one process,
 non-finite steps are skipped, and a trained compressor feeds a REGLUE run."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,12 +191,29 @@ def test_compressor_checkpoint_loads_into_a_diffusion_run(data, compressor, tmp_
     assert trainer.semantics.compressor is not None and not trainer.semantics.compressor.training
 
 
+def test_compressor_is_found_from_its_run_directory_or_any_checkpoint(compressor, tmp_path):
+    product, stats = checkpoints.load_compressor(compressor)
+    run = compressor.parent
+    last = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    for path in (run, last):  # the run directory (-> compressor.pt) and its own training checkpoint
+        comp, (mean, std) = checkpoints.load_compressor(path)
+        assert all(torch.equal(a, b) for a, b in zip(comp.state_dict().values(), product.state_dict().values()))
+        assert torch.equal(mean, stats[0]) and torch.equal(std, stats[1])
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    shutil.copy(last, unfinished / "checkpoints" / last.name)  # a run that has not written compressor.pt yet
+    assert checkpoints.load_compressor(unfinished)[0].channels == [64, 32, 4]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoints.CheckpointError, match="not a compressor run"):
+        checkpoints.load_compressor(tmp_path / "empty")
+
+
 def test_cli_errors_are_one_line(data, tmp_path, capsys):
     cases = [
         (["--preset", "tiny-sit", "--outdir", str(tmp_path / "r")], "--data and --outdir are required"),
         (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r2")], "needs a trained compressor"),
         (["--preset", "tiny-sit", "--data", str(tmp_path / "none.h5"), "--outdir", str(tmp_path / "r3")], "no such dataset"),
-        (["--preset", "sit-b2", "--data", str(data), "--outdir", str(tmp_path / "r4")], "model.input_size is 32"),
+        (["--preset", "sit-b2", "--data", str(data), "--outdir", str(tmp_path / "r4")], "encoded with resolution 64, the run's data.resolution is 256"),
         (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r5"), "--compressor",
           str(data)], "cannot be read safely"),
     ]
@@ -206,7 +225,7 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys):
 
 def test_redi_style_pca_semantics_train(data, tmp_path):
     config = _config("tiny-sit", train__max_steps=2, model__semantic_channels=4, model__semantic_source="pca",
-                     vfm__layers=[2, 3])
+                     vfm__name="tiny-dinov2", vfm__image_size=56, vfm__layers=[2, 3])
     trainer = train_diffusion(config, _options(data, tmp_path / "run"))
     basis = trainer.semantics.pca
     assert basis.shape == (64, 4)
@@ -217,7 +236,8 @@ def test_redi_style_pca_semantics_train(data, tmp_path):
     assert torch.equal(stored, basis)  # written once to the run directory
     changed = -stored  # a resume reads the stored basis instead of refitting (a refit could differ by device)
     torch.save({"basis": changed, "fit_images": 1024}, tmp_path / "run/pca_basis.pt")
-    resumed = train_diffusion({**config, "train": {**config["train"], "max_steps": 3}}, _options(data, tmp_path / "run"))
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=3))
+    resumed = train_diffusion(longer, _options(data, tmp_path / "run"))
     assert torch.equal(resumed.semantics.pca.cpu(), changed)
 
 

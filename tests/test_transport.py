@@ -6,6 +6,7 @@ import torch
 
 from conftest import randomize_, tiny_config
 from reglue import presets
+from reglue.config import to_dict
 from reglue.models import SiT
 from reglue.transport import CosinePath, JointLoss, LinearPath, LossWeights, repa_loss, sample_time
 
@@ -41,7 +42,7 @@ def test_lognormal_times_follow_sigma_over_one_plus_sigma():
 
 
 def _reference_losses(out, x0, eps, t, cls0, cls_eps, target, weights, c_lat, align):
-    """Float64 NumPy recomputation of method.md section 5 from the model's raw outputs."""
+    """Float64 NumPy recomputation of docs/method.md section 5 from the model's raw outputs."""
     x0, eps, t = x0.double().numpy(), eps.double().numpy(), t.double().numpy()
     v = eps - x0  # linear path target
     pred = out.velocity.detach().double().numpy()
@@ -124,10 +125,13 @@ def test_repa_cosine_is_float32_under_autocast():
 
 
 def test_semantic_weight_schedule_of_the_xl_preset():
-    weights = LossWeights.from_dict(presets.load("sit-xl2-reglue")["loss"])
+    config = presets.load("sit-xl2-reglue")
+    weights = config.loss
+    assert isinstance(weights, LossWeights)
+    assert LossWeights.from_dict(to_dict(config)["loss"]) == weights  # the plain form reads back the same
     assert [weights.semantic_at(s) for s in (0, 249_999, 250_000, 499_999, 500_000, 10**6)] == [
         1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
-    assert LossWeights.from_dict(presets.load("sit-b2-reglue")["loss"]).semantic_at(10**6) == 1.0
+    assert presets.load("sit-b2-reglue").loss.semantic_at(10**6) == 1.0
     assert (weights.cls, weights.repa, weights.latent) == (0.03, 0.5, 1.0)
 
 

@@ -1,4 +1,4 @@
-"""Image decoding and the ADM centre crop (method.md section 1)."""
+"""Image decoding and the ADM centre crop (docs/method.md section 1)."""
 
 from __future__ import annotations
 

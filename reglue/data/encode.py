@@ -16,6 +16,7 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from reglue.errors import UserError
 from reglue import __version__
 from reglue.constants import LATENT_CHANNELS, VAE_DOWNSAMPLE
 from reglue.data import h5format as fmt
@@ -31,7 +32,7 @@ from reglue.encoders.vae import posterior_moments
 MOMENTS_DTYPES = ("float32", "float16")
 
 
-class EncodeError(ValueError):
+class EncodeError(UserError, ValueError):
     """The output cannot be written as asked (exists from another source, missing directory...)."""
 
 

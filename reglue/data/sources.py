@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from reglue.errors import UserError
 from reglue.data.crop import IMAGE_EXTENSIONS
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The image source cannot be used; the message names the path and the problem."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
+from reglue.errors import UserError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UserError, RuntimeError):
     """A pretrained model could not be loaded; the message says what to fetch and where to put it."""
 
 

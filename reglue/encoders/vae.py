@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from reglue.constants import LATENT_CHANNELS, LATENT_SCALE
+from reglue.constants import LATENT_CHANNELS
 from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # encoder (identical to ft-ema's encoder)
@@ -53,17 +53,18 @@ def _how_to_fetch(name: str) -> str:
 def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The VAE named by ``spec`` (hub id, local directory, or 'tiny'; default DEFAULT_VAE) and a description.
 
-    A hub id with a local copy named in its environment variable (LOCAL_COPY_ENV) loads that copy instead.
+    A hub id with a local copy named in its environment variable (LOCAL_COPY_ENV) loads that copy instead, and
+    keeps the hub id as its id (what a run's data.vae names).
     """
-    spec = spec or DEFAULT_VAE
-    spec = os.environ.get(LOCAL_COPY_ENV.get(spec, ""), "") or spec
+    name = spec or DEFAULT_VAE
+    spec = os.environ.get(LOCAL_COPY_ENV.get(name, ""), "") or name
     if spec == TINY_VAE:
         return build_tiny_vae(), {"id": TINY_VAE, "comparable": False}
     path = Path(spec)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"VAE {spec}: expected a diffusers folder with config.json and the weights")
-        return _from_pretrained(str(path)), {"id": str(path.resolve()), "comparable": True}
+        return _from_pretrained(str(path)), {"id": name if spec != name else str(path.resolve()), "comparable": True}
     if spec.count("/") != 1:
         raise ModelLoadError(f"unknown VAE {spec!r}: give a hub id like {DEFAULT_VAE}, a local folder, or 'tiny'")
     try:
@@ -94,18 +95,19 @@ def posterior_moments(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tenso
     return torch.cat([dist.mean, dist.std], dim=1).float()
 
 
-def sample_latents(moments: torch.Tensor, generator: torch.Generator | None = None,
+def sample_latents(moments: torch.Tensor, scale: float, generator: torch.Generator | None = None,
                    eps: torch.Tensor | None = None) -> torch.Tensor:
-    """z = (mean + std * eps) * LATENT_SCALE from moments (N, 8, h, w), drawn fresh each training step."""
+    """z = (mean + std * eps) * scale from moments (N, 8, h, w), drawn fresh each training step (scale: the run's
+    data.latent_scale, 0.18215 for SD-VAE)."""
     mean, std = moments.float().chunk(2, dim=1)
     if eps is None:
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * eps.to(mean)) * LATENT_SCALE
+    return (mean + std * eps.to(mean)) * scale
 
 
 @torch.no_grad()
-def decode_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (N, 4, h, w) -> uint8 images (N, H, W, 3), quantised as SAMPLE_QUANTISATION says."""
+def decode_latents(vae: torch.nn.Module, z: torch.Tensor, scale: float) -> torch.Tensor:
+    """Latents scaled by ``scale`` (N, 4, h, w) -> uint8 images (N, H, W, 3), quantised as SAMPLE_QUANTISATION says."""
     device = next(vae.parameters()).device
-    x = vae.decode(z.to(device).float() / LATENT_SCALE).sample
+    x = vae.decode(z.to(device).float() / scale).sample
     return ((x + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

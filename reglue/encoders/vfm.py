@@ -1,6 +1,6 @@
 """The frozen vision foundation model (DINOv2-B/14 with registers, or a tiny stand-in) and its features.
 
-From uint8 images it returns what REGLUE trains on (method.md section 2): the normed patch maps of chosen
+From uint8 images it returns what REGLUE trains on (docs/method.md 2): the normed patch maps of chosen
 blocks concatenated on channels (local semantics), the final [CLS] token (global semantics), and the final
 [CLS] + patch tokens (the REPA target).
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
 
-DINOV2_B_REG = "dinov2-vitb14-reg"
-TINY_VFM = "tiny-dinov2"
+from reglue.encoders.specs import DINOV2_B_REG, TINY_VFM  # noqa: E402  (names shared with the config checks)
 TIMM_NAMES = {DINOV2_B_REG: "vit_base_patch14_reg4_dinov2.lvd142m"}
 VFM_ENV = "REGLUE_VFM"  # a local weights file (torch.hub or timm format) for DINOV2_B_REG
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,8 +33,8 @@ class VFMFeatures(NamedTuple):
     """What the VFM gives the diffusion model."""
 
     local: torch.Tensor  # (N, D * len(layers), g, g) normed patch maps of the chosen blocks
-    cls: torch.Tensor  # (N, D) final [CLS] after the norm
-    tokens: torch.Tensor  # (N, 1 + g * g, D) final [CLS] then patch tokens: the REPA target
+    cls: torch.Tensor  # (N, D) [CLS] after the norm (vfm.cls_layer; the last block by default)
+    tokens: torch.Tensor  # (N, 1 + g * g, D) [CLS] then patch tokens (vfm.repa_layer): the REPA target
 
 
 class VisionFoundationModel(nn.Module):
@@ -64,20 +63,28 @@ class VisionFoundationModel(nn.Module):
         return super().train(False)  # always frozen, always in eval mode
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, layers: Sequence[int]) -> VFMFeatures:
-        """Features of uint8 images: blocks ``layers`` (0-based) for the local maps, the last block for the rest."""
+    def forward(self, images: torch.Tensor, layers: Sequence[int], cls_layer: int = -1,
+                repa_layer: int = -1) -> VFMFeatures:
+        """Features of uint8 images: the normed patch maps of blocks ``layers``, the normed [CLS] after block
+        ``cls_layer`` and the normed [CLS] + patch tokens after block ``repa_layer`` (0-based; -1: the last)."""
         vit = self.vit
+        depth = len(vit.blocks)
+        cls_at, repa_at = cls_layer % depth, repa_layer % depth
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(self.preprocess(images)))))
         prefix, grid = vit.num_prefix_tokens, self.image_size // vit.patch_embed.patch_size[0]
-        maps = []
-        for i, block in enumerate(vit.blocks):
+        maps, cls, tokens = [], None, None
+        for i, block in enumerate(vit.blocks[: max([*layers, cls_at, repa_at]) + 1]):
             x = block(x)
+            if i not in (*layers, cls_at, repa_at):
+                continue
+            normed = vit.norm(x)  # (N, prefix + g*g, D)
             if i in layers:
-                patches = vit.norm(x)[:, prefix:]  # (N, g*g, D)
-                maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))
-        final = vit.norm(x)
-        tokens = torch.cat([final[:, :1], final[:, prefix:]], dim=1)  # [CLS] + patches, registers dropped
-        return VFMFeatures(torch.cat(maps, dim=1), final[:, 0], tokens)
+                maps.append(normed[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid))
+            if i == cls_at:
+                cls = normed[:, 0]
+            if i == repa_at:
+                tokens = torch.cat([normed[:, :1], normed[:, prefix:]], dim=1)  # [CLS] + patches, no registers
+        return VFMFeatures(torch.cat(maps, dim=1), cls, tokens)
 
 
 def build_tiny_vfm() -> VisionFoundationModel:

@@ -17,25 +17,26 @@ __all__ = [
 ]
 
 
-def _model_config(config: Mapping | ModelConfig) -> ModelConfig:
+def _model_config(config) -> ModelConfig:
+    """The ModelConfig of a run configuration, a ModelConfig, or a plain ``model`` section."""
     if isinstance(config, ModelConfig):
         return config
-    section = config.get("model", config)
-    return ModelConfig.from_dict(section)
+    if isinstance(config, Mapping):
+        return ModelConfig.from_dict(config.get("model", config))
+    return config.model
 
 
-def build(config: Mapping | ModelConfig) -> SiT:
-    """Build the diffusion model from a resolved preset (or its ``model`` section, or a ModelConfig)."""
+def build(config) -> SiT:
+    """Build the diffusion model from a run configuration (or a ModelConfig, or a plain ``model`` section)."""
     return SiT(_model_config(config))
 
 
-def build_compressor(config: Mapping) -> SemanticCompressor:
-    """Build the semantic compressor from a preset's ``compressor`` section (or the whole preset)."""
-    section = config.get("compressor", config)
-    return SemanticCompressor(section["channels"])
+def build_compressor(config) -> SemanticCompressor:
+    """Build the semantic compressor from a compressor run configuration."""
+    return SemanticCompressor(list(config.compressor.channels))
 
 
-def count_parameters(config: Mapping | ModelConfig) -> dict[str, int]:
+def count_parameters(config) -> dict[str, int]:
     """Total, trainable and without-projector parameter counts, computed on the meta device (no memory)."""
     with torch.device("meta"):
         model = build(config)
@@ -45,7 +46,7 @@ def count_parameters(config: Mapping | ModelConfig) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "without_projector": total - projector, "projector": projector}
 
 
-def count_compressor_parameters(config: Mapping) -> dict[str, int]:
+def count_compressor_parameters(config) -> dict[str, int]:
     """Encoder, decoder and total parameter counts of the semantic compressor."""
     with torch.device("meta"):
         compressor = build_compressor(config)

@@ -1,51 +1,60 @@
-"""The model part of a preset as a typed, validated dataclass."""
+"""The model part of a run configuration as a typed, validated dataclass (the ``model`` section of a preset)."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from reglue.schema import COUNT, FRACTION, knob, optional, parse, plain
 from reglue.constants import LATENT_CHANNELS, NUM_CLASSES
+from reglue.errors import ConfigError
+
+__all__ = ["ConfigError", "ModelConfig", "ProjectorConfig", "SEMANTIC_SOURCES"]
 
 SEMANTIC_SOURCES = ("none", "compressor", "pca")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+CLASS_DROPOUT = 0.1  # label dropout of a class-conditional model (the official --cfg-prob)
 
 
 @dataclass(frozen=True)
 class ProjectorConfig:
     """The REPA projector: an MLP on the hidden states after block ``depth`` (counted from 1)."""
 
-    depth: int = 4
-    hidden_dim: int = 2048
-    out_dim: int = 768
-    align_patch: bool = True
-    align_cls: bool = True
+    depth: int = knob(4, "block (counted from 1) whose hidden states are projected: 4 for B/2, 8 for L/2 and XL/2", COUNT)
+    hidden_dim: int = knob(2048, "hidden width of the 3-layer SiLU MLP", COUNT)
+    out_dim: int = knob(768, "output width: the VFM's token width", COUNT)
+    align_patch: bool = knob(True, "align the projected patch tokens to the VFM's patch tokens")
+    align_cls: bool = knob(True, "also align the projected [CLS] token to the VFM's [CLS] (needs model.cls_token)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Every switch of the SiT family; see docs/api.md for the meaning of each field."""
+    """Every switch of the SiT family (SiT paper Table 1 sizes; docs/models.md)."""
 
-    depth: int = 12
-    hidden_size: int = 768
-    num_heads: int = 12
-    patch_size: int = 2
-    input_size: int = 32
-    mlp_ratio: float = 4.0
-    latent_channels: int = LATENT_CHANNELS
-    semantic_channels: int = 0
-    semantic_source: str = "none"
-    cls_token: bool = False
-    cls_dim: int = 768
-    projector: ProjectorConfig | None = None
-    qk_norm: bool = False
-    num_classes: int = NUM_CLASSES
-    class_dropout: float = 0.1
-    fused_attn: bool = True
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    size: str = knob("B/2", "a label for logs and tables (S/2, B/2, L/2, XL/2); depth and widths decide the model")
+    depth: int = knob(12, "transformer blocks", COUNT)
+    hidden_size: int = knob(768, "token width", COUNT)
+    num_heads: int = knob(12, "attention heads", COUNT)
+    patch_size: int = knob(2, "latent patch side", COUNT)
+    input_size: int = knob(32, "latent grid side: data.resolution / 8", COUNT)
+    mlp_ratio: float = knob(4.0, "MLP width / token width", (lambda v: v > 0, "a number > 0"))
+    latent_channels: int = knob(LATENT_CHANNELS, "SD-VAE latent channels", COUNT)
+    semantic_channels: int = knob(0, "semantic channels concatenated to the latents (ReDi 8, REGLUE 16)",
+                                  (lambda v: v >= 0, "an integer >= 0"))
+    semantic_source: str = knob("none", "where they come from: none, compressor (REGLUE) or pca (ReDi)",
+                                (lambda v: v in SEMANTIC_SOURCES, "one of " + ", ".join(SEMANTIC_SOURCES)))
+    cls_token: bool = knob(False, "denoise the VFM's global [CLS] jointly, as token 0 (REG, REGLUE)")
+    cls_dim: int = knob(768, "[CLS] width: the VFM's token width", COUNT)
+    projector: ProjectorConfig | None = knob(None, "the REPA projector, or null for none")
+    qk_norm: bool = knob(False, "LayerNorm on queries and keys")
+    num_classes: int = knob(NUM_CLASSES, "class labels (ImageNet 1000); 0 trains an unconditional model",
+                            (lambda v: v >= 0, "an integer >= 0 (0: unconditional)"))
+    class_dropout: float | None = knob(None, f"label dropout for guidance; null: {CLASS_DROPOUT} with labels, 0 "
+                                             "without", optional(FRACTION))
+    fused_attn: bool = knob(True, "fused scaled-dot-product attention (same result, faster)")
+
+    def __post_init__(self):
+        if self.class_dropout is None:  # resolved once, so checkpoints and config.yaml hold the number
+            object.__setattr__(self, "class_dropout", CLASS_DROPOUT if self.num_classes else 0.0)
+        self.validate()
 
     @property
     def in_channels(self) -> int:
@@ -59,29 +68,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        """Build from a preset's ``model`` section, rejecting unknown keys by name."""
-        data = dict(data)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        unknown = sorted(set(data) - names - {"size"})
-        if unknown:
-            raise ConfigError(f"model: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        data.pop("size", None)
-        projector = data.pop("projector", None)
-        if projector is not None:
-            pnames = {f.name for f in dataclasses.fields(ProjectorConfig)}
-            bad = sorted(set(projector) - pnames)
-            if bad:
-                raise ConfigError(f"model.projector: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(pnames))}")
-            projector = ProjectorConfig(**projector)
-        config = cls(projector=projector, **data)
-        config.validate()
-        return config
+        """Build from a preset's ``model`` section, rejecting unknown keys and wrong types by name."""
+        return parse(cls, data, "model")
 
     def to_dict(self) -> dict:
         """Plain-data form (what checkpoints and config.yaml store)."""
-        data = dataclasses.asdict(self)
-        data.pop("extra")
-        return data
+        return plain(self)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field."""
@@ -102,6 +94,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"model.class_dropout {self.class_dropout} must lie in [0, 1)")
+        if self.num_classes == 0 and self.class_dropout:
+            raise ConfigError(f"model.class_dropout {self.class_dropout}: an unconditional model (num_classes 0) "
+                              "has no labels to drop; set it to 0 or null")
         if self.projector is not None:
             p = self.projector
             if not 1 <= p.depth <= self.depth:

@@ -204,7 +204,8 @@ class SiT(nn.Module):
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.in_channels, d, config.patch_size)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout)
+        # an unconditional model (num_classes 0) has no label table: c = t embedding only
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout) if config.num_classes else None
         self.cls_embedder = ClsEmbedder(config.cls_dim, d) if config.cls_token else None
         num_tokens = config.num_patches + int(config.cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d), requires_grad=False)  # fixed sin-cos
@@ -226,7 +227,8 @@ class SiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
@@ -246,12 +248,13 @@ class SiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: torch.Tensor | None,
         cls: torch.Tensor | None = None,
         return_projections: bool | None = None,
         drop_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Velocity of x (N, C, H, W) [and cls (N, cls_dim)] at times t (N,) for labels y (N,).
+        """Velocity of x (N, C, H, W) [and cls (N, cls_dim)] at times t (N,) for labels y (N,) (ignored, may be
+        None, in an unconditional model).
 
         ``drop_mask`` (N,) bool replaces those labels by the null class (the training loop draws it from its own
         generator so that a run is reproducible); without it, training mode drops labels at random.
@@ -263,7 +266,9 @@ class SiT(nn.Module):
         if cls is not None:
             tokens = torch.cat([self.cls_embedder(cls), tokens], dim=1)  # (N, 1 + T, D)
         tokens = tokens + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (N, D)
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, drop_mask)
         want_projections = self.training if return_projections is None else return_projections
         projections = None
         for depth, block in enumerate(self.blocks, start=1):
@@ -274,6 +279,7 @@ class SiT(nn.Module):
         return ModelOutput(self.unpatchify(patches), cls_velocity, projections)
 
     @property
-    def null_class(self) -> int:
-        """The label that means "no class" (classifier-free guidance): NULL_CLASS for ImageNet-1k."""
-        return self.y_embedder.null_class
+    def null_class(self) -> int | None:
+        """The label that means "no class" (classifier-free guidance): NULL_CLASS for ImageNet-1k; None when the
+        model is unconditional."""
+        return None if self.y_embedder is None else self.y_embedder.null_class

@@ -1,6 +1,7 @@
 """Presets: YAML files shipped with the package, resolved through ``base:`` chains and overrides.
 
-``load("sit-b2-reglue", train__global_batch=128)`` returns the resolved config as plain data. An override
+``load("sit-b2-reglue", train__global_batch=128)`` returns the typed run configuration (reglue.config): the
+schema's defaults, then the preset's files, then the overrides, checked as a whole. An override
 names a key by its path with ``__`` (or ``.``) between levels; a bare name is accepted when it is unique.
 Files whose name starts with ``_`` are building blocks, not presets.
 """
@@ -13,7 +14,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from reglue.models.config import ConfigError, ModelConfig
+from reglue import config as run_config
+from reglue.errors import ConfigError
 
 
 class PresetError(ConfigError):
@@ -109,28 +111,18 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise PresetError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
 
 
-def validate(config: dict) -> dict:
-    """Check the resolved config: the model section builds a ModelConfig, every other value is in range."""
-    from reglue.presets.ranges import check_ranges
-
-    problems = check_ranges(config) if config.get("kind") in ("diffusion", "compressor") else []
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PresetError(problems[0] + more)
-    if config.get("kind") == "diffusion":
-        ModelConfig.from_dict(config["model"])
-    elif config.get("kind") == "compressor":
-        channels = config.get("compressor", {}).get("channels")
-        if not channels or len(channels) < 2:
-            raise PresetError("compressor.channels needs at least two entries")
-    else:
-        raise PresetError(f"kind {config.get('kind')!r}: expected 'diffusion' or 'compressor'")
-    return config
+def resolve(name: str) -> dict:
+    """The plain form of preset ``name``: the schema's defaults for its kind with its files merged on top."""
+    data = {"preset": name, **_read(name, _preset_files())}
+    kind = data.get("kind")
+    if kind not in run_config.KINDS:
+        raise PresetError(f"preset {name!r}: kind {kind!r}, expected one of {', '.join(run_config.KINDS)}")
+    return deep_merge(run_config.defaults(kind), data)
 
 
-def load(name: str, **overrides: Any) -> dict:
-    """The resolved preset ``name`` with keyword overrides applied (``model__depth=4`` or a unique bare key)."""
-    config = {"preset": name, **_read(name, _preset_files())}
+def load(name: str, **overrides: Any) -> run_config.RunConfig:
+    """The typed preset ``name`` with keyword overrides applied (``model__depth=4`` or a unique bare key)."""
+    data = resolve(name)
     for key, value in overrides.items():
-        apply_override(config, key, value)
-    return validate(config)
+        apply_override(data, key, value)
+    return run_config.from_dict(data)

@@ -23,10 +23,11 @@ import torch
 from tqdm import tqdm
 
 from reglue.checkpoints import load_model
+from reglue.config.sections import SamplingConfig
 from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
 from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import decode_latents, load_vae
-from reglue.sampling.seeds import SampleNoise, make_labels, sample_seed
+from reglue.sampling.seeds import SampleError, SampleNoise, make_labels, sample_seed
 from reglue.locks import directory_lock
 from reglue.sampling.store import SAMPLES_H5, SampleStoreError, check_out_dir, done_indices, merge, open_part
 from reglue.transport.path import Path as InterpolantPath, get_path
@@ -52,17 +53,55 @@ class SampleSettings:
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+            raise SampleError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.chunk < 1:
-            raise ValueError(f"chunk must be at least 1, got {self.chunk}")
+            raise SampleError(f"chunk must be at least 1, got {self.chunk}")
         if self.guidance.reference_vae_cfg and self.sampler != "sde":
-            raise ValueError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
+            raise SampleError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
 
     def describe(self) -> dict:
         """Plain-data form for attributes and the run id."""
         data = asdict(self)
         data["guidance"] = {**asdict(self.guidance), "cls_scale": self.guidance.effective_cls_scale}
         return data
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What `reglue sample` was asked for: None (not given) takes the value of the checkpoint's ``sampling``
+    section (reglue.config.sections.SamplingConfig), so a preset's paper settings are the default."""
+
+    n: int
+    sampler: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    cls_cfg: float | None = None  # not given with --cfg given: follows --cfg
+    interval: tuple[float, float] | None = None
+    channels: str | None = None
+    reference_vae_cfg: bool = False
+    seed: int = 0
+    balanced: bool = False
+    classes: tuple[int, ...] | None = None
+    weights: str = "ema"
+    vae: str | None = None
+    chunk: int = DEFAULT_CHUNK
+
+    def resolve(self, sampling: SamplingConfig) -> tuple[SampleSettings, list[str]]:
+        """(settings, names of the settings taken from ``sampling``)."""
+        pick = lambda given, preset: preset if given is None else given  # noqa: E731
+        cls_cfg = self.cls_cfg if self.cls_cfg is not None or self.cfg is not None else sampling.cfg_cls_scale
+        taken = [name for name, given in (("sampler", self.sampler), ("steps", self.steps), ("cfg", self.cfg),
+                                          ("cls_cfg", self.cls_cfg if self.cfg is None else 0),
+                                          ("interval", self.interval), ("channels", self.channels)) if given is None]
+        guidance = Guidance(scale=pick(self.cfg, sampling.cfg_scale), cls_scale=cls_cfg,
+                            interval=tuple(pick(self.interval, sampling.guidance_interval)),
+                            channels=pick(self.channels, sampling.cfg_channels),
+                            reference_vae_cfg=self.reference_vae_cfg)
+        settings = SampleSettings(n=self.n, sampler=pick(self.sampler, sampling.sampler),
+                                  steps=pick(self.steps, sampling.steps), guidance=guidance, seed=self.seed,
+                                  balanced=self.balanced, classes=self.classes, weights=self.weights, vae=self.vae,
+                                  chunk=self.chunk)
+        return settings, taken
 
 
 @dataclass
@@ -128,12 +167,12 @@ def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.T
 
 
 def sample_chunk(model, vae, settings: SampleSettings, indices: range, labels: torch.Tensor, device,
-                 path: InterpolantPath) -> dict:
+                 path: InterpolantPath, latent_scale: float) -> dict:
     """One chunk, integrated and decoded in single calls: the rows a part file receives."""
     batch = list(indices)
     seeds = [sample_seed(settings.seed, i) for i in batch]
     x, _ = integrate(model, settings, seeds, labels[batch], device, path)
-    images = decode_latents(vae, x[:, : model.config.latent_channels].float()).numpy()
+    images = decode_latents(vae, x[:, : model.config.latent_channels].float(), latent_scale).numpy()
     return {"index": np.array(batch), "images": images, "labels": labels[batch].numpy(), "seeds": np.array(seeds)}
 
 
@@ -141,10 +180,13 @@ def _concat(rows: list[dict]) -> dict:
     return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
 
-def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dist: DistInfo = DistInfo(),
+def sample_to_dir(ckpt, out, settings: SampleSettings | SampleRequest, batch_size: int = 32, dist: DistInfo = DistInfo(),
                   overwrite: bool = False, progress: bool = True,
                   log: Callable[[str], None] = tqdm.write) -> SampleSummary:
     """Write ``settings.n`` samples of ``ckpt`` to ``out``; run again to resume, any process count gives the same.
+
+    ``settings``: everything spelled out, or a SampleRequest whose missing values come from the checkpoint's
+    ``sampling`` section; the settings used are recorded in samples.h5 (attribute ``settings``).
 
     ``batch_size``: samples per pass on each process, rounded up to whole chunks; it decides how often finished
     samples are saved, never the pixels (settings.chunk does, see the module docstring). One process (rank 0)
@@ -161,26 +203,46 @@ def sample_to_dir(ckpt, out, settings: SampleSettings, batch_size: int = 32, dis
             lock.release()
 
 
-def _sample(ckpt, out: Path, settings: SampleSettings, batch_size: int, dist: DistInfo, overwrite: bool,
-            progress: bool, log: Callable[[str], None]) -> SampleSummary:
+def check_settings(settings: SampleSettings, num_classes: int) -> None:
+    """SampleError when the settings ask for labels or guidance the model does not have."""
+    if num_classes == 0:
+        g = settings.guidance
+        if g.scale != 1.0 or g.effective_cls_scale != 1.0:
+            raise SampleError(f"guidance scale {g.scale} / [CLS] {g.effective_cls_scale}: an unconditional model has "
+                              "no classifier-free guidance; use --cfg 1")
+        if settings.classes or settings.balanced:
+            raise SampleError("--class and --balanced need a class-conditional model; this one is unconditional")
+    for c in settings.classes or ():
+        if not 0 <= c < num_classes:
+            raise SampleError(f"class {c} out of range 0..{num_classes - 1}")
+
+
+def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_size: int, dist: DistInfo,
+            overwrite: bool, progress: bool, log: Callable[[str], None]) -> SampleSummary:
     """sample_to_dir's work, under the lock."""
     started = time.time()
     model, config = load_model(ckpt, ema=settings.weights == "ema")
+    taken: list[str] = []
+    if isinstance(settings, SampleRequest):
+        settings, taken = settings.resolve(config.sampling)
     model = model.to(dist.device).eval()
     cfg = model.config
-    path = get_path(config["transport"]["path"])
-    vae_id = settings.vae or config["data"]["vae_decoder"]
-    attrs = {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), "preset": config.get("preset", ""),
-             "step": int(config.get("origin", {}).get("step", 0)), "decoder": vae_id, "path": path.name,
-             "null_class": model.null_class, "quantisation": SAMPLE_QUANTISATION,
-             "settings": json.dumps(settings.describe())}
+    check_settings(settings, cfg.num_classes)
+    path = get_path(config.transport.path)
+    vae_id = settings.vae or config.data.vae_decoder
+    attrs = {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), "preset": config.preset,
+             "step": int((config.origin or {}).get("step", 0)), "decoder": vae_id, "path": path.name,
+             "num_classes": cfg.num_classes, "null_class": -1 if model.null_class is None else model.null_class,
+             "quantisation": SAMPLE_QUANTISATION,
+             "latent_scale": config.data.latent_scale, "settings": json.dumps(settings.describe()),
+             "settings_from_checkpoint": json.dumps(taken)}
+    if taken and dist.is_main:
+        log("from the checkpoint's sampling section: " + ", ".join(
+            f"{k} {v}" for k, v in _shown(settings).items() if k in taken))
     run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe()]).encode()).hexdigest()
     if check_out_dir(out, run_id, overwrite):
         return SampleSummary(out, settings.n, settings.n, time.time() - started, reused=True)
     out.mkdir(parents=True, exist_ok=True)
-    for c in settings.classes or ():
-        if not 0 <= c < cfg.num_classes:
-            raise ValueError(f"class {c} out of range 0..{cfg.num_classes - 1}")
     labels = make_labels(settings.n, cfg.num_classes, settings.seed, settings.balanced, list(settings.classes or []))
     done = done_indices(out, run_id)
     barrier()
@@ -196,8 +258,8 @@ def _sample(ckpt, out: Path, settings: SampleSettings, batch_size: int, dist: Di
     try:
         with deterministic_kernels(torch.device(dist.device)):
             for chunks in passes_of(todo, batch_size, settings.chunk):
-                part.append(_concat([sample_chunk(model, vae, settings, c, labels, dist.device, path)
-                                     for c in chunks]))
+                part.append(_concat([sample_chunk(model, vae, settings, c, labels, dist.device, path,
+                                                  config.data.latent_scale) for c in chunks]))
                 bar.update(sum(map(len, chunks)) * dist.world)
     finally:
         part.close()
@@ -207,6 +269,13 @@ def _sample(ckpt, out: Path, settings: SampleSettings, batch_size: int, dist: Di
         merge(out, settings.n, resolution, run_id, attrs)
     barrier()
     return SampleSummary(out, settings.n, sum(map(len, todo)), time.time() - started)
+
+
+def _shown(settings: SampleSettings) -> dict:
+    """The settings a SampleRequest may leave to the checkpoint, by their flag names."""
+    g = settings.guidance
+    return {"sampler": settings.sampler, "steps": settings.steps, "cfg": g.scale, "cls_cfg": g.effective_cls_scale,
+            "interval": ",".join(f"{v:g}" for v in g.interval), "channels": g.channels}
 
 
 def write_grid(out: Path, png: Path, count: int = 64, columns: int = 8) -> Path:

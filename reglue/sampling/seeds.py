@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from reglue.errors import UserError
+
 SEED_STRIDE = 1 << 32  # sample i of run seed s uses generator seed s * SEED_STRIDE + i
 LABEL_SALT = 0x5EED_1ABE1  # a separate stream for the uniform labels
+
+
+class SampleError(UserError, ValueError):
+    """Settings that cannot sample this model (guidance without labels, a class out of range ...)."""
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -18,11 +24,14 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 def make_labels(n: int, num_classes: int, seed: int, balanced: bool, classes: list[int] | None = None) -> torch.Tensor:
-    """Labels of samples 0..n-1: uniform per sample (as the reference), or balanced in a seeded random order."""
+    """Labels of samples 0..n-1: uniform per sample (as the reference), or balanced in a seeded random order; all 0
+    for an unconditional model (num_classes 0: the model ignores them)."""
+    if num_classes == 0:
+        return torch.zeros(n, dtype=torch.long)
     pool = torch.tensor(classes if classes else range(num_classes), dtype=torch.long)
     if balanced:
         if n % len(pool):
-            raise ValueError(f"--balanced needs N divisible by the number of classes ({len(pool)}), got N={n}")
+            raise SampleError(f"--balanced needs N divisible by the number of classes ({len(pool)}), got N={n}")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         return pool[order % len(pool)]
     picks = [int(torch.randint(len(pool), (1,), generator=torch.Generator().manual_seed(

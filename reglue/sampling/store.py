@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from reglue.errors import UserError
 from reglue.data.append import ATTR_RUN_ID, AppendFile
 from reglue.fileio import atomic_path, new_h5
 
@@ -23,7 +24,7 @@ PARTS = "parts"
 FORMAT = "reglue-samples"
 
 
-class SampleStoreError(ValueError):
+class SampleStoreError(UserError, ValueError):
     """The output directory holds something else."""
 
 

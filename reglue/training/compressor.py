@@ -1,4 +1,4 @@
-"""Pretraining the semantic compressor (method.md section 3): norm statistics, then an autoencoder on VFM maps."""
+"""Pretraining the semantic compressor (docs/method.md 3): norm statistics, then an autoencoder on VFM maps."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ from reglue import checkpoints
 from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vfm import load_vfm
 from reglue.models import SemanticCompressor
-from reglue.training.diffusion import TrainOptions
+from reglue.checkpoints.compressor import COMPRESSOR_FILE
+from reglue.config.sections import CompressorOptim
+from reglue.config.sections import CompressorRun as CompressorRunConfig
+from reglue.training.diffusion import TrainingStopped, TrainOptions
 from reglue.training.order import StepSampler, data_position, make_split
 from reglue.training.rundir import RunError, check_same_model, open_run
 from reglue.training.semantics import RunningMoments, standardise
-from reglue.training.state import make_optimizer
+from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step
 
-COMPRESSOR_FILE = "compressor.pt"  # the run's product: what `reglue train --compressor` takes
 
 
 @dataclass
@@ -34,16 +36,19 @@ class CompressorRun:
     path: str
 
 
-def steps_for(config: dict, n: int) -> tuple[int, int]:
+def steps_for(config: CompressorRunConfig, n: int) -> tuple[int, int]:
     """(steps per epoch, total steps): ``train.max_steps`` when set, else epochs * steps per epoch."""
-    per_epoch = max(1, math.ceil(n / config["train"]["global_batch"]))
-    return per_epoch, config["train"].get("max_steps") or config["train"]["epochs"] * per_epoch
+    per_epoch = max(1, math.ceil(n / config.train.global_batch))
+    return per_epoch, config.train.max_steps or config.train.epochs * per_epoch
 
 
-def cosine_lr(optim: dict, epoch: int) -> float:
-    """Cosine annealing per epoch from lr to eta_min over t_max_epochs (PyTorch's CosineAnnealingLR, closed form)."""
-    t = min(epoch, optim["t_max_epochs"]) / optim["t_max_epochs"]
-    return optim["eta_min"] + (optim["lr"] - optim["eta_min"]) * (1 + math.cos(math.pi * t)) / 2
+def cosine_lr(optim: CompressorOptim, epoch: int) -> float:
+    """The learning rate of ``epoch``: constant, or cosine annealing from lr to eta_min over t_max_epochs
+    (PyTorch's CosineAnnealingLR, closed form)."""
+    if optim.schedule == "constant":
+        return optim.lr
+    t = min(epoch, optim.t_max_epochs) / optim.t_max_epochs
+    return optim.eta_min + (optim.lr - optim.eta_min) * (1 + math.cos(math.pi * t)) / 2
 
 
 @torch.no_grad()
@@ -64,24 +69,28 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
     return moments.result()
 
 
-def _setup(config: dict, options: TrainOptions):
+def _setup(config: CompressorRunConfig, options: TrainOptions):
     return open_run(config, options, _build)
 
 
-def _build(config: dict, options: TrainOptions, dist, run, dataset):
-    """Frozen VFM, compressor and optimiser of a checked run directory."""
-    v = config["vfm"]
-    vfm = load_vfm(v["name"], v["image_size"], options.vfm_weights).to(dist.device)
-    channels = config["compressor"]["channels"]
-    if channels[0] != vfm.embed_dim * len(v["layers"]):
-        raise RunError(f"compressor.channels starts at {channels[0]} but {len(v['layers'])} layers of {v['name']} "
-                       f"give {vfm.embed_dim * len(v['layers'])} channels")
-    torch.manual_seed(config["train"]["seed"])
+def _build(config: CompressorRunConfig, options: TrainOptions, dist, run, dataset):
+    """Frozen VFM, compressor, optimiser and loss scaler of a checked run directory."""
+    v = config.vfm
+    if dataset.resolution != config.data.resolution:
+        raise RunError(f"{options.data}: {dataset.resolution}px images, the run's data.resolution is "
+                       f"{config.data.resolution}")
+    vfm = load_vfm(v.name, v.image_size, options.vfm_weights).to(dist.device)
+    channels = list(config.compressor.channels)
+    if channels[0] != vfm.embed_dim * len(v.layers):
+        raise RunError(f"compressor.channels starts at {channels[0]} but {len(v.layers)} layers of {v.name} "
+                       f"give {vfm.embed_dim * len(v.layers)} channels")
+    torch.manual_seed(config.train.seed)
     compressor = SemanticCompressor(channels).to(dist.device)
-    return dist, run, dataset, vfm, compressor, make_optimizer(compressor, config["optim"])
+    return (dist, run, dataset, vfm, compressor, make_optimizer(compressor, config.optim),
+            make_scaler(dist.device, config.train.precision))
 
 
-def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
+def train_compressor(config: CompressorRunConfig, options: TrainOptions) -> CompressorRun:
     """Train the compressor; saves run checkpoints and, at the end, ``outdir/compressor.pt``."""
     setup = _setup(config, options)
     try:
@@ -90,9 +99,10 @@ def train_compressor(config: dict, options: TrainOptions) -> CompressorRun:
         setup[1].release()
 
 
-def _train(config: dict, options: TrainOptions, dist, run, dataset, vfm, compressor, optimizer) -> CompressorRun:
+def _train(config: CompressorRunConfig, options: TrainOptions, dist, run, dataset, vfm, compressor, optimizer,
+           scaler) -> CompressorRun:
     """Norm statistics (or the resumed ones), then the training loop; ``run`` is locked and checked."""
-    tc, layers = config["train"], config["vfm"]["layers"]
+    tc, layers = config.train, list(config.vfm.layers)
     step, stats = 0, None
     latest = checkpoints.find_latest_checkpoint(run.checkpoints)
     if latest is not None:
@@ -100,6 +110,8 @@ def _train(config: dict, options: TrainOptions, dist, run, dataset, vfm, compres
         check_same_model(latest, state.get("config", {}), config)
         compressor.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         checkpoints.restore_rng_state(state["rng"])
         step, stats = int(state["step"]), (state["extra"]["mean"], state["extra"]["std"])
         if dist.is_main:
@@ -107,21 +119,23 @@ def _train(config: dict, options: TrainOptions, dist, run, dataset, vfm, compres
     run.begin(config, dataset.identity(), step, dist.is_main)
     barrier()
     if stats is None:
-        stats = norm_statistics(vfm, layers, dataset, config["compressor"]["norm_stats_samples"], tc["seed"], dist,
+        stats = norm_statistics(vfm, layers, dataset, config.compressor.norm_stats_samples, tc.seed, dist,
                                 progress=options.progress)
     mean, std = (s.to(dist.device) for s in stats)
     per_epoch, max_steps = steps_for(config, len(dataset))
-    split = make_split(tc["global_batch"], dist.world, options.batch_gpu)
+    split = make_split(tc.global_batch, dist.world, options.batch_gpu)
     net = DistributedDataParallel(compressor) if dist.world > 1 else compressor
-    loader = DataLoader(dataset, sampler=StepSampler(len(dataset), split, dist.rank, tc["seed"], step, max_steps),
+    loader = DataLoader(dataset, sampler=StepSampler(len(dataset), split, dist.rank, tc.seed, step, max_steps),
                         batch_size=None, num_workers=options.workers)
     batches, started, first_step = iter(loader), time.time(), step
+    guard = NonFiniteGuard(options.max_nonfinite)
 
     def save() -> None:
         if dist.is_main:
             path = checkpoints.save_checkpoint(
                 run.checkpoint_path(step), config=config, step=step, model=compressor, optimizer=optimizer,
-                data_state=data_position(step, len(dataset), tc["global_batch"]), rng=checkpoints.capture_rng_state(),
+                scaler=scaler, data_state=data_position(step, len(dataset), tc.global_batch),
+                rng=checkpoints.capture_rng_state(),
                 extra={"mean": stats[0].cpu(), "std": stats[1].cpu()})
             run.prune(options.keep_last, options.keep_every)
             run.log(f"step {step}: saved {path}", options.echo)
@@ -132,32 +146,36 @@ def _train(config: dict, options: TrainOptions, dist, run, dataset, vfm, compres
         while step < max_steps:
             epoch = step // per_epoch
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(config["optim"], epoch)
+                group["lr"] = cosine_lr(config.optim, epoch)
             total = 0.0
             for k in range(split.accum):
                 images = next(batches)[0].to(dist.device)
-                target = standardise(vfm(images, layers).local.float(), mean, std)
-                recon, _ = net(target)
-                loss = F.mse_loss(recon, target) * images.shape[0] / split.per_rank
-                loss.backward()
+                with autocast(dist.device, tc.precision):
+                    target = standardise(vfm(images, layers).local.float(), mean, std)
+                    recon, _ = net(target)
+                loss = F.mse_loss(recon.float(), target) * images.shape[0] / split.per_rank
+                scaler.scale(loss).backward()
                 total += float(loss.detach())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            summed = all_sum([total, float(not math.isfinite(total))])
+            skipped, _ = optimiser_step(compressor, optimizer, scaler, config.optim.grad_clip, summed[1] == 0)
             step += 1
-            loss_avg = all_sum([total])[0] / dist.world
+            loss_avg = summed[0] / dist.world
+            if guard.record(not skipped):
+                raise TrainingStopped(f"{guard.in_a_row} non-finite steps in a row at step {step}; last good "
+                                      f"checkpoint: {checkpoints.find_latest_checkpoint(run.checkpoints)}")
             bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)  # shown by the update below
             bar.update(1)
-            if dist.is_main and step % tc["log_every"] == 0:
-                rate = ((step - first_step) * tc["global_batch"]) / max(time.time() - started, 1e-9)
+            if dist.is_main and (step % tc.log_every == 0 or skipped):
+                rate = ((step - first_step) * tc.global_batch) / max(time.time() - started, 1e-9)
                 run.log(f"step {step} (epoch {epoch}): mse {loss_avg:.5f} lr {optimizer.param_groups[0]['lr']:.2e}",
                         options.echo)
                 run.metrics({"step": step, "epoch": epoch, "mse": loss_avg, "lr": optimizer.param_groups[0]["lr"],
-                             "images_per_s": rate})
-            if step % tc["ckpt_every"] == 0 or step == max_steps:
+                             "images_per_s": rate, "skipped": skipped})
+            if step % tc.ckpt_every == 0 or step == max_steps:
                 save()
     product = run.root / COMPRESSOR_FILE
     if dist.is_main:
-        checkpoints.save_compressor(product, compressor.eval(), stats[0], stats[1], config["vfm"]["name"], layers)
+        checkpoints.save_compressor(product, compressor.eval(), stats[0], stats[1], config.vfm.name, layers)
         run.log(f"compressor written to {product}", options.echo)
     barrier()
     return CompressorRun(dist, step, str(product))

@@ -1,9 +1,8 @@
-"""The diffusion training loop for every preset (method.md section 5), on one CPU or many GPUs, resumable exactly."""
+"""The diffusion training loop for every preset (docs/method.md 5), on one CPU or many GPUs, resumable exactly."""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,11 +17,12 @@ from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
-from reglue.training.order import StepSampler, data_position, make_split, step_noise
+from reglue.training.order import StepSampler, data_position, flip_rows, make_split, step_noise
 from reglue.training.rundir import RunDir, RunError, check_same_model, open_run
 from reglue.training.semantics import build_semantic_encoder
-from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, update_ema
-from reglue.transport import JointLoss, LossWeights, sample_time
+from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step, update_ema
+from reglue.config.sections import DiffusionRun, DiffusionTrain
+from reglue.transport import JointLoss, sample_time
 
 TERMS = ("loss", "latent", "semantic", "cls", "repa")
 
@@ -55,7 +55,7 @@ class TrainOptions:
 class Trainer:
     """Everything one training process holds."""
 
-    config: dict
+    config: DiffusionRun
     options: TrainOptions
     dist: DistInfo
     run: RunDir
@@ -69,8 +69,13 @@ class Trainer:
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
 
     @property
-    def train_cfg(self) -> dict:
-        return self.config["train"]
+    def train_cfg(self) -> DiffusionTrain:
+        return self.config.train
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the dataset so far (images seen / rows)."""
+        return self.step * self.train_cfg.global_batch / len(self.dataset)
 
     def checkpoint(self) -> None:
         """Save model, EMA, optimiser, scaler, step, RNG and data position (rank 0), then prune old ones."""
@@ -79,7 +84,7 @@ class Trainer:
             checkpoints.save_checkpoint(
                 path, config=self.config, step=self.step, model=self.model, ema=self.ema,
                 optimizer=self.optimizer, scaler=self.scaler,
-                data_state=data_position(self.step, len(self.dataset), self.train_cfg["global_batch"]),
+                data_state=data_position(self.step, len(self.dataset), self.train_cfg.global_batch),
                 rng=checkpoints.capture_rng_state(),
             )
             self.run.prune(self.options.keep_last, self.options.keep_every)
@@ -105,41 +110,39 @@ class Trainer:
             self.run.log(f"resumed from {path} at step {self.step}", self.options.echo)
 
 
-def build_trainer(config: dict, options: TrainOptions) -> Trainer:
+def build_trainer(config: DiffusionRun, options: TrainOptions) -> Trainer:
     """Set up (or resume) a run: process group, run directory, model, EMA, optimiser, data, frozen encoders."""
     return open_run(config, options, _build)
 
 
-def _build(config: dict, options: TrainOptions, dist, run, dataset) -> Trainer:
+def _build(config: DiffusionRun, options: TrainOptions, dist, run, dataset) -> Trainer:
     """The Trainer of a checked run directory and dataset, resumed; then the run directory is written."""
-    dataset.check_labels(config["model"]["num_classes"])
-    model_cfg = config["model"]
-    if dataset.resolution // 8 != model_cfg["input_size"]:
-        raise RunError(f"{options.data}: {dataset.resolution}px images give {dataset.resolution // 8}x"
-                         f"{dataset.resolution // 8} latents but model.input_size is {model_cfg['input_size']}")
-    torch.manual_seed(config["train"]["seed"])
+    dataset.check_for(config.data, config.model.num_classes)
+    torch.manual_seed(config.train.seed)
     model = build(config).to(dist.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     trainer = Trainer(
-        config, options, dist, run, model, ema, make_optimizer(model, config["optim"]),
-        make_scaler(dist.device, config["train"]["precision"]), dataset,
+        config, options, dist, run, model, ema, make_optimizer(model, config.optim),
+        make_scaler(dist.device, config.train.precision), dataset,
         build_semantic_encoder(config, dataset, options.vfm_weights, dist.device, run.root, dist.is_main),
         guard=NonFiniteGuard(options.max_nonfinite),
     )
     trainer.resume()
     run.begin(config, dataset.identity(), trainer.step, dist.is_main)
     barrier()
-    if config["train"]["tf32"] and dist.device.type == "cuda":
+    if config.train.tf32 and dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return trainer
 
 
 def _joint_state(trainer: Trainer, images, moments, noise) -> tuple:
     """Clean joint state of a micro-batch: x0 (latents + semantics), cls0, REPA target."""
-    z = sample_latents(moments, eps=noise.posterior)
+    if noise.flip is not None:  # data.flip: the mirrored image and its stored moments, per sample
+        images, moments = flip_rows(images, moments, noise.flip)
+    z = sample_latents(moments, trainer.config.data.latent_scale, eps=noise.posterior)
     if trainer.semantics is None:
         return z, None, None
-    with autocast(trainer.dist.device, trainer.train_cfg["precision"]):
+    with autocast(trainer.dist.device, trainer.train_cfg.precision):
         sem = trainer.semantics(images)
     cfg = trainer.model.config
     x0 = torch.cat([z, sem.channels], dim=1) if cfg.semantic_channels else z
@@ -150,10 +153,11 @@ def _joint_state(trainer: Trainer, images, moments, noise) -> tuple:
 def train_step(trainer: Trainer, net, loss_fn: JointLoss, batches, split) -> dict:
     """One optimiser step over this rank's micro-batches; returns the logged numbers (averaged over ranks)."""
     cfg, tc, device = trainer.model.config, trainer.train_cfg, trainer.dist.device
-    path = trainer.config["transport"]["path"]
-    sampler = lambda n, g: sample_time(n, trainer.config["transport"]["time_sampler"], path, generator=g)  # noqa
-    noise_all = step_noise(trainer.step, tc["seed"], split.global_batch, cfg.in_channels, cfg.latent_channels,
-                           cfg.input_size, cfg.cls_dim if cfg.cls_token else None, cfg.class_dropout, sampler)
+    transport = trainer.config.transport
+    sampler = lambda n, g: sample_time(n, transport.time_sampler, transport.path, generator=g)  # noqa
+    noise_all = step_noise(trainer.step, tc.seed, split.global_batch, cfg.in_channels, cfg.latent_channels,
+                           cfg.input_size, cfg.cls_dim if cfg.cls_token else None, cfg.class_dropout, sampler,
+                           flip=trainer.config.data.flip)
     totals = torch.zeros(len(TERMS), dtype=torch.float64)
     parts = split.micro_slices(trainer.dist.rank)
     for k, ((images, moments, labels), part) in enumerate(zip(batches, parts)):
@@ -162,7 +166,7 @@ def train_step(trainer: Trainer, net, loss_fn: JointLoss, batches, split) -> dic
         x0, cls0, repa = _joint_state(trainer, images, moments, noise)
         sync = k == len(parts) - 1 or not isinstance(net, DistributedDataParallel)
         with (torch.enable_grad() if sync else net.no_sync()):
-            with autocast(device, tc["precision"]):
+            with autocast(device, tc.precision):
                 terms = loss_fn(net, x0, labels, cls0=cls0, repa_target=repa, step=trainer.step, t=noise.t,
                                 noise=noise.noise, cls_noise=noise.cls_noise, drop_mask=noise.drop)
             weight = labels.shape[0] / split.per_rank
@@ -176,32 +180,19 @@ def _apply_update(trainer: Trainer, totals: torch.Tensor) -> dict:
     world = trainer.dist.world
     summed = all_sum([*totals.tolist(), float(not torch.isfinite(totals).all())])
     logged = dict(zip(TERMS, (v / world for v in summed[: len(TERMS)])))
-    optim = trainer.config["optim"]
-    skipped = summed[-1] > 0
+    optim = trainer.config.optim
+    skipped, grad_norm = optimiser_step(trainer.model, trainer.optimizer, trainer.scaler, optim.grad_clip,
+                                        loss_finite=summed[-1] == 0)
     if not skipped:
-        scale_before = trainer.scaler.get_scale()
-        trainer.scaler.unscale_(trainer.optimizer)
-        params = [p for p in trainer.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim["grad_clip"]))
-        if trainer.scaler.is_enabled():
-            trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
-            skipped = trainer.scaler.get_scale() < scale_before  # an fp16 overflow: the scaler skipped the step
-        elif math.isfinite(grad_norm):
-            trainer.optimizer.step()
-        else:
-            skipped = True
+        update_ema(trainer.ema, trainer.model, optim.ema_decay)
         logged["grad_norm"] = grad_norm
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if not skipped:
-        update_ema(trainer.ema, trainer.model, optim["ema_decay"])
     logged["skipped"] = bool(skipped)
     return logged
 
 
 def _loader(trainer: Trainer, split) -> DataLoader:
-    sampler = StepSampler(len(trainer.dataset), split, trainer.dist.rank, trainer.train_cfg["seed"], trainer.step,
-                          trainer.train_cfg["max_steps"])
+    sampler = StepSampler(len(trainer.dataset), split, trainer.dist.rank, trainer.train_cfg.seed, trainer.step,
+                          trainer.train_cfg.max_steps)
     return DataLoader(trainer.dataset, sampler=sampler, batch_size=None, num_workers=trainer.options.workers,
                       persistent_workers=False)
 
@@ -212,7 +203,7 @@ def _status(trainer: Trainer, logged: dict, rate: float) -> str:
                 f"({trainer.guard.in_a_row} in a row, {trainer.guard.total} in total)")
     mem = torch.cuda.max_memory_allocated() / 2**30 if trainer.dist.device.type == "cuda" else 0.0
     terms = " ".join(f"{k} {logged[k]:.4f}" for k in TERMS)
-    return (f"step {trainer.step}: {terms} grad_norm {logged.get('grad_norm', float('nan')):.3f} "
+    return (f"step {trainer.step} (epoch {trainer.epoch:.2f}): {terms} grad_norm {logged.get('grad_norm', float('nan')):.3f} "
             f"{rate:.1f} img/s mem {mem:.1f} GiB skipped {trainer.guard.total}")
 
 
@@ -237,11 +228,12 @@ def _sample_grid(trainer: Trainer, vae) -> None:
     from reglue.training.grid import save_sample_grid
 
     path = trainer.run.samples / f"{trainer.step:07d}.png"
-    save_sample_grid(trainer.ema, vae, path, steps=trainer.config["sampling"]["steps"])
+    save_sample_grid(trainer.ema, vae, path, trainer.config.sampling, trainer.config.data.latent_scale,
+                     trainer.config.transport.path)
     trainer.run.log(f"step {trainer.step}: sample grid {path}", trainer.options.echo)
 
 
-def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
+def train_diffusion(config: DiffusionRun, options: TrainOptions) -> Trainer:
     """Train until ``train.max_steps``; run again with the same arguments to resume."""
     trainer = build_trainer(config, options)
     try:
@@ -250,23 +242,22 @@ def train_diffusion(config: dict, options: TrainOptions) -> Trainer:
         trainer.run.release()
 
 
-def _train(trainer: Trainer, config: dict, options: TrainOptions) -> Trainer:
+def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Trainer:
     """The training loop proper (see train_diffusion)."""
     tc, model_cfg = trainer.train_cfg, trainer.model.config
-    split = make_split(tc["global_batch"], trainer.dist.world, options.batch_gpu)
-    loss_fn = JointLoss(LossWeights.from_dict(config["loss"]), config["transport"]["path"],
-                        config["transport"]["time_sampler"], model_cfg.latent_channels,
+    split = make_split(tc.global_batch, trainer.dist.world, options.batch_gpu)
+    loss_fn = JointLoss(config.loss, config.transport.path, config.transport.time_sampler, model_cfg.latent_channels,
                         *(model_cfg.projector.align_patch, model_cfg.projector.align_cls)
                         if model_cfg.projector else (True, True))
     net, main = _make_net(trainer), trainer.dist.is_main
-    vae = load_vae(config["data"]["vae_decoder"])[0].to(trainer.dist.device) if main and tc["sample_every"] else None
+    vae = load_vae(config.data.vae_decoder)[0].to(trainer.dist.device) if main and tc.sample_every else None
     board = open_tensorboard(trainer.run) if options.tensorboard and main else None
-    bar = tqdm(total=tc["max_steps"], initial=trainer.step, disable=not (options.progress and main), unit="step",
+    bar = tqdm(total=tc.max_steps, initial=trainer.step, disable=not (options.progress and main), unit="step",
                dynamic_ncols=True, desc="train")
     batches = iter(_loader(trainer, split))
     started, images_done = time.time(), 0
     with bar:
-        while trainer.step < tc["max_steps"]:
+        while trainer.step < tc.max_steps:
             logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split)
             trainer.step += 1
             images_done += split.global_batch
@@ -274,17 +265,18 @@ def _train(trainer: Trainer, config: dict, options: TrainOptions) -> Trainer:
             rate = images_done / max(time.time() - started, 1e-9)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)  # shown by update
             bar.update(1)
-            if main and (trainer.step % tc["log_every"] == 0 or logged["skipped"]):
+            if main and (trainer.step % tc.log_every == 0 or logged["skipped"]):
                 trainer.run.log(_status(trainer, logged, rate), options.echo)
-                record = {**logged, "images_per_s": rate, "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
+                record = {**logged, "epoch": trainer.epoch, "images_per_s": rate,
+                          "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
                 trainer.run.metrics({"step": trainer.step, **record})
                 for key, value in record.items() if board is not None else ():
                     board.add_scalar(f"train/{key}", float(value), trainer.step)
             if stop:
                 raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
                                       f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
-            if trainer.step % tc["ckpt_every"] == 0 or trainer.step == tc["max_steps"]:
+            if trainer.step % tc.ckpt_every == 0 or trainer.step == tc.max_steps:
                 trainer.checkpoint()
-            if vae is not None and trainer.step % tc["sample_every"] == 0:
+            if vae is not None and trainer.step % tc.sample_every == 0:
                 _sample_grid(trainer, vae)
     return trainer

@@ -1,4 +1,4 @@
-"""Sample grids during training: EMA weights, a fixed seed, the Euler ODE, the VAE decoder, one PNG."""
+"""Sample grids during training: EMA weights, fixed seeds, the run's sampling settings, the VAE decoder, one PNG."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reglue.config.sections import SamplingConfig
 from reglue.encoders.vae import decode_latents
 from reglue.fileio import atomic_path
-from reglue.transport.samplers import euler_ode
+from reglue.sampling.seeds import sample_seed
 
 GRID_SEED = 0
 
@@ -27,19 +28,25 @@ def tile(images: np.ndarray, columns: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def save_sample_grid(model, vae, path: Path, count: int = 16, steps: int = 50, columns: int = 8) -> Path:
-    """Sample ``count`` images from ``model`` (labels 0, 1, 2 ...) and write them as a PNG grid."""
+def save_sample_grid(model, vae, path: Path, sampling: SamplingConfig, latent_scale: float,
+                     interpolant: str = "linear", count: int = 16, columns: int = 8) -> Path:
+    """Sample ``count`` images (labels 0, 1, 2 ...; seeds 0..count-1) with the run's sampling settings as
+    `reglue sample` would, and write them as a PNG grid."""
+    from reglue.sampling.run import SampleRequest, integrate
+    from reglue.transport.path import get_path
+
     cfg = model.config
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(GRID_SEED)
-    x = torch.randn(count, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device)
-    cls = torch.randn(count, cfg.cls_dim, generator=gen).to(device) if cfg.cls_token else None
-    y = (torch.arange(count) % cfg.num_classes).to(device)
+    settings, _ = SampleRequest(n=count, seed=GRID_SEED).resolve(sampling)
+    labels = torch.arange(count) % cfg.num_classes if cfg.num_classes else torch.zeros(count, dtype=torch.long)
     was_training = model.training
     model.eval()
-    x, _ = euler_ode(model, x, y, cls, steps=steps)
-    model.train(was_training)
-    images = decode_latents(vae, x[:, : cfg.latent_channels]).numpy()
+    try:
+        x, _ = integrate(model, settings, [sample_seed(GRID_SEED, i) for i in range(count)], labels, device,
+                         get_path(interpolant))
+    finally:
+        model.train(was_training)
+    images = decode_latents(vae, x[:, : cfg.latent_channels].float(), latent_scale).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(tile(images, columns)).save(tmp, format="PNG")
     return path

@@ -95,15 +95,25 @@ class StepNoise:
     posterior: torch.Tensor  # (B, 4, h, w) eps of the VAE posterior sample
     noise: torch.Tensor  # (B, C, h, w)
     cls_noise: torch.Tensor | None  # (B, D)
+    flip: torch.Tensor | None = None  # (B,) bool: read the mirrored image and moments (data.flip)
 
     def take(self, part: slice, device) -> "StepNoise":
         """The slice for one micro-batch, on ``device``."""
         pick = lambda x: None if x is None else x[part].to(device)  # noqa: E731
-        return StepNoise(pick(self.t), pick(self.drop), pick(self.posterior), pick(self.noise), pick(self.cls_noise))
+        return StepNoise(pick(self.t), pick(self.drop), pick(self.posterior), pick(self.noise), pick(self.cls_noise),
+                         pick(self.flip))
+
+
+def flip_rows(images: torch.Tensor, moments: torch.Tensor, flip: torch.Tensor) -> tuple:
+    """Where ``flip``: the mirrored image (N, 3, H, W) and the mirrored image's moments, stored after the plain ones
+    in (N, 2 * M, h, w); elsewhere the plain image and moments (N, M, h, w)."""
+    half = moments.shape[1] // 2
+    rows = flip.view(-1, 1, 1, 1)
+    return torch.where(rows, images.flip(-1), images), torch.where(rows, moments[:, half:], moments[:, :half])
 
 
 def step_noise(step: int, seed: int, global_batch: int, channels: int, latent_channels: int, size: int,
-               cls_dim: int | None, dropout: float, time_sampler) -> StepNoise:
+               cls_dim: int | None, dropout: float, time_sampler, flip: bool = False) -> StepNoise:
     """Draw the randomness of step ``step`` (CPU generator: identical on every device and process count)."""
     gen = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
     t = time_sampler(global_batch, gen)
@@ -111,4 +121,5 @@ def step_noise(step: int, seed: int, global_batch: int, channels: int, latent_ch
     posterior = torch.randn(global_batch, latent_channels, size, size, generator=gen)
     noise = torch.randn(global_batch, channels, size, size, generator=gen)
     cls_noise = torch.randn(global_batch, cls_dim, generator=gen) if cls_dim else None
-    return StepNoise(t, drop, posterior, noise, cls_noise)
+    flips = torch.rand(global_batch, generator=gen) < 0.5 if flip else None  # drawn last: other draws unchanged
+    return StepNoise(t, drop, posterior, noise, cls_noise, flips)

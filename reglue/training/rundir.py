@@ -9,14 +9,18 @@ from pathlib import Path
 
 import yaml
 
+from reglue.errors import UserError
+from reglue import config as run_config
 from reglue.checkpoints import CHECKPOINT_NAME
+from reglue.config.checks import unread_sections
 from reglue.fileio import atomic_write_text
 
 # Keys that may change between the first launch and a resume (how long and how often, not what is trained).
 RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs"}
+IGNORED_PREFIXES = ("sources.", "description", "sampling.")  # provenance and sampling defaults: not the training
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """The run directory cannot be used for this command."""
 
 
@@ -30,11 +34,27 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_difference(old: dict, new: dict) -> list[str]:
-    """Keys (dotted) whose values differ, ignoring RESUMABLE_KEYS and sources."""
-    a, b = _flatten(old), _flatten(new)
+def _plain(config) -> dict:
+    """The whole plain form of a typed run configuration (what config.yaml holds)."""
+    return run_config.to_dict(config)
+
+
+def _normalised(config) -> dict:
+    """What must not change on a resume: the plain form of a typed run configuration, or of a stored one (an older
+    version's, RETIRED keys dropped), without the sections the run never reads."""
+    if isinstance(config, dict):
+        try:
+            config = run_config.from_dict(config, stored=True)
+        except run_config.ConfigError:
+            return config  # compared as it is: it differs somewhere, and the difference is what the user sees
+    return {k: v for k, v in run_config.to_dict(config).items() if k not in unread_sections(config)}
+
+
+def config_difference(old, new) -> list[str]:
+    """Keys (dotted) whose values differ, ignoring RESUMABLE_KEYS, provenance and the sampling defaults."""
+    a, b = _flatten(_normalised(old)), _flatten(_normalised(new))
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith("sources.")]
+    return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith(IGNORED_PREFIXES)]
 
 
 class RunDir:
@@ -49,14 +69,15 @@ class RunDir:
         self.metrics_path = self.root / "metrics.jsonl"
         self.log_path = self.root / "log.txt"
 
-    def check(self, config: dict, data: dict, allow_other_data: bool = False) -> bool:
+    def check(self, config, data: dict, allow_other_data: bool = False) -> bool:
         """Refuse a directory of another run (config or data differ); reads only. True when resuming."""
         resuming = self.config_path.exists()
         if resuming:
             old = self._read_yaml(self.config_path)
             diff = config_difference(old, config)
             if diff:
-                shown = ", ".join(f"{k} ({_flatten(old).get(k)!r} -> {_flatten(config).get(k)!r})" for k in diff[:3])
+                a, b = _flatten(_normalised(old)), _flatten(_normalised(config))
+                shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:3])
                 raise RunError(f"{self.root} holds a run with another config: {shown}; use a new --outdir")
         if self.data_path.exists() and not allow_other_data:
             old = self._read_yaml(self.data_path)
@@ -72,14 +93,14 @@ class RunDir:
         except yaml.YAMLError as exc:
             raise RunError(f"{path}: unreadable ({exc.problem})") from None
 
-    def begin(self, config: dict, data: dict, step: int, is_main: bool) -> None:
+    def begin(self, config, data: dict, step: int, is_main: bool) -> None:
         """Once every input has been checked and the state resumed: write config.yaml and data.yaml, and cut
         metrics.jsonl back to ``step`` (steps after the last checkpoint are run again, not logged twice)."""
         if not is_main:
             return
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.samples.mkdir(exist_ok=True)
-        atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.config_path, yaml.safe_dump(_plain(config), sort_keys=False))
         atomic_write_text(self.data_path, yaml.safe_dump(data, sort_keys=False))
         if self.metrics_path.exists():
             lines = self.metrics_path.read_text().splitlines()
@@ -123,13 +144,14 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
 
-def check_same_model(path, saved: dict, config: dict) -> None:
-    """RunError when the checkpoint at ``path`` holds another model than ``config`` builds."""
-    section = "model" if config.get("kind") == "diffusion" else "compressor"
-    if saved.get(section) != config.get(section) or saved.get("kind", config.get("kind")) != config.get("kind"):
-        theirs = saved.get("preset", "another preset")
-        raise RunError(f"{path}: a checkpoint of another model ({theirs}, not {config.get('preset')}); "
-                       "move it out of the run directory or use another --outdir")
+def check_same_model(path, saved: dict, config) -> None:
+    """RunError when the checkpoint at ``path`` (its stored plain config ``saved``) holds another model than the run
+    configuration ``config`` builds."""
+    ours, theirs = _normalised(config), _normalised(saved)
+    section = "model" if config.kind == "diffusion" else "compressor"
+    if theirs.get(section) != ours[section] or theirs.get("kind", config.kind) != config.kind:
+        raise RunError(f"{path}: a checkpoint of another model ({saved.get('preset', 'another preset')}, not "
+                       f"{config.preset}); move it out of the run directory or use another --outdir")
 
 
 def _step_of(line: str) -> int:
@@ -139,7 +161,7 @@ def _step_of(line: str) -> int:
         return 0
 
 
-def start_run(config: dict, outdir, data, device: str | None, allow_other_data: bool = False):
+def start_run(config, outdir, data, device: str | None, allow_other_data: bool = False):
     """Join the process group, take the run directory's lock (rank 0), open the dataset and check that the
     directory holds this run or none. Nothing is written: RunDir.begin does that once the run has started."""
     from reglue.data.dataset import EncodedDataset
@@ -152,7 +174,7 @@ def start_run(config: dict, outdir, data, device: str | None, allow_other_data: 
         raise RunError(f"{run.root}: exists and is not a directory")
     run.lock = directory_lock(run.root).acquire() if dist.is_main else None  # released by the trainers
     try:
-        dataset = EncodedDataset(data)
+        dataset = EncodedDataset(data, flip=config.kind == "diffusion" and config.data.flip)
         run.check(config, dataset.identity(), allow_other_data)
     except BaseException:
         run.release()
@@ -160,7 +182,7 @@ def start_run(config: dict, outdir, data, device: str | None, allow_other_data: 
     return dist, run, dataset
 
 
-def open_run(config: dict, options, build):
+def open_run(config, options, build):
     """start_run with ``options`` (TrainOptions), then ``build(config, options, dist, run, dataset)``; the run
     directory's lock is released if building fails."""
     dist, run, dataset = start_run(config, options.outdir, options.data, options.device, options.allow_other_data)

@@ -1,4 +1,4 @@
-"""From images to the clean joint state: semantic channels, [CLS] token and REPA target (method.md 2-3)."""
+"""From images to the clean joint state: semantic channels, [CLS] token and REPA target (docs/method.md 2-3)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.errors import UserError
 from reglue.distributed import barrier
 from reglue.encoders.vfm import VisionFoundationModel
 from reglue.fileio import atomic_path, save_torch
@@ -31,12 +32,15 @@ def standardise(local: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 class SemanticEncoder(nn.Module):
     """Frozen VFM (+ frozen compressor or PCA basis) producing the semantic inputs of one training batch."""
 
-    def __init__(self, vfm: VisionFoundationModel, layers, latent_size: int, compressor: SemanticCompressor | None = None,
+    def __init__(self, vfm: VisionFoundationModel, blocks, latent_size: int, compressor: SemanticCompressor | None = None,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None, pca: torch.Tensor | None = None):
+        """``blocks``: the local-semantics layers (a list), or a dict of VisionFoundationModel.forward's block
+        arguments (layers, cls_layer, repa_layer)."""
         super().__init__()
         if compressor is not None and (mean is None or std is None):
             raise ValueError("a compressor needs the per-channel norm statistics it was trained with")
-        self.vfm, self.layers, self.latent_size = vfm, list(layers), latent_size
+        self.blocks = dict(blocks) if isinstance(blocks, dict) else {"layers": list(blocks)}
+        self.vfm, self.layers, self.latent_size = vfm, self.blocks["layers"], latent_size
         self.compressor = compressor.eval().requires_grad_(False) if compressor is not None else None
         self.register_buffer("mean", mean.float() if mean is not None else None)
         self.register_buffer("std", std.float() if std is not None else None)
@@ -48,7 +52,7 @@ class SemanticEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Semantics:
         """uint8 images (N, 3, H, W) -> Semantics."""
-        features = self.vfm(images, self.layers)
+        features = self.vfm(images, **self.blocks)
         channels = None
         if self.compressor is not None:
             channels = self.compressor.encode(standardise(features.local.float(), self.mean, self.std))
@@ -96,7 +100,7 @@ class RunningMoments:
         return mean.float(), var.sqrt().clamp_min(1e-6).float()
 
 
-class SemanticsError(ValueError):
+class SemanticsError(UserError, ValueError):
     """The frozen encoders do not fit the model (widths, channels) or cannot be found."""
 
 
@@ -125,40 +129,36 @@ def pca_basis(path: Path, fit: Callable[[], torch.Tensor], is_main: bool) -> tor
         raise SemanticsError(f"{path}: unreadable PCA basis ({type(exc).__name__}); delete it to refit") from None
 
 
-def build_semantic_encoder(config: dict, dataset, vfm_weights: str | None, device, run_dir: Path | None = None,
+def build_semantic_encoder(config, dataset, vfm_weights: str | None, device, run_dir: Path | None = None,
                            is_main: bool = True) -> SemanticEncoder | None:
-    """The frozen VFM (+ compressor or PCA) a preset needs, or None for a plain SiT; a PCA basis lives in run_dir."""
+    """The frozen VFM (+ compressor or PCA) a run (DiffusionRun) needs, or None for a plain SiT; a PCA basis lives
+    in run_dir. Widths were checked against the VFM's known shape when the configuration was built."""
     from reglue import checkpoints
     from reglue.encoders.vfm import load_vfm
 
-    m, v = config["model"], config["vfm"]
-    if not (m["semantic_channels"] or m["cls_token"] or m["projector"]):
+    m, v = config.model, config.vfm
+    if not (m.semantic_channels or m.cls_token or m.projector):
         return None
-    vfm = load_vfm(v["name"], v["image_size"], vfm_weights).to(device)
-    width = vfm.embed_dim
-    if m["cls_token"] and m["cls_dim"] != width:
-        raise SemanticsError(f"model.cls_dim {m['cls_dim']} differs from the VFM width {width}")
-    if m["projector"] and m["projector"]["out_dim"] != width:
-        raise SemanticsError(f"model.projector.out_dim {m['projector']['out_dim']} differs from the VFM width {width}")
-    layers, latent = v["layers"], m["input_size"]
-    if m["semantic_source"] == "compressor":
-        path = config["compressor"]["path"]
+    vfm = load_vfm(v.name, v.image_size, vfm_weights).to(device)
+    blocks = dict(layers=list(v.layers), cls_layer=v.cls_layer, repa_layer=v.repa_layer)
+    if m.semantic_source == "compressor":
+        path = config.compressor.path
         if not path:
             raise SemanticsError("this preset needs a trained compressor: pass --compressor PATH "
                                  "(train one with `reglue train --preset compressor-...`)")
-        compressor, stats = checkpoints.load_compressor(path, norm_stats=config["compressor"]["norm_stats"])
+        compressor, stats = checkpoints.load_compressor(path, norm_stats=config.compressor.norm_stats)
         if stats is None:
             raise SemanticsError(f"{path}: no norm statistics; pass them with --set compressor.norm_stats=FILE")
-        expected = [width * len(layers), m["semantic_channels"]]
+        expected = [vfm.embed_dim * len(v.layers), m.semantic_channels]
         if [compressor.channels[0], compressor.channels[-1]] != expected:
             raise SemanticsError(f"{path}: compressor maps {compressor.channels[0]} -> {compressor.channels[-1]} "
                                  f"channels, the preset needs {expected[0]} -> {expected[1]}")
-        return SemanticEncoder(vfm, layers, latent, compressor.to(device), stats[0].to(device),
+        return SemanticEncoder(vfm, blocks, m.input_size, compressor.to(device), stats[0].to(device),
                                stats[1].to(device)).to(device)
-    if m["semantic_source"] == "pca":
+    if m.semantic_source == "pca":
         def fit():
-            return _fit_pca_from_dataset(vfm, layers, dataset, m["semantic_channels"], device, config["train"]["seed"])
+            return _fit_pca_from_dataset(vfm, list(v.layers), dataset, m.semantic_channels, device, config.train.seed)
 
         basis = pca_basis(Path(run_dir) / PCA_BASIS_FILE, fit, is_main) if run_dir is not None else fit()
-        return SemanticEncoder(vfm, layers, latent, pca=basis.to(device)).to(device)
-    return SemanticEncoder(vfm, layers, latent).to(device)
+        return SemanticEncoder(vfm, blocks, m.input_size, pca=basis.to(device)).to(device)
+    return SemanticEncoder(vfm, blocks, m.input_size).to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,15 +24,38 @@ def make_scaler(device: torch.device, precision: str, init_scale: float = 2.0**1
     return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16")
 
 
-def make_optimizer(model: torch.nn.Module, optim: dict) -> torch.optim.Optimizer:
-    """AdamW or Adam over the trainable parameters, from a preset's ``optim`` section."""
+def make_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:
+    """AdamW or Adam over the trainable parameters, from a run's ``optim`` section (OptimConfig)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], weight_decay=optim["weight_decay"])
-    if optim["name"] == "adamw":
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    if optim["name"] == "adam":
+    if optim.name == "adam":
         return torch.optim.Adam(params, **kwargs)
-    raise ValueError(f"optim.name {optim['name']!r}: choose adamw or adam")
+    raise ValueError(f"optim.name {optim.name!r}: choose adamw or adam")
+
+
+def optimiser_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
+                   loss_finite: bool) -> tuple[bool, float]:
+    """The update both training loops share: skip on a non-finite loss; else unscale, clip to ``grad_clip`` (None:
+    no clipping, the norm is still measured), step and update the scaler. Returns (skipped, grad norm)."""
+    grad_norm = float("nan")
+    skipped = not loss_finite
+    if not skipped:
+        scale_before = scaler.get_scale()
+        scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale_before  # an fp16 overflow: the scaler skipped the step
+        elif math.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            skipped = True
+    optimizer.zero_grad(set_to_none=True)
+    return skipped, grad_norm
 
 
 @torch.no_grad()

@@ -1,0 +1,225 @@
+"""The run configuration: one frozen dataclass per section, under a root whose ``kind`` decides the sections.
+
+The schema is the code: every key a preset may hold is a field below, with its default (the paper's value, see
+docs/method.md) and one line saying what it does. docs/presets.md lists them (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reglue.schema import (BETAS, COUNT, COUNT_OR_ZERO, FRACTION, INTERVAL, NON_NEGATIVE, POSITIVE,
+                                  knob, optional)
+from reglue.constants import CFG_CHANNELS, LATENT_SCALE
+from reglue.models.config import ModelConfig
+from reglue.transport.loss import LossWeights
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class ImageData:
+    """The images a run reads (``reglue encode`` decides them; training checks the dataset agrees)."""
+
+    resolution: int = knob(256, "image side in pixels after the ADM centre crop", COUNT)
+
+
+@dataclass(frozen=True)
+class LatentData(ImageData):
+    """Images and their SD-VAE latents (docs/method.md 1)."""
+
+    latent_scale: float = knob(LATENT_SCALE, "z = latent_scale * (mean + std * eps) in training; z / latent_scale "
+                                             "before decoding a sample", POSITIVE)
+    vae: str = knob("stabilityai/sd-vae-ft-mse", "the VAE that encoded the dataset (training refuses a dataset "
+                                                 "encoded by another)")
+    vae_decoder: str = knob("stabilityai/sd-vae-ft-ema", "the VAE decoder of samples (`reglue sample --vae` "
+                                                         "overrides)")
+    flip: bool = knob(False, "read the horizontally flipped image and moments with probability 1/2 per sample "
+                             "(the dataset needs `reglue encode --flip`)")
+
+
+# ------------------------------------------------------------------------------------------------------ VFM
+
+@dataclass(frozen=True)
+class VFMConfig:
+    """The frozen vision foundation model and the blocks whose normed patch tokens form the local semantics."""
+
+    name: str = knob("dinov2-vitb14-reg", "dinov2-vitb14-reg (DINOv2-B/14, 4 registers) or tiny-dinov2 (tests)")
+    image_size: int = knob(224, "VFM input side: bicubic resize, no antialias (224 / 14 -> 16x16 tokens)", COUNT)
+    layers: tuple[int, ...] = knob((11,), "blocks (counted from 0) whose normed patch maps are concatenated on "
+                                          "channels", (lambda v: len(v) > 0 and min(v) >= 0,
+                                                       "a non-empty list of block indices >= 0"))
+
+
+@dataclass(frozen=True)
+class DiffusionVFMConfig(VFMConfig):
+    """The VFM of a diffusion run: also the blocks of its [CLS] and REPA targets."""
+
+    cls_layer: int = knob(-1, "block (counted from 0; -1: the last) whose normed [CLS] is the global token")
+    repa_layer: int = knob(-1, "block (counted from 0; -1: the last) whose normed [CLS] + patch tokens are the "
+                               "REPA target")
+
+
+# ------------------------------------------------------------------------------------------------ compressor
+
+@dataclass(frozen=True)
+class FrozenCompressor:
+    """The frozen semantic compressor a REGLUE run encodes VFM features with (docs/method.md 3)."""
+
+    channels: tuple[int, ...] | None = knob(None, "its channel list, input first: VFM width x len(vfm.layers) -> "
+                                                  "model.semantic_channels")
+    path: str | None = knob(None, "the compressor: a compressor run's directory, one of its checkpoints, its "
+                                  "compressor.pt, or the official file (`reglue train --compressor`)")
+    norm_stats: str | None = knob(None, "per-channel mean/std file for the official compressor (ours carries them)")
+
+
+@dataclass(frozen=True)
+class CompressorTraining:
+    """The compressor autoencoder a compressor run trains (docs/method.md 3)."""
+
+    channels: tuple[int, ...] = knob((3072, 256, 16), "channel list, input first (VFM width x len(vfm.layers))",
+                                     (lambda v: len(v) >= 2 and min(v) >= 1, "at least two channel counts >= 1"))
+    norm_stats_samples: int = knob(50000, "images (a seeded shuffle) for the per-channel mean/std", COUNT)
+
+
+# ------------------------------------------------------------------------------------------------ transport
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """The interpolant and the training times (docs/method.md 5); the model predicts the velocity v = eps - x0."""
+
+    path: Literal["linear", "cosine"] = knob("linear", "x_t = (1 - t) x0 + t eps (linear) or the cosine path; "
+                                                       "t = 1 is noise")
+    time_sampler: Literal["uniform", "lognormal"] = knob("uniform", "training times: uniform on [0, 1] or EDM's "
+                                                                    "lognormal")
+
+
+# -------------------------------------------------------------------------------------------------- optimiser
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings common to both kinds of run."""
+
+    name: Literal["adamw", "adam"] = knob("adamw", "optimiser")
+    lr: float = knob(1e-4, "learning rate", POSITIVE)
+    betas: tuple[float, float] = knob((0.9, 0.999), "Adam betas", BETAS)
+    weight_decay: float = knob(0.0, "weight decay", NON_NEGATIVE)
+    eps: float = knob(1e-8, "Adam epsilon", POSITIVE)
+    grad_clip: float | None = knob(1.0, "clip the gradient norm to this (null: no clipping)", optional(POSITIVE))
+
+
+@dataclass(frozen=True)
+class DiffusionOptim(OptimConfig):
+    """The diffusion model's optimiser and EMA."""
+
+    ema_decay: float = knob(0.9999, "EMA decay, every step, from a copy of the initial weights", FRACTION)
+
+
+@dataclass(frozen=True)
+class CompressorOptim(OptimConfig):
+    """The compressor's optimiser and its per-epoch schedule (the official train_compressor.py)."""
+
+    name: Literal["adamw", "adam"] = knob("adam", "optimiser")
+    lr: float = knob(1e-3, "learning rate", POSITIVE)
+    grad_clip: float | None = knob(None, "clip the gradient norm to this (null: no clipping, as the reference)",
+                                   optional(POSITIVE))
+    schedule: Literal["cosine", "constant"] = knob("cosine", "learning rate per epoch: cosine from lr to eta_min "
+                                                             "over t_max_epochs, or constant")
+    t_max_epochs: float = knob(100.0, "cosine half-period in epochs", POSITIVE)
+    eta_min: float = knob(1e-4, "cosine floor", NON_NEGATIVE)
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how often, common to both kinds of run."""
+
+    global_batch: int = knob(256, "images per optimiser step over all processes", COUNT)
+    precision: Precision = knob("bf16", "autocast precision (fp16 adds a loss scaler)")
+    seed: int = knob(0, "seed of every random draw of the run", COUNT_OR_ZERO)
+    ckpt_every: int = knob(10000, "save a checkpoint every N steps (and at the end)", COUNT)
+    log_every: int = knob(100, "log the loss terms every N steps", COUNT)
+
+
+@dataclass(frozen=True)
+class DiffusionTrain(TrainConfig):
+    """The diffusion run's length and cadence (docs/method.md 5)."""
+
+    max_steps: int = knob(400000, "optimiser steps (400k = 80 ImageNet epochs at batch 256)", COUNT)
+    tf32: bool = knob(True, "TF32 matmuls and convolutions on CUDA")
+    sample_every: int = knob(10000, "save a grid of EMA samples every N steps (0: never)", COUNT_OR_ZERO)
+
+
+@dataclass(frozen=True)
+class CompressorTrain(TrainConfig):
+    """The compressor run's length and cadence (docs/method.md 3)."""
+
+    global_batch: int = knob(4096, "images per optimiser step over all processes", COUNT)
+    precision: Precision = knob("fp32", "autocast precision of the VFM and compressor passes")
+    ckpt_every: int = knob(1000, "save a checkpoint every N steps (and at the end)", COUNT)
+    log_every: int = knob(50, "log the loss every N steps", COUNT)
+    epochs: int = knob(25, "passes over the dataset", COUNT)
+    max_steps: int | None = knob(None, "optimiser steps; null: epochs x steps per epoch", optional(COUNT))
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What `reglue sample` (and the training grids) use for this run's checkpoints when a flag is not given."""
+
+    sampler: Literal["sde", "ode-euler", "ode-heun"] = knob("sde", "Euler-Maruyama SDE (the reference) or an ODE")
+    steps: int = knob(250, "integration steps on linspace(1 -> 0.04), then one deterministic step to 0", COUNT)
+    cfg_scale: float = knob(1.0, "classifier-free guidance scale (1: none)", NON_NEGATIVE)
+    cfg_cls_scale: float | None = knob(None, "[CLS] guidance scale (null: cfg_scale)", optional(NON_NEGATIVE))
+    guidance_interval: tuple[float, float] = knob((0.0, 0.9), "guidance acts for t in [low, high] (t = 1 is "
+                                                              "noise)", INTERVAL)
+    cfg_channels: Literal["all", "latents"] = knob(CFG_CHANNELS, "guide every channel (REGLUE) or only the VAE "
+                                                                 "latents")
+
+
+# ------------------------------------------------------------------------------------------------------ roots
+
+@dataclass(frozen=True)
+class DiffusionRun:
+    """A SiT / REPA / ReDi / REG / REGLUE training run."""
+
+    kind: Literal["diffusion"] = knob("diffusion", "what the run trains")
+    preset: str = knob("", "the preset it was resolved from")
+    description: str = knob("", "one line for --dry-run")
+    sources: dict | None = knob(None, "where each section's values come from (papers, official code)")
+    data: LatentData = field(default_factory=LatentData, metadata={"doc": "images and latents"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the SiT"})
+    vfm: DiffusionVFMConfig = field(default_factory=DiffusionVFMConfig, metadata={"doc": "the frozen VFM"})
+    compressor: FrozenCompressor = field(default_factory=FrozenCompressor, metadata={"doc": "the frozen compressor"})
+    transport: TransportConfig = field(default_factory=TransportConfig, metadata={"doc": "interpolant and times"})
+    loss: LossWeights = field(default_factory=LossWeights, metadata={"doc": "weights of the joint loss"})
+    optim: DiffusionOptim = field(default_factory=DiffusionOptim, metadata={"doc": "optimiser and EMA"})
+    train: DiffusionTrain = field(default_factory=DiffusionTrain, metadata={"doc": "length and cadence"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"doc": "default sampling settings"})
+    origin: dict | None = knob(None, "set when a checkpoint is loaded: its format, path, step and weights (not a "
+                                     "preset key)")
+
+
+@dataclass(frozen=True)
+class CompressorRun:
+    """A semantic compressor pretraining run."""
+
+    kind: Literal["compressor"] = knob("compressor", "what the run trains")
+    preset: str = knob("", "the preset it was resolved from")
+    description: str = knob("", "one line for --dry-run")
+    sources: dict | None = knob(None, "where each section's values come from (papers, official code)")
+    data: ImageData = field(default_factory=ImageData, metadata={"doc": "images"})
+    vfm: VFMConfig = field(default_factory=lambda: VFMConfig(layers=(8, 9, 10, 11)),
+                           metadata={"doc": "the frozen VFM"})
+    compressor: CompressorTraining = field(default_factory=CompressorTraining, metadata={"doc": "the autoencoder"})
+    optim: CompressorOptim = field(default_factory=CompressorOptim, metadata={"doc": "optimiser and schedule"})
+    train: CompressorTrain = field(default_factory=CompressorTrain, metadata={"doc": "length and cadence"})
+
+
+RunConfig = DiffusionRun | CompressorRun
+KINDS = {"diffusion": DiffusionRun, "compressor": CompressorRun}
