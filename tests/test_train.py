@@ -195,7 +195,7 @@ def test_compressor_is_found_from_its_run_directory_or_any_checkpoint(compressor
     product, stats = checkpoints.load_compressor(compressor)
     run = compressor.parent
     last = sorted((run / "checkpoints").glob("*.pt"))[-1]
-    for path in (run, last):  # the run directory (-> compressor.pt) and its own training checkpoint
+    for path in (run, run / "checkpoints", last):  # the run (-> compressor.pt), its checkpoints, one checkpoint
         comp, (mean, std) = checkpoints.load_compressor(path)
         assert all(torch.equal(a, b) for a, b in zip(comp.state_dict().values(), product.state_dict().values()))
         assert torch.equal(mean, stats[0]) and torch.equal(std, stats[1])

@@ -64,15 +64,15 @@ def _compressor_parts(path, raw) -> tuple[list[int], dict, tuple | None]:
 
 def compressor_file(path) -> Path:
     """The file a --compressor PATH names: a compressor run's directory means its compressor.pt (when the run has
-    finished) or else its newest checkpoint; a file is itself."""
+    finished) or else its newest checkpoint (so does its checkpoints/ directory); a file is itself."""
     path = Path(path)
     if not path.is_dir():
         return path
     if (path / COMPRESSOR_FILE).is_file():
         return path / COMPRESSOR_FILE
-    latest = find_latest_checkpoint(path / "checkpoints")
+    latest = find_latest_checkpoint(path / "checkpoints") or find_latest_checkpoint(path)  # the run, or its checkpoints/
     if latest is None:
-        raise CheckpointError(f"{path}: a directory without {COMPRESSOR_FILE} or checkpoints/: not a compressor run")
+        raise CheckpointError(f"{path}: a directory without {COMPRESSOR_FILE} or checkpoints: not a compressor run")
     return latest
 
 

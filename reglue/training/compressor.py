@@ -20,8 +20,9 @@ from reglue.checkpoints.compressor import COMPRESSOR_FILE
 from reglue.config.sections import CompressorOptim
 from reglue.config.sections import CompressorRun as CompressorRunConfig
 from reglue.training.diffusion import TrainingStopped, TrainOptions
-from reglue.training.order import StepSampler, data_position, make_split
-from reglue.training.rundir import RunError, check_same_model, open_run
+from reglue.training.checkpointing import Checkpointer
+from reglue.training.order import StepSampler, make_split
+from reglue.training.rundir import RunError, open_run
 from reglue.training.semantics import RunningMoments, standardise
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step
 
@@ -103,19 +104,10 @@ def _train(config: CompressorRunConfig, options: TrainOptions, dist, run, datase
            scaler) -> CompressorRun:
     """Norm statistics (or the resumed ones), then the training loop; ``run`` is locked and checked."""
     tc, layers = config.train, list(config.vfm.layers)
-    step, stats = 0, None
-    latest = checkpoints.find_latest_checkpoint(run.checkpoints)
-    if latest is not None:
-        state = checkpoints.load_checkpoint(latest)
-        check_same_model(latest, state.get("config", {}), config)
-        compressor.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        checkpoints.restore_rng_state(state["rng"])
-        step, stats = int(state["step"]), (state["extra"]["mean"], state["extra"]["std"])
-        if dist.is_main:
-            run.log(f"resumed from {latest} at step {step}", options.echo)
+    saver = Checkpointer(run, config, {"model": compressor, "optimizer": optimizer, "scaler": scaler}, dist.is_main,
+                         options.echo, options.keep_last, options.keep_every)
+    step, extra = saver.resume()
+    stats = (extra["mean"], extra["std"]) if extra else None
     run.begin(config, dataset.identity(), step, dist.is_main)
     barrier()
     if stats is None:
@@ -129,17 +121,6 @@ def _train(config: CompressorRunConfig, options: TrainOptions, dist, run, datase
                         batch_size=None, num_workers=options.workers)
     batches, started, first_step = iter(loader), time.time(), step
     guard = NonFiniteGuard(options.max_nonfinite)
-
-    def save() -> None:
-        if dist.is_main:
-            path = checkpoints.save_checkpoint(
-                run.checkpoint_path(step), config=config, step=step, model=compressor, optimizer=optimizer,
-                scaler=scaler, data_state=data_position(step, len(dataset), tc.global_batch),
-                rng=checkpoints.capture_rng_state(),
-                extra={"mean": stats[0].cpu(), "std": stats[1].cpu()})
-            run.prune(options.keep_last, options.keep_every)
-            run.log(f"step {step}: saved {path}", options.echo)
-        barrier()
 
     bar = tqdm(total=max_steps, initial=step, desc="compressor", unit="step", disable=not (options.progress and dist.is_main))
     with bar:
@@ -172,7 +153,7 @@ def _train(config: CompressorRunConfig, options: TrainOptions, dist, run, datase
                 run.metrics({"step": step, "epoch": epoch, "mse": loss_avg, "lr": optimizer.param_groups[0]["lr"],
                              "images_per_s": rate, "skipped": skipped})
             if step % tc.ckpt_every == 0 or step == max_steps:
-                save()
+                saver.save(step, len(dataset), tc.global_batch, extra={"mean": stats[0], "std": stats[1]})
     product = run.root / COMPRESSOR_FILE
     if dist.is_main:
         checkpoints.save_compressor(product, compressor.eval(), stats[0], stats[1], config.vfm.name, layers)

@@ -17,8 +17,9 @@ from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
-from reglue.training.order import StepSampler, data_position, flip_rows, make_split, step_noise
-from reglue.training.rundir import RunDir, RunError, check_same_model, open_run
+from reglue.training.checkpointing import Checkpointer
+from reglue.training.order import StepSampler, flip_rows, make_split, step_noise
+from reglue.training.rundir import RunDir, RunError, open_run
 from reglue.training.semantics import build_semantic_encoder
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step, update_ema
 from reglue.config.sections import DiffusionRun, DiffusionTrain
@@ -77,37 +78,20 @@ class Trainer:
         """Passes over the dataset so far (images seen / rows)."""
         return self.step * self.train_cfg.global_batch / len(self.dataset)
 
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """Saves and resumes model, EMA, optimiser, scaler, step, RNG and data position."""
+        parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler}
+        return Checkpointer(self.run, self.config, parts, self.dist.is_main, self.options.echo, self.options.keep_last,
+                            self.options.keep_every)
+
     def checkpoint(self) -> None:
-        """Save model, EMA, optimiser, scaler, step, RNG and data position (rank 0), then prune old ones."""
-        if self.dist.is_main:
-            path = self.run.checkpoint_path(self.step)
-            checkpoints.save_checkpoint(
-                path, config=self.config, step=self.step, model=self.model, ema=self.ema,
-                optimizer=self.optimizer, scaler=self.scaler,
-                data_state=data_position(self.step, len(self.dataset), self.train_cfg.global_batch),
-                rng=checkpoints.capture_rng_state(),
-            )
-            self.run.prune(self.options.keep_last, self.options.keep_every)
-            self.run.log(f"step {self.step}: saved {path}", self.options.echo)
-        barrier()
+        """Save this step (rank 0), then prune old checkpoints."""
+        self.checkpointer.save(self.step, len(self.dataset), self.train_cfg.global_batch)
 
     def resume(self) -> None:
         """Load the newest valid checkpoint of the run directory, if any."""
-        path = checkpoints.find_latest_checkpoint(self.run.checkpoints)
-        if path is None:
-            return
-        state = checkpoints.load_checkpoint(path)
-        check_same_model(path, state.get("config", {}), self.config)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("rng"):
-            checkpoints.restore_rng_state(state["rng"])
-        self.step = int(state["step"])
-        if self.dist.is_main:
-            self.run.log(f"resumed from {path} at step {self.step}", self.options.echo)
+        self.step = self.checkpointer.resume()[0]
 
 
 def build_trainer(config: DiffusionRun, options: TrainOptions) -> Trainer:
