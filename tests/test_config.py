@@ -289,3 +289,35 @@ def test_runs_and_checkpoints_of_the_untyped_version_still_resume():
     plain_sit = run_config.to_dict(presets.load("tiny-sit"))
     plain_sit["vfm"] = {"name": "tiny-dinov2", "image_size": 56, "layers": [3], "cls_layer": 3, "repa_layer": 3}
     assert config_difference(plain_sit, presets.load("tiny-sit")) == []  # a SiT reads no VFM
+
+
+# ------------------------------------------------------------------------------ the compressor's own keys
+
+def test_compressor_schedule_precision_and_clipping_are_honoured(data, tmp_path, monkeypatch):
+    from reglue.training import compressor as loop
+
+    config = presets.load("compressor-tiny", train__max_steps=2, train__global_batch=8)
+    o = config.optim
+    assert loop.cosine_lr(o, 0) == o.lr and loop.cosine_lr(o, o.t_max_epochs) == pytest.approx(o.eta_min)
+    half = o.eta_min + (o.lr - o.eta_min) * 0.5  # cos(pi / 2) = 0, computed by hand
+    assert loop.cosine_lr(o, o.t_max_epochs / 2) == pytest.approx(half)
+    constant = presets.load("compressor-tiny", optim__schedule="constant").optim
+    assert {loop.cosine_lr(constant, e) for e in (0, 3, 50)} == {constant.lr}
+
+    clips = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda p, max_norm: clips.append(max_norm) or real(p, max_norm))
+    casts = []
+    real_autocast = loop.autocast
+    monkeypatch.setattr(loop, "autocast",
+                        lambda device, precision: casts.append(precision) or real_autocast(device, precision))
+    weights = {}
+    for precision, clip in (("fp32", None), ("bf16", 0.5)):
+        clips.clear()
+        cfg = presets.load("compressor-tiny", train__max_steps=2, train__global_batch=8, train__precision=precision,
+                           optim__grad_clip=clip)
+        result = loop.train_compressor(cfg, _options(data / "plain.h5", tmp_path / precision))
+        weights[precision] = torch.load(result.path, weights_only=True)["state_dict"]
+        assert clips == [clip if clip is not None else float("inf")] * 2 and casts[-1] == precision
+    assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])

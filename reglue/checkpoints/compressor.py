@@ -70,7 +70,8 @@ def compressor_file(path) -> Path:
         return path
     if (path / COMPRESSOR_FILE).is_file():
         return path / COMPRESSOR_FILE
-    latest = find_latest_checkpoint(path / "checkpoints") or find_latest_checkpoint(path)  # the run, or its checkpoints/
+    # the run directory, or its checkpoints/ directory
+    latest = find_latest_checkpoint(path / "checkpoints") or find_latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"{path}: a directory without {COMPRESSOR_FILE} or checkpoints: not a compressor run")
     return latest

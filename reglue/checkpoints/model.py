@@ -34,7 +34,8 @@ def load_model(path, ema: bool = True) -> tuple[SiT, DiffusionRun]:
             raise CheckpointError(f"{path}: its configuration does not load: {exc}") from None
         use_ema = ema and raw.get("ema") is not None
         model = built_and_loaded(lambda: build(config), raw["ema"] if use_ema else raw["model"], path)
-        origin = {"format": "reglue", "path": str(path), "step": int(raw["step"]), "weights": "ema" if use_ema else "model"}
+        origin = {"format": "reglue", "path": str(path), "step": int(raw["step"]),
+                  "weights": "ema" if use_ema else "model"}
         return model.eval(), dataclasses.replace(config, origin=origin)
     if ("model" in raw and "args" in raw) or "x_embedder.proj.weight" in strip_module(raw):
         model, config = load_official(path, raw, ema)

@@ -136,7 +136,8 @@ class EncodedDataset(Dataset):
         return image, torch.from_numpy(m.astype(np.float32, copy=False)), int(self._labels[index])
 
     def read_batch(self, indices: list[int]):
-        """A whole batch at once: (images (B, 3, H, W) uint8, moments (B, 8, h, w) float32 (16: + flipped), labels (B,)).
+        """A whole batch at once: (images (B, 3, H, W) uint8, moments (B, 8, h, w) float32 (16 channels with the
+        flipped image's after the plain ones), labels (B,)).
 
         Rows are read straight into one shared-memory tensor per field, so a DataLoader worker hands the batch
         over without the per-sample stacking copy (see ``batch_loader``).

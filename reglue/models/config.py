@@ -18,7 +18,8 @@ CLASS_DROPOUT = 0.1  # label dropout of a class-conditional model (the official 
 class ProjectorConfig:
     """The REPA projector: an MLP on the hidden states after block ``depth`` (counted from 1)."""
 
-    depth: int = knob(4, "block (counted from 1) whose hidden states are projected: 4 for B/2, 8 for L/2 and XL/2", COUNT)
+    depth: int = knob(4, "block (counted from 1) whose hidden states are projected: 4 for B/2, 8 for L/2 and XL/2",
+                      COUNT)
     hidden_dim: int = knob(2048, "hidden width of the 3-layer SiLU MLP", COUNT)
     out_dim: int = knob(768, "output width: the VFM's token width", COUNT)
     align_patch: bool = knob(True, "align the projected patch tokens to the VFM's patch tokens")
