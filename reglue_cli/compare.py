@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from evaluation.compare import GROUPS, features_distance, format_rows, load_baselines, load_ours, plot_fid
-from evaluation.errors import InputError
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import fail
 
@@ -33,10 +32,7 @@ def compare(inputs, baselines, fmt, out, plot) -> None:
       reglue compare a/features.h5 b/features.h5
     """
     if len(inputs) == 2 and all(Path(p).suffix in (".h5", ".hdf5") for p in inputs):
-        try:
-            result = features_distance(*inputs)
-        except InputError as exc:
-            fail(str(exc))
+        result = features_distance(*inputs)  # an InputError is one line and exit 2 (reglue_cli.main)
         click.echo(json.dumps(result, indent=2) if fmt == "json" else
                    f"{inputs[0]} vs {inputs[1]}: FID {result['fid']:.4f}  sFID {result['sfid']:.4f}  "
                    f"precision {result['precision']:.4f}  recall {result['recall']:.4f}")
@@ -45,10 +41,7 @@ def compare(inputs, baselines, fmt, out, plot) -> None:
     unknown = sorted(set(groups or []) - set(GROUPS))
     if unknown:
         fail(f"--baselines: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}, all, none")
-    try:
-        rows = load_ours(list(inputs)) + load_baselines(groups)
-    except InputError as exc:
-        fail(str(exc))
+    rows = load_ours(list(inputs)) + load_baselines(groups)
     if not rows:
         fail("nothing to compare: give run directories or metrics files, or --baselines")
     text = format_rows(rows, fmt)

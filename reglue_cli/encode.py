@@ -6,10 +6,9 @@ import os
 
 import click
 
-from reglue.data.encode import MOMENTS_DTYPES, EncodeError, EncodeOptions, check_output_dir, encode_dataset
-from reglue.data.sources import SourceError, open_source
+from reglue.data.encode import MOMENTS_DTYPES, EncodeOptions, check_output_dir, encode_dataset
+from reglue.data.sources import open_source
 from reglue.distributed import from_main, init_distributed, shutdown
-from reglue.encoders.loading import ModelLoadError
 from reglue.encoders.vae import DEFAULT_VAE, VAE_ENV, load_vae
 from reglue_cli.errors import check_device, fail
 
@@ -61,17 +60,12 @@ def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch
     options = EncodeOptions(resolution=resolution, flip=flip, moments_dtype=moments_dtype,
                             batch_size=batch_size, workers=workers, shard_size=shard_size, overwrite=overwrite)
     dist = init_distributed(device)
-    try:  # rank 0 indexes the source (1.28M stat calls or tar headers for ImageNet) and sends it to the others
+    try:  # a bad source, VAE or output is a UserError: one line, exit 2 (reglue_cli.main)
+        # rank 0 indexes the source (1.28M stat calls or tar headers for ImageNet) and sends it to the others
         images = from_main(lambda: open_source(source, labels_file), dist)
         check_output_dir(out)
         model, info = load_vae(vae)
-    except (SourceError, ModelLoadError, EncodeError) as exc:
-        shutdown()
-        fail(str(exc))
-    try:
         summary = encode_dataset(images, out, model.to(dist.device), info, options, dist=dist, progress=not quiet)
-    except EncodeError as exc:
-        fail(str(exc))
     finally:
         shutdown()
     if dist.is_main:

@@ -15,7 +15,7 @@ from evaluation.fid import FID_BACKENDS
 from evaluation.inception import is_published_weights
 from evaluation.precision_recall import PR_PRECISIONS
 from reglue.data.crop import adm_center_crop, decode_image
-from reglue.data.sources import SourceError, open_source
+from reglue.data.sources import open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import check_device, fail
@@ -101,10 +101,8 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
                           dinov2_weights=dinov2_weights)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
+        try:  # an InputError is one line and exit 2 (reglue_cli.main)
             result = evaluate(samples, ref, inception_weights, options)
-        except InputError as exc:
-            fail(str(exc))
         finally:
             shutdown()
     if not dist.is_main:
@@ -145,14 +143,11 @@ def _make_reference(source, out, resolution, weights, batch_size, device, quiet)
 
     if not out:
         fail("--make-ref needs --out REF.npz")
-    try:
-        if Path(source).suffix in (".h5", ".hdf5"):
-            images = H5Images(source)
-        else:
-            images = CroppedFolder(open_source(source), resolution)
-        extractor = InceptionFeatures(weights, device=device)
-    except (InputError, SourceError) as exc:
-        fail(str(exc))
+    if Path(source).suffix in (".h5", ".hdf5"):  # errors of source and weights: one line (reglue_cli.main)
+        images = H5Images(source)
+    else:
+        images = CroppedFolder(open_source(source), resolution)
+    extractor = InceptionFeatures(weights, device=device)
     try:
         info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
     except InputError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 from reglue.checkpoints.reading import CheckpointError, built_and_loaded, strip_module
 from reglue.config.sections import DiffusionRun
 from reglue.constants import LATENT_CHANNELS, VAE_DOWNSAMPLE
-from reglue.encoders.specs import DINOV2_B_REG, VFM_SPECS
+from reglue.encoders.registry import DINOV2_B_REG, VFM_REGISTRY
 from reglue.models import ConfigError, SiT, build
 
 # Official parameter names -> ours (prefix renames; everything else is already identical).
@@ -73,7 +73,7 @@ def _official_shapes(state: dict, args: dict) -> dict:
     if args.get("num_classes") not in (None, rows - 1):
         raise CheckpointError(f"{rows} label rows for {args['num_classes']} classes: trained without a null class")
     overrides = {"model__input_size": grid * patch, "data__resolution": grid * patch * VAE_DOWNSAMPLE,
-                 "vfm__image_size": grid * VFM_SPECS[DINOV2_B_REG].patch,  # one DINOv2 token per model patch
+                 "vfm__image_size": grid * VFM_REGISTRY[DINOV2_B_REG].patch,  # one DINOv2 token per model patch
                  "model__num_classes": rows - 1,
                  "model__qk_norm": "blocks.0.attn.q_norm.weight" in state,
                  "model__semantic_channels": in_channels - LATENT_CHANNELS}

@@ -6,15 +6,15 @@ import dataclasses
 
 from reglue.config.sections import CompressorRun, DiffusionRun, LatentData
 from reglue.constants import VAE_DOWNSAMPLE
-from reglue.encoders.specs import VFM_SPECS, VFMSpec
+from reglue.encoders.registry import VFM_REGISTRY, VFMEntry
 from reglue.errors import ConfigError
 
 
-def _spec(vfm) -> VFMSpec:
+def _spec(vfm) -> VFMEntry:
     """The known shape of ``vfm.name``; ConfigError listing the known ones otherwise."""
-    if vfm.name not in VFM_SPECS:
-        raise ConfigError(f"vfm.name {vfm.name!r}: unknown VFM; choose one of {', '.join(VFM_SPECS)}")
-    spec = VFM_SPECS[vfm.name]
+    if vfm.name not in VFM_REGISTRY:
+        raise ConfigError(f"vfm.name {vfm.name!r}: unknown VFM; choose one of {', '.join(VFM_REGISTRY)}")
+    spec = VFM_REGISTRY[vfm.name]
     if vfm.image_size % spec.patch:
         raise ConfigError(f"vfm.image_size {vfm.image_size} is not a multiple of {vfm.name}'s patch {spec.patch}")
     bad = [b for b in vfm.layers if b >= spec.depth]
@@ -50,7 +50,7 @@ def check_resolution(data: LatentData, model) -> None:
                           f"{data.resolution / VAE_DOWNSAMPLE:g} latents but model.input_size is {model.input_size}")
 
 
-def _check_semantics(run: DiffusionRun, spec: VFMSpec) -> None:
+def _check_semantics(run: DiffusionRun, spec: VFMEntry) -> None:
     """Token grid, widths and compressor channels against the VFM."""
     m, v, c = run.model, run.vfm, run.compressor
     grid = v.image_size // spec.patch

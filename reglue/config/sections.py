@@ -47,7 +47,8 @@ class LatentData(ImageData):
 class VFMConfig:
     """The frozen vision foundation model and the blocks whose normed patch tokens form the local semantics."""
 
-    name: str = knob("dinov2-vitb14-reg", "dinov2-vitb14-reg (DINOv2-B/14, 4 registers) or tiny-dinov2 (tests)")
+    name: str = knob("dinov2-vitb14-reg", "an entry of the VFM registry (docs/models.md); default DINOv2-B/14 with "
+                                          "4 registers")
     image_size: int = knob(224, "VFM input side: bicubic resize, no antialias (224 / 14 -> 16x16 tokens)", COUNT)
     layers: tuple[int, ...] = knob((11,), "blocks (counted from 0) whose normed patch maps are concatenated on "
                                           "channels", (lambda v: len(v) > 0 and min(v) >= 0,

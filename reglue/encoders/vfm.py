@@ -1,8 +1,9 @@
-"""The frozen vision foundation model (DINOv2-B/14 with registers, or a tiny stand-in) and its features.
+"""The frozen vision foundation model (any entry of reglue.encoders.registry, or the tiny stand-in) and its features.
 
 From uint8 images it returns what REGLUE trains on (docs/method.md 2): the normed patch maps of chosen
-blocks concatenated on channels (local semantics), the final [CLS] token (global semantics), and the final
-[CLS] + patch tokens (the REPA target).
+blocks concatenated on channels (local semantics), the normed [CLS] token of one block (global semantics),
+and the normed [CLS] + patch tokens of one block (the REPA target); registers are dropped. Every family runs
+through timm's ``forward_intermediates`` (DINOv2: VisionTransformer; DINOv3: Eva with rotary embeddings).
 
 At 224 px timm resizes the 37 x 37 position grid once at load time; for the register models this is exactly
 what torch.hub's DINOv2 (which REGLUE uses) does at run time, bicubic to size 16 with antialiasing
@@ -20,12 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
+from reglue.encoders.registry import DINOV2_B_REG, IMAGENET_MEAN, IMAGENET_STD, TINY_VFM, VFM_REGISTRY
 
-from reglue.encoders.specs import DINOV2_B_REG, TINY_VFM  # noqa: E402  (names shared with the config checks)
-TIMM_NAMES = {DINOV2_B_REG: "vit_base_patch14_reg4_dinov2.lvd142m"}
-VFM_ENV = "REGLUE_VFM"  # a local weights file (torch.hub or timm format) for DINOV2_B_REG
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DINOV2_B_REG", "TINY_VFM", "VFMFeatures", "VisionFoundationModel", "build_tiny_vfm", "load_vfm"]
+
+VFM_ENV = "REGLUE_VFM"  # a local weights file (the family's own release or timm's) of the VFM a run names
 TINY_VFM_SEED = 4321
 
 
@@ -67,24 +67,18 @@ class VisionFoundationModel(nn.Module):
                 repa_layer: int = -1) -> VFMFeatures:
         """Features of uint8 images: the normed patch maps of blocks ``layers``, the normed [CLS] after block
         ``cls_layer`` and the normed [CLS] + patch tokens after block ``repa_layer`` (0-based; -1: the last)."""
-        vit = self.vit
-        depth = len(vit.blocks)
+        depth = len(self.vit.blocks)
         cls_at, repa_at = cls_layer % depth, repa_layer % depth
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(self.preprocess(images)))))
-        prefix, grid = vit.num_prefix_tokens, self.image_size // vit.patch_embed.patch_size[0]
-        maps, cls, tokens = [], None, None
-        for i, block in enumerate(vit.blocks[: max([*layers, cls_at, repa_at]) + 1]):
-            x = block(x)
-            if i not in (*layers, cls_at, repa_at):
-                continue
-            normed = vit.norm(x)  # (N, prefix + g*g, D)
-            if i in layers:
-                maps.append(normed[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid))
-            if i == cls_at:
-                cls = normed[:, 0]
-            if i == repa_at:
-                tokens = torch.cat([normed[:, :1], normed[:, prefix:]], dim=1)  # [CLS] + patches, no registers
-        return VFMFeatures(torch.cat(maps, dim=1), cls, tokens)
+        wanted = sorted({*layers, cls_at, repa_at})
+        outputs = self.vit.forward_intermediates(self.preprocess(images), indices=wanted, norm=True,
+                                                 output_fmt="NCHW", intermediates_only=True,
+                                                 return_prefix_tokens=True)
+        by_block = dict(zip(wanted, outputs))  # block -> (patch maps (N, D, g, g), prefix tokens (N, P, D))
+        maps = torch.cat([by_block[i][0] for i in layers], dim=1)
+        cls = by_block[cls_at][1][:, 0]
+        grid, prefix = by_block[repa_at]
+        tokens = torch.cat([prefix[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)  # [CLS] + patches, no registers
+        return VFMFeatures(maps, cls, tokens)
 
 
 def build_tiny_vfm() -> VisionFoundationModel:
@@ -102,22 +96,30 @@ def _create_timm(name: str, image_size: int, weights: str | None) -> nn.Module:
     import timm
 
     overlay = {"file": weights} if weights else None
-    return timm.create_model(TIMM_NAMES[name], pretrained=True, img_size=image_size, num_classes=0,
+    return timm.create_model(VFM_REGISTRY[name].timm_id, pretrained=True, img_size=image_size, num_classes=0,
                              pretrained_cfg_overlay=overlay)
 
 
+def _how_to_fetch(name: str) -> str:
+    """Which file to download elsewhere for ``name``, and how to point reglue at it."""
+    entry = VFM_REGISTRY[name]
+    files = f"timm's {entry.timm_id} (model.safetensors on the Hugging Face hub, timm/{entry.timm_id})"
+    if entry.hub_file:
+        files = f"torch.hub's {entry.hub_file}, or {files}"
+    licence = f" ({entry.licence})" if entry.licence else ""
+    return (f"download the {name} weights{licence} elsewhere: {files}; copy the file here and pass "
+            f"--vfm-weights FILE or set {VFM_ENV}=FILE")
+
+
 def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> VisionFoundationModel:
-    """The VFM called ``name`` (see TIMM_NAMES, or 'tiny-dinov2'); ``weights`` (or $REGLUE_VFM) is a local file."""
+    """The VFM called ``name`` (an entry of VFM_REGISTRY); ``weights`` (or $REGLUE_VFM) is a local file."""
     if name == TINY_VFM:
         return build_tiny_vfm()
-    if name not in TIMM_NAMES:
-        raise ModelLoadError(f"unknown VFM {name!r}: choose {', '.join([*TIMM_NAMES, TINY_VFM])}")
+    if name not in VFM_REGISTRY:
+        raise ModelLoadError(f"unknown VFM {name!r}: choose one of {', '.join(VFM_REGISTRY)}")
     weights = weights or os.environ.get(VFM_ENV)
     if weights and not Path(weights).is_file():
         raise ModelLoadError(f"VFM weights {weights}: no such file")
-    fetch = (f"download the {name} weights (torch.hub dinov2_vitb14_reg4_pretrain.pth, or the timm "
-             f"{TIMM_NAMES[name]} safetensors) elsewhere, copy the file here and pass --vfm-weights FILE "
-             f"or set {VFM_ENV}=FILE")
     if not weights:
         try:
             return VisionFoundationModel(_with_offline(lambda: _create_timm(name, image_size, None)), name,
@@ -125,11 +127,11 @@ def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> Vi
         except (OSError, RuntimeError, ValueError):
             if not hub_reachable():
                 raise ModelLoadError(f"cannot load VFM {name}: not in the cache ({hub_cache_dir()}) and the hub is "
-                                     f"unreachable; {fetch}") from None
+                                     f"unreachable; {_how_to_fetch(name)}") from None
     try:
         return VisionFoundationModel(_create_timm(name, image_size, weights), name, image_size, comparable=True)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load VFM {name}: {str(exc).splitlines()[0]}; {fetch}") from None
+        raise ModelLoadError(f"cannot load VFM {name}: {str(exc).splitlines()[0]}; {_how_to_fetch(name)}") from None
 
 
 def _with_offline(make):

@@ -1,0 +1,69 @@
+"""The registry of vision foundation models: a name maps to a record of how to build it and the shapes it has.
+
+Records, not string-built classes (torch-fidelity's registry of feature extractors is the model): the
+configuration checks read patch, width and depth without loading anything, and ``reglue.encoders.vfm.load_vfm``
+builds the timm architecture the record names. All entries take ImageNet mean/std on [0, 1] pixels and a
+bicubic resize without antialiasing to ``vfm.image_size``; timm resizes their position embeddings (DINOv2:
+bicubic, once at load, as torch.hub's DINOv2 does at run time; DINOv3: rotary embeddings, no table to resize).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXELS_PER_TOKEN = 16  # one VFM token per 2x2 patch of the 8x-downsampled latents: 256 px -> 16x16 tokens
+
+
+class VFMEntry(NamedTuple):
+    """One vision foundation model."""
+
+    patch: int  # pixels per token side
+    width: int  # token width D
+    depth: int  # transformer blocks
+    prefix_tokens: int = 1  # [CLS] and registers before the patch tokens
+    timm_id: str | None = None  # None: built in code (the tiny stand-in)
+    hub_file: str | None = None  # the family's own release file (torch.hub), also loadable with --vfm-weights
+    licence: str = ""  # where a family restricts use
+
+    def image_size(self, resolution: int) -> int:
+        """The VFM input side whose token grid matches a ``resolution`` px model's patch grid (224 at 256 px)."""
+        return resolution // PIXELS_PER_TOKEN * self.patch
+
+    @property
+    def last_layers(self) -> tuple[int, ...]:
+        """The last four blocks (counted from 0): REGLUE's compressor input."""
+        return tuple(range(self.depth - 4, self.depth))
+
+
+def _dinov2(size: str, width: int, depth: int, registers: bool) -> VFMEntry:
+    reg = "_reg4" if registers else ""
+    return VFMEntry(patch=14, width=width, depth=depth, prefix_tokens=5 if registers else 1,
+                    timm_id=f"vit_{size}_patch14{reg}_dinov2.lvd142m",
+                    hub_file=f"dinov2_vit{size[0]}14{'_reg4' if registers else ''}_pretrain.pth")
+
+
+def _dinov3(size: str, width: int, depth: int) -> VFMEntry:
+    return VFMEntry(patch=16, width=width, depth=depth, prefix_tokens=5, timm_id=f"vit_{size}_patch16_dinov3.lvd1689m",
+                    licence="DINOv3 License (Meta): gated download; read its terms before use")
+
+
+DINOV2_B_REG = "dinov2-vitb14-reg"
+DINOV3_B = "dinov3-vitb16"
+TINY_VFM = "tiny-dinov2"
+
+VFM_REGISTRY: dict[str, VFMEntry] = {
+    "dinov2-vits14": _dinov2("small", 384, 12, False),
+    "dinov2-vits14-reg": _dinov2("small", 384, 12, True),
+    "dinov2-vitb14": _dinov2("base", 768, 12, False),
+    DINOV2_B_REG: _dinov2("base", 768, 12, True),  # REPA, REG and REGLUE's encoder
+    "dinov2-vitl14": _dinov2("large", 1024, 24, False),
+    "dinov2-vitl14-reg": _dinov2("large", 1024, 24, True),
+    "dinov2-vitg14": _dinov2("giant", 1536, 40, False),
+    "dinov2-vitg14-reg": _dinov2("giant", 1536, 40, True),
+    "dinov3-vits16": _dinov3("small", 384, 12),
+    DINOV3_B: _dinov3("base", 768, 12),  # REGLUE Table 1 row (n)
+    "dinov3-vitl16": _dinov3("large", 1024, 24),
+    TINY_VFM: VFMEntry(patch=14, width=32, depth=4, prefix_tokens=5),  # random-weight stand-in: tests, demo
+}
