@@ -18,7 +18,7 @@ from evaluation.images import ImageInputError, file_sha256, open_images
 from evaluation.inception import InceptionFeatures
 from evaluation.inception_score import IS_SPLIT, inception_score
 from evaluation.precision_recall import precision_recall
-from evaluation.reference import resolve_reference
+from evaluation.reference import reference_for, resolve_reference
 from evaluation.stats import RunningStats
 
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
@@ -193,8 +193,9 @@ def _warn_about(n: int, labels: np.ndarray | None) -> None:
         warnings.warn("samples are sorted by class: the Inception Score's consecutive splits will collapse")
 
 
-def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions = EvalOptions()) -> dict:
-    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder) against reference ``ref`` (name or path).
+def evaluate(samples, ref: str | None, weights: str | None = None, options: EvalOptions = EvalOptions()) -> dict:
+    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder) against reference ``ref`` (name or path;
+    None: the registry's ImageNet batch at the samples' resolution, imagenet256 or imagenet512).
 
     Under torchrun, feature extraction is split over the processes; rank 0 returns the result, the others {}.
     """
@@ -202,7 +203,7 @@ def evaluate(samples, ref: str, weights: str | None = None, options: EvalOptions
     images = open_images(samples)
     if len(images) < 2:
         raise ImageInputError(f"{samples}: {len(images)} image(s); the metrics need at least 2 (a covariance)")
-    ref_path = resolve_reference(ref)
+    ref_path = resolve_reference(ref or reference_for(images.shape[1]))
     extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_sha = file_sha256(ref_path)
     ref_pool, ref_stats, stats_origin = reference_features(ref_path, ref_sha, extractor, options)

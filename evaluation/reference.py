@@ -27,6 +27,15 @@ def reference_dir() -> Path:
     return Path(os.environ.get(REFERENCE_DIR_ENV, Path.home() / ".cache" / "reglue" / "reference"))
 
 
+def reference_for(side: int) -> str:
+    """The registry's ImageNet reference batch for ``side`` px samples (imagenet256, imagenet512)."""
+    name = f"imagenet{side}"
+    if name not in registry():
+        raise ReferenceStatsError(f"no ImageNet reference batch for {side} px samples in the registry "
+                                  f"({', '.join(registry())}); pass --ref NAME|PATH")
+    return name
+
+
 def resolve_reference(ref: str, download: bool = True) -> Path:
     """A local .npz for ``ref``: an existing path, or a registry name (downloaded and checked when missing)."""
     path = Path(ref)

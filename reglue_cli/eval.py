@@ -43,8 +43,9 @@ def format_table(result: dict) -> str:
 
 @click.command("eval", short_help="FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.")
 @click.argument("samples", type=click.Path(), required=False)
-@click.option("--ref", default="imagenet256", show_default=True, metavar="NAME|PATH",
-              help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz.")
+@click.option("--ref", default=None, metavar="NAME|PATH",
+              help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz [default: the ImageNet "
+                   "batch at the samples' resolution: imagenet256, or imagenet512 for 512 px samples].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here.")
 @click.option("--features", type=click.Path(dir_okay=False), help="Also store pool, spatial and logits features (HDF5).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False),

@@ -34,11 +34,10 @@ OPTION_KEYS = {
 def resolve_config(preset: str, assignments: tuple[str, ...], options: dict) -> run_config.RunConfig:
     """The typed preset with ``--set KEY=VALUE`` assignments, then the shortcut options, applied and checked."""
     overrides = dict(presets.parse_assignment(a) for a in assignments)
-    overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
-    data = presets.resolve(preset)
-    for key, value in overrides.items():
-        presets.apply_override(data, key, value)
-    return run_config.from_dict(data)
+    overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None and k != "vfm"})
+    if options.get("vfm") is not None:  # last: the swap reads the final data.resolution
+        overrides["vfm.name"] = options["vfm"]
+    return run_config.from_dict(presets.apply_overrides(presets.resolve(preset), overrides))
 
 
 def parameter_counts(config: run_config.RunConfig) -> dict[str, int]:
@@ -59,6 +58,11 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
     click.echo("# parameters")
     for name, value in counts.items():
         click.echo(f"#   {name:<18} {value:>15,}")
+    if config.kind == "diffusion":
+        m, v = config.model, config.vfm
+        grid = m.input_size // m.patch_size
+        click.echo(f"# tokens: {grid * grid} latent ({grid}x{grid} patches of the {m.input_size}x{m.input_size} latents)"
+                   f"{' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
 
 
 @click.command(short_help="Train a diffusion model or the semantic compressor from a preset.")
@@ -78,6 +82,8 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
 @click.option("--compressor", type=click.Path(),
               help="Frozen semantic compressor for REGLUE presets: a compressor-* run's directory (or any of its "
                    "checkpoints, or its compressor.pt), or the official file.")
+@click.option("--vfm", metavar="NAME", help="Swap the preset's VFM for a registry entry (docs/models.md), e.g. "
+              "dinov2-vitl14-reg or dinov3-vitb16; its input size, widths and blocks follow.")
 @click.option("--vfm-weights", type=click.Path(dir_okay=False),
               help="Local DINOv2 weights file (torch.hub or timm format) for machines without network.")
 @click.option("--batch-gpu", type=click.IntRange(min=1),

@@ -81,15 +81,21 @@ class VisionFoundationModel(nn.Module):
         return VFMFeatures(maps, cls, tokens)
 
 
-def build_tiny_vfm() -> VisionFoundationModel:
-    """A deterministic random ViT with DINOv2's layout (patch 14, 4 registers, no class pos-embed): 4 blocks, D=32."""
+TINY_VFM_SIZE = 56  # the stand-in's native input: 4x4 tokens
+
+
+def build_tiny_vfm(image_size: int = TINY_VFM_SIZE) -> VisionFoundationModel:
+    """A deterministic random ViT with DINOv2's layout (patch 14, 4 registers, no class pos-embed): 4 blocks, D=32;
+    at another ``image_size`` the same weights with the position table resampled (as timm does for DINOv2)."""
     from timm.models.vision_transformer import VisionTransformer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_VFM_SEED)
-        vit = VisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=4, num_heads=2, reg_tokens=4,
-                                no_embed_class=True, num_classes=0, init_values=1e-5)
-    return VisionFoundationModel(vit, TINY_VFM, 56, comparable=False)
+        vit = VisionTransformer(img_size=TINY_VFM_SIZE, patch_size=14, embed_dim=32, depth=4, num_heads=2,
+                                reg_tokens=4, no_embed_class=True, num_classes=0, init_values=1e-5)
+    if image_size != TINY_VFM_SIZE:
+        vit.set_input_size(img_size=image_size)
+    return VisionFoundationModel(vit, TINY_VFM, image_size, comparable=False)
 
 
 def _create_timm(name: str, image_size: int, weights: str | None) -> nn.Module:
@@ -114,7 +120,7 @@ def _how_to_fetch(name: str) -> str:
 def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> VisionFoundationModel:
     """The VFM called ``name`` (an entry of VFM_REGISTRY); ``weights`` (or $REGLUE_VFM) is a local file."""
     if name == TINY_VFM:
-        return build_tiny_vfm()
+        return build_tiny_vfm(image_size)
     if name not in VFM_REGISTRY:
         raise ModelLoadError(f"unknown VFM {name!r}: choose one of {', '.join(VFM_REGISTRY)}")
     weights = weights or os.environ.get(VFM_ENV)

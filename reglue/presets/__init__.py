@@ -100,6 +100,41 @@ def apply_override(config: dict, key: str, value: Any) -> dict:
     return config
 
 
+def swap_vfm(config: dict, name: str) -> dict:
+    """Set ``vfm.name`` in a plain config and make what depends on the VFM follow (in place): its input size for
+    ``data.resolution``, the [CLS] width, the projector's output width, the compressor's input width, and the
+    blocks (the same distance from the last block)."""
+    from reglue.encoders.registry import VFM_REGISTRY
+
+    if name not in VFM_REGISTRY:
+        raise PresetError(f"vfm.name {name!r}: unknown VFM; choose one of {', '.join(VFM_REGISTRY)}")
+    old, new = VFM_REGISTRY.get(config["vfm"]["name"]), VFM_REGISTRY[name]
+    vfm, model, compressor = config["vfm"], config.get("model", {}), config["compressor"]
+    shift = new.depth - old.depth if old is not None else 0
+    vfm.update(name=name, image_size=new.image_size(config["data"]["resolution"]),
+               layers=[max(0, block + shift) for block in vfm["layers"]])
+    for key in ("cls_layer", "repa_layer"):
+        if vfm.get(key, -1) >= 0:
+            vfm[key] = max(0, vfm[key] + shift)
+    if "cls_dim" in model:
+        model["cls_dim"] = new.width
+    if model.get("projector"):
+        model["projector"]["out_dim"] = new.width
+    if compressor.get("channels"):
+        compressor["channels"] = [new.width * len(vfm["layers"]), *compressor["channels"][1:]]
+    return config
+
+
+def apply_overrides(config: dict, overrides: dict) -> dict:
+    """Apply ``{key: value}`` overrides in order (in place); setting ``vfm.name`` swaps the VFM (swap_vfm)."""
+    for key, value in overrides.items():
+        if _resolve_key(config, key) == ("vfm", "name"):
+            swap_vfm(config, value)
+        else:
+            apply_override(config, key, value)
+    return config
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """'model.depth=4' -> ('model.depth', 4), the value parsed as YAML."""
     if "=" not in text:
@@ -122,7 +157,4 @@ def resolve(name: str) -> dict:
 
 def load(name: str, **overrides: Any) -> run_config.RunConfig:
     """The typed preset ``name`` with keyword overrides applied (``model__depth=4`` or a unique bare key)."""
-    data = resolve(name)
-    for key, value in overrides.items():
-        apply_override(data, key, value)
-    return run_config.from_dict(data)
+    return run_config.from_dict(apply_overrides(resolve(name), overrides))
