@@ -19,10 +19,11 @@ def test_each_record_matches_the_timm_architecture(name):
 
     entry = VFM_REGISTRY[name]
     with torch.device("meta"):  # no memory, no initialisation: the giant builds in a blink too
-        vit = timm.create_model(entry.timm_id.split(".")[0], pretrained=False, num_classes=0,
-                                img_size=entry.image_size(256))
+        vit = timm.create_model(entry.timm_id, pretrained=False, num_classes=0, img_size=entry.image_size(256))
     assert (vit.patch_embed.patch_size[0], vit.embed_dim, len(vit.blocks), vit.num_prefix_tokens) == \
         (entry.patch, entry.width, entry.depth, entry.prefix_tokens)
+    config = timm.data.resolve_model_data_config(vit)  # the family's own preprocessing, as timm publishes it
+    assert tuple(config["mean"]) == pytest.approx(entry.mean) and tuple(config["std"]) == pytest.approx(entry.std)
     for resolution, grid in ((256, 16), (512, 32)):  # one VFM token per 2x2 latent patch
         assert entry.image_size(resolution) // entry.patch == grid
     assert entry.last_layers == tuple(range(entry.depth - 4, entry.depth))
@@ -58,6 +59,25 @@ def test_a_dinov3_file_in_timms_format_loads_and_gives_the_declared_shapes(dinov
             final = reference.forward_features(vfm.preprocess(images))  # (N, 5 + 256, D), registers at 1..4
         torch.testing.assert_close(features.cls, final[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(features.tokens[:, 1:], final[:, entry.prefix_tokens:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_without_cls_gives_the_mean_patch_token_as_its_global_token():
+    import timm
+
+    from reglue.encoders.vfm import VisionFoundationModel
+
+    entry = VFM_REGISTRY["siglip2-vitb16"]
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, num_classes=0, img_size=256, depth=2)
+    vfm = VisionFoundationModel(vit, "siglip2-vitb16", 256, True, entry.mean, entry.std)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    features = vfm(images, [1])
+    with torch.no_grad():
+        x = (images.float() / 255 - 0.5) / 0.5  # SigLIP's preprocessing written out
+        patches = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))))  # no prefix tokens
+    torch.testing.assert_close(features.cls, patches.mean(dim=1), rtol=1e-5, atol=1e-5)
+    assert features.tokens.shape == (2, 257, 768)
+    torch.testing.assert_close(features.tokens[:, 1:], patches, rtol=1e-5, atol=1e-5)
 
 
 def test_offline_without_weights_names_the_file_to_fetch(monkeypatch, capsys):

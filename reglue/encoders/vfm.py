@@ -40,12 +40,13 @@ class VFMFeatures(NamedTuple):
 class VisionFoundationModel(nn.Module):
     """A frozen timm ViT with its preprocessing; ``forward(images uint8 (N, 3, H, W), layers)``."""
 
-    def __init__(self, vit: nn.Module, name: str, image_size: int, comparable: bool):
+    def __init__(self, vit: nn.Module, name: str, image_size: int, comparable: bool,
+                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
         super().__init__()
         self.vit = vit.eval().requires_grad_(False)
         self.name, self.image_size, self.comparable = name, image_size, comparable
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def embed_dim(self) -> int:
@@ -73,12 +74,19 @@ class VisionFoundationModel(nn.Module):
         outputs = self.vit.forward_intermediates(self.preprocess(images), indices=wanted, norm=True,
                                                  output_fmt="NCHW", intermediates_only=True,
                                                  return_prefix_tokens=True)
-        by_block = dict(zip(wanted, outputs))  # block -> (patch maps (N, D, g, g), prefix tokens (N, P, D))
+        # block -> (patch maps (N, D, g, g), prefix tokens (N, P, D)); timm gives maps alone when P is 0
+        by_block = {i: out if isinstance(out, tuple) else (out, out.new_zeros(out.shape[0], 0, out.shape[1]))
+                    for i, out in zip(wanted, outputs)}
         maps = torch.cat([by_block[i][0] for i in layers], dim=1)
-        cls = by_block[cls_at][1][:, 0]
+        cls = _global_token(*by_block[cls_at])
         grid, prefix = by_block[repa_at]
-        tokens = torch.cat([prefix[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)  # [CLS] + patches, no registers
-        return VFMFeatures(maps, cls, tokens)
+        tokens = torch.cat([_global_token(grid, prefix)[:, None], grid.flatten(2).transpose(1, 2)], dim=1)
+        return VFMFeatures(maps, cls, tokens)  # [CLS] + patches, registers dropped
+
+
+def _global_token(grid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """(N, D): the [CLS] token, or the mean of the patch tokens (N, D, g, g) for a model without one."""
+    return prefix[:, 0] if prefix.shape[1] else grid.mean(dim=(2, 3))
 
 
 TINY_VFM_SIZE = 56  # the stand-in's native input: 4x4 tokens
@@ -123,19 +131,21 @@ def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> Vi
         return build_tiny_vfm(image_size)
     if name not in VFM_REGISTRY:
         raise ModelLoadError(f"unknown VFM {name!r}: choose one of {', '.join(VFM_REGISTRY)}")
+    entry = VFM_REGISTRY[name]
     weights = weights or os.environ.get(VFM_ENV)
     if weights and not Path(weights).is_file():
         raise ModelLoadError(f"VFM weights {weights}: no such file")
     if not weights:
         try:
             return VisionFoundationModel(_with_offline(lambda: _create_timm(name, image_size, None)), name,
-                                         image_size, comparable=True)
+                                         image_size, True, entry.mean, entry.std)
         except (OSError, RuntimeError, ValueError):
             if not hub_reachable():
                 raise ModelLoadError(f"cannot load VFM {name}: not in the cache ({hub_cache_dir()}) and the hub is "
                                      f"unreachable; {_how_to_fetch(name)}") from None
     try:
-        return VisionFoundationModel(_create_timm(name, image_size, weights), name, image_size, comparable=True)
+        return VisionFoundationModel(_create_timm(name, image_size, weights), name, image_size, True, entry.mean,
+                                     entry.std)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"cannot load VFM {name}: {str(exc).splitlines()[0]}; {_how_to_fetch(name)}") from None
 
