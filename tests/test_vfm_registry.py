@@ -93,3 +93,23 @@ def test_table1_n_resolves_with_dinov3_b(capsys):
     assert main(["train", "--preset", "table1-n", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "name: dinov3-vitb16" in out and "image_size: 256" in out
+
+
+def test_dinov2_without_registers_loads_as_the_fd_dinov2_evaluator_loads_it(tmp_path, monkeypatch):
+    """Training and evaluation must not disagree on DINOv2: the same file through both loaders."""
+    import timm
+    from safetensors.torch import save_file
+
+    from evaluation.dinov2 import load_dinov2
+
+    torch.manual_seed(1)
+    native = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)  # 518 px, 37x37
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in native.state_dict().items()}, str(path))
+    ours = load_vfm("dinov2-vits14", 224, str(path)).vit
+    theirs = load_dinov2(str(path), name="vit_small_patch14_dinov2.lvd142m")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=0, atol=0)

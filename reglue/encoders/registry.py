@@ -32,6 +32,7 @@ class VFMEntry(NamedTuple):
     licence: str = ""  # where a family restricts use
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation of [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD
+    hub_positions: bool = False  # resize the position table as torch.hub's DINOv2 (no registers) does at run time
 
     @property
     def has_cls(self) -> bool:
@@ -50,9 +51,12 @@ class VFMEntry(NamedTuple):
 
 def _dinov2(size: str, width: int, depth: int, registers: bool) -> VFMEntry:
     reg = "_reg4" if registers else ""
+    # torch.hub resizes the 37x37 position table at run time: for the register models exactly as timm does at
+    # load time; without registers with a scale of (grid + 0.1) / 37 and no antialiasing (evaluation/dinov2.py)
     return VFMEntry(patch=14, width=width, depth=depth, prefix_tokens=5 if registers else 1,
                     timm_id=f"vit_{size}_patch14{reg}_dinov2.lvd142m",
-                    hub_file=f"dinov2_vit{size[0]}14{'_reg4' if registers else ''}_pretrain.pth")
+                    hub_file=f"dinov2_vit{size[0]}14{'_reg4' if registers else ''}_pretrain.pth",
+                    hub_positions=not registers)
 
 
 def _dinov3(size: str, width: int, depth: int) -> VFMEntry:

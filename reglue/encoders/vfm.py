@@ -109,9 +109,20 @@ def build_tiny_vfm(image_size: int = TINY_VFM_SIZE) -> VisionFoundationModel:
 def _create_timm(name: str, image_size: int, weights: str | None) -> nn.Module:
     import timm
 
+    entry = VFM_REGISTRY[name]
     overlay = {"file": weights} if weights else None
-    return timm.create_model(VFM_REGISTRY[name].timm_id, pretrained=True, img_size=image_size, num_classes=0,
-                             pretrained_cfg_overlay=overlay)
+    if not entry.hub_positions:  # timm resizes the position table at load time, as the family does
+        return timm.create_model(entry.timm_id, pretrained=True, img_size=image_size, num_classes=0,
+                                 pretrained_cfg_overlay=overlay)
+    from evaluation.dinov2 import hub_position_embedding  # one resize for training and FD-DINOv2
+
+    native = timm.create_model(entry.timm_id, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+    state = native.state_dict()
+    state["pos_embed"] = hub_position_embedding(state["pos_embed"], image_size // entry.patch)
+    with torch.device("meta"):  # the structure at image_size; its weights are the ones just loaded
+        vit = timm.create_model(entry.timm_id, pretrained=False, img_size=image_size, num_classes=0)
+    vit.load_state_dict(state, assign=True)
+    return vit
 
 
 def _how_to_fetch(name: str) -> str:
