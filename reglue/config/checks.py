@@ -31,16 +31,13 @@ def _uses_vfm(model) -> bool:
     return bool(model.semantic_channels or model.cls_token or model.projector)
 
 
-def _unread(section, name: str, value, why: str) -> None:
-    """ConfigError for a key set away from its default in a run where no code would read it."""
+def _unread(run, key: str, why: str) -> None:
+    """ConfigError for ``key`` ('section.name') set away from its default in a run where no code would read it."""
+    section_name, name = key.split(".")
+    section = getattr(run, section_name)
     default = next(f.default for f in dataclasses.fields(section) if f.name == name)
-    if value != default:
-        raise ConfigError(f"{section_key(section)}.{name}={value!r}: {why}, so nothing would read it")
-
-
-def section_key(section) -> str:
-    return {"LossWeights": "loss", "DiffusionVFMConfig": "vfm", "FrozenCompressor": "compressor",
-            "SamplingConfig": "sampling"}[type(section).__name__]
+    if getattr(section, name) != default:
+        raise ConfigError(f"{key}={getattr(section, name)!r}: {why}, so nothing would read it")
 
 
 def check_resolution(data: LatentData, model) -> None:
@@ -82,19 +79,18 @@ def _check_semantics(run: DiffusionRun, spec: VFMEntry) -> None:
 def _check_unread(run: DiffusionRun) -> None:
     """Keys changed from their defaults that this model would never read."""
     m = run.model
+    unread = []
     if not m.semantic_channels:
-        _unread(run.loss, "semantic", run.loss.semantic, "the model has no semantic channels")
-        _unread(run.loss, "semantic_schedule", run.loss.semantic_schedule, "the model has no semantic channels")
+        unread += [(k, "the model has no semantic channels") for k in ("loss.semantic", "loss.semantic_schedule")]
     if not m.cls_token:
-        _unread(run.loss, "cls", run.loss.cls, "the model has no [CLS] token")
-        _unread(run.vfm, "cls_layer", run.vfm.cls_layer, "the model has no [CLS] token")
+        unread += [(k, "the model has no [CLS] token") for k in ("loss.cls", "vfm.cls_layer")]
     if m.projector is None:
-        _unread(run.loss, "repa", run.loss.repa, "the model has no REPA projector")
-        _unread(run.vfm, "repa_layer", run.vfm.repa_layer, "the model has no REPA projector")
+        unread += [(k, "the model has no REPA projector") for k in ("loss.repa", "vfm.repa_layer")]
     if m.semantic_source != "compressor":
-        for name in ("channels", "path", "norm_stats"):
-            _unread(run.compressor, name, getattr(run.compressor, name),
-                    f"model.semantic_source is {m.semantic_source}, not compressor")
+        unread += [(f"compressor.{k}", f"model.semantic_source is {m.semantic_source}, not compressor")
+                   for k in ("channels", "path", "norm_stats")]
+    for key, why in unread:
+        _unread(run, key, why)
     if not m.num_classes:
         s = run.sampling
         if s.cfg_scale != 1.0 or s.cfg_cls_scale not in (None, 1.0):
