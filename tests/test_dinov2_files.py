@@ -92,3 +92,27 @@ def test_reglue_vfm_file_in_either_layout_gives_the_hub_model(tmp_path, layout):
     torch.testing.assert_close(vit.reg_token, state["register_tokens"])
     torch.testing.assert_close(vit.cls_token, state["cls_token"] + cls_pos)  # the hub adds it at run time
     torch.testing.assert_close(vit.blocks[11].mlp.fc2.weight, state["blocks.11.mlp.fc2.weight"])
+
+
+@pytest.mark.parametrize("name, timm_name", [("dinov2-vits14", "vit_small_patch14_dinov2"),
+                                             ("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2")])
+def test_registry_entries_load_the_hub_file_as_the_hub_runs_it(tmp_path, name, timm_name):
+    """Each DINOv2 family of the registry from torch.hub's file: positions as the hub resizes them at run time
+    (without registers: scale (16 + 0.1) / 37, no antialias, checked in float64; with: timm's load-time resize)."""
+    from reglue.encoders.vfm import load_vfm
+
+    state = _hub_state(timm_name, seed=2)
+    torch.save(state, tmp_path / "hub.pth")
+    vit = load_vfm(name, 224, str(tmp_path / "hub.pth")).vit
+    pos = state["pos_embed"][0].double().numpy()
+    grid = pos[1:].reshape(HUB_GRID, HUB_GRID, -1)
+    if "reg" in name:
+        want = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None].float(), size=GRID, mode="bicubic",
+                             antialias=True)[0].permute(1, 2, 0).reshape(GRID * GRID, -1).double().numpy()
+        got = vit.pos_embed[0].double().numpy()
+    else:
+        w = bicubic_matrix(HUB_GRID, GRID, (GRID + 0.1) / HUB_GRID)
+        want = np.einsum("ia,abd,jb->ijd", w, grid, w).reshape(GRID * GRID, -1)
+        got = vit.pos_embed[0, 1:].double().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vit.blocks[5].attn.qkv.weight, state["blocks.5.attn.qkv.weight"])
