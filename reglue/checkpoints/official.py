@@ -72,8 +72,9 @@ def _official_shapes(state: dict, args: dict) -> dict:
     rows = state["y_embedder.embedding_table.weight"].shape[0]
     if args.get("num_classes") not in (None, rows - 1):
         raise CheckpointError(f"{rows} label rows for {args['num_classes']} classes: trained without a null class")
-    overrides = {"model__input_size": grid * patch, "data__resolution": grid * patch * VAE_DOWNSAMPLE,
-                 "vfm__image_size": grid * VFM_REGISTRY[DINOV2_B_REG].patch,  # one DINOv2 token per model patch
+    resolution = grid * patch * VAE_DOWNSAMPLE
+    overrides = {"model__input_size": grid * patch, "data__resolution": resolution,
+                 "vfm__image_size": VFM_REGISTRY[DINOV2_B_REG].image_size(resolution),  # the official VFM
                  "model__num_classes": rows - 1,
                  "model__qk_norm": "blocks.0.attn.q_norm.weight" in state,
                  "model__semantic_channels": in_channels - LATENT_CHANNELS}

@@ -6,15 +6,13 @@ import dataclasses
 
 from reglue.config.sections import CompressorRun, DiffusionRun, LatentData
 from reglue.constants import VAE_DOWNSAMPLE
-from reglue.encoders.registry import VFM_REGISTRY, VFMEntry
+from reglue.encoders.registry import VFMEntry, vfm_entry
 from reglue.errors import ConfigError
 
 
 def _spec(vfm) -> VFMEntry:
     """The known shape of ``vfm.name``; ConfigError listing the known ones otherwise."""
-    if vfm.name not in VFM_REGISTRY:
-        raise ConfigError(f"vfm.name {vfm.name!r}: unknown VFM; choose one of {', '.join(VFM_REGISTRY)}")
-    spec = VFM_REGISTRY[vfm.name]
+    spec = vfm_entry(vfm.name)
     if vfm.image_size % spec.patch:
         raise ConfigError(f"vfm.image_size {vfm.image_size} is not a multiple of {vfm.name}'s patch {spec.patch}")
     bad = [b for b in vfm.layers if b >= spec.depth]

@@ -185,41 +185,49 @@ class SamplingConfig:
 
 # ------------------------------------------------------------------------------------------------------ roots
 
-@dataclass(frozen=True)
-class DiffusionRun:
-    """A SiT / REPA / ReDi / REG / REGLUE training run."""
+def section(make, doc: str):
+    """A field holding a whole section, built by ``make()`` by default."""
+    return field(default_factory=make, metadata={"doc": doc})
 
-    kind: Literal["diffusion"] = knob("diffusion", "what the run trains")
+
+@dataclass(frozen=True)
+class RunHeader:
+    """The keys every run has before its sections (a kind narrows ``kind`` to its own name)."""
+
+    kind: str = knob("", "what the run trains")
     preset: str = knob("", "the preset it was resolved from")
     description: str = knob("", "one line for --dry-run")
     sources: dict | None = knob(None, "where each section's values come from (papers, official code)")
-    data: LatentData = field(default_factory=LatentData, metadata={"doc": "images and latents"})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the SiT"})
-    vfm: DiffusionVFMConfig = field(default_factory=DiffusionVFMConfig, metadata={"doc": "the frozen VFM"})
-    compressor: FrozenCompressor = field(default_factory=FrozenCompressor, metadata={"doc": "the frozen compressor"})
-    transport: TransportConfig = field(default_factory=TransportConfig, metadata={"doc": "interpolant and times"})
-    loss: LossWeights = field(default_factory=LossWeights, metadata={"doc": "weights of the joint loss"})
-    optim: DiffusionOptim = field(default_factory=DiffusionOptim, metadata={"doc": "optimiser and EMA"})
-    train: DiffusionTrain = field(default_factory=DiffusionTrain, metadata={"doc": "length and cadence"})
-    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"doc": "default sampling settings"})
+
+
+@dataclass(frozen=True)
+class DiffusionRun(RunHeader):
+    """A SiT / REPA / ReDi / REG / REGLUE training run."""
+
+    kind: Literal["diffusion"] = knob("diffusion", "what the run trains")
+    data: LatentData = section(LatentData, "images and latents")
+    model: ModelConfig = section(ModelConfig, "the SiT")
+    vfm: DiffusionVFMConfig = section(DiffusionVFMConfig, "the frozen VFM")
+    compressor: FrozenCompressor = section(FrozenCompressor, "the frozen compressor")
+    transport: TransportConfig = section(TransportConfig, "interpolant and times")
+    loss: LossWeights = section(LossWeights, "weights of the joint loss")
+    optim: DiffusionOptim = section(DiffusionOptim, "optimiser and EMA")
+    train: DiffusionTrain = section(DiffusionTrain, "length and cadence")
+    sampling: SamplingConfig = section(SamplingConfig, "default sampling settings")
     origin: dict | None = knob(None, "set when a checkpoint is loaded: its format, path, step and weights (not a "
                                      "preset key)")
 
 
 @dataclass(frozen=True)
-class CompressorRun:
+class CompressorRun(RunHeader):
     """A semantic compressor pretraining run."""
 
     kind: Literal["compressor"] = knob("compressor", "what the run trains")
-    preset: str = knob("", "the preset it was resolved from")
-    description: str = knob("", "one line for --dry-run")
-    sources: dict | None = knob(None, "where each section's values come from (papers, official code)")
-    data: ImageData = field(default_factory=ImageData, metadata={"doc": "images"})
-    vfm: VFMConfig = field(default_factory=lambda: VFMConfig(layers=(8, 9, 10, 11)),
-                           metadata={"doc": "the frozen VFM"})
-    compressor: CompressorTraining = field(default_factory=CompressorTraining, metadata={"doc": "the autoencoder"})
-    optim: CompressorOptim = field(default_factory=CompressorOptim, metadata={"doc": "optimiser and schedule"})
-    train: CompressorTrain = field(default_factory=CompressorTrain, metadata={"doc": "length and cadence"})
+    data: ImageData = section(ImageData, "images")
+    vfm: VFMConfig = section(lambda: VFMConfig(layers=(8, 9, 10, 11)), "the frozen VFM")
+    compressor: CompressorTraining = section(CompressorTraining, "the autoencoder")
+    optim: CompressorOptim = section(CompressorOptim, "optimiser and schedule")
+    train: CompressorTrain = section(CompressorTrain, "length and cadence")
 
 
 RunConfig = DiffusionRun | CompressorRun

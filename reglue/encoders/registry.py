@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from reglue.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics
@@ -93,3 +95,10 @@ VFM_REGISTRY: dict[str, VFMEntry] = {
                              licence="I-JEPA weights: CC BY-NC 4.0 (non-commercial)"),
     TINY_VFM: VFMEntry(patch=14, width=32, depth=4, prefix_tokens=5),  # random-weight stand-in: tests, demo
 }
+
+
+def vfm_entry(name: str) -> VFMEntry:
+    """The record of ``name``; ConfigError listing the registry otherwise."""
+    if name not in VFM_REGISTRY:
+        raise ConfigError(f"vfm.name {name!r}: unknown VFM; choose one of {', '.join(VFM_REGISTRY)}")
+    return VFM_REGISTRY[name]

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
-from reglue.encoders.registry import DINOV2_B_REG, IMAGENET_MEAN, IMAGENET_STD, TINY_VFM, VFM_REGISTRY
+from reglue.encoders.registry import DINOV2_B_REG, IMAGENET_MEAN, IMAGENET_STD, TINY_VFM, VFM_REGISTRY, vfm_entry
 
 __all__ = ["DINOV2_B_REG", "TINY_VFM", "VFMFeatures", "VisionFoundationModel", "build_tiny_vfm", "load_vfm"]
 
@@ -140,9 +140,7 @@ def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> Vi
     """The VFM called ``name`` (an entry of VFM_REGISTRY); ``weights`` (or $REGLUE_VFM) is a local file."""
     if name == TINY_VFM:
         return build_tiny_vfm(image_size)
-    if name not in VFM_REGISTRY:
-        raise ModelLoadError(f"unknown VFM {name!r}: choose one of {', '.join(VFM_REGISTRY)}")
-    entry = VFM_REGISTRY[name]
+    entry = vfm_entry(name)
     weights = weights or os.environ.get(VFM_ENV)
     if weights and not Path(weights).is_file():
         raise ModelLoadError(f"VFM weights {weights}: no such file")

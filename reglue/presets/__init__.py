@@ -104,11 +104,9 @@ def swap_vfm(config: dict, name: str) -> dict:
     """Set ``vfm.name`` in a plain config and make what depends on the VFM follow (in place): its input size for
     ``data.resolution``, the [CLS] width, the projector's output width, the compressor's input width, and the
     blocks (the same distance from the last block)."""
-    from reglue.encoders.registry import VFM_REGISTRY
+    from reglue.encoders.registry import VFM_REGISTRY, vfm_entry
 
-    if name not in VFM_REGISTRY:
-        raise PresetError(f"vfm.name {name!r}: unknown VFM; choose one of {', '.join(VFM_REGISTRY)}")
-    old, new = VFM_REGISTRY.get(config["vfm"]["name"]), VFM_REGISTRY[name]
+    old, new = VFM_REGISTRY.get(config["vfm"]["name"]), vfm_entry(name)
     vfm, model, compressor = config["vfm"], config.get("model", {}), config["compressor"]
     shift = new.depth - old.depth if old is not None else 0
     vfm.update(name=name, image_size=new.image_size(config["data"]["resolution"]),

@@ -89,10 +89,12 @@ class SampleRequest:
     def resolve(self, sampling: SamplingConfig) -> tuple[SampleSettings, list[str]]:
         """(settings, names of the settings taken from ``sampling``)."""
         pick = lambda given, preset: preset if given is None else given  # noqa: E731
-        cls_cfg = self.cls_cfg if self.cls_cfg is not None or self.cfg is not None else sampling.cfg_cls_scale
-        taken = [name for name, given in (("sampler", self.sampler), ("steps", self.steps), ("cfg", self.cfg),
-                                          ("cls_cfg", self.cls_cfg if self.cfg is None else 0),
-                                          ("interval", self.interval), ("channels", self.channels)) if given is None]
+        cls_from_checkpoint = self.cls_cfg is None and self.cfg is None  # --cfg alone sets both scales
+        cls_cfg = sampling.cfg_cls_scale if cls_from_checkpoint else self.cls_cfg
+        taken = [name for name, from_checkpoint in (
+            ("sampler", self.sampler is None), ("steps", self.steps is None), ("cfg", self.cfg is None),
+            ("cls_cfg", cls_from_checkpoint), ("interval", self.interval is None), ("channels", self.channels is None))
+            if from_checkpoint]
         guidance = Guidance(scale=pick(self.cfg, sampling.cfg_scale), cls_scale=cls_cfg,
                             interval=tuple(pick(self.interval, sampling.guidance_interval)),
                             channels=pick(self.channels, sampling.cfg_channels),
@@ -180,8 +182,8 @@ def _concat(rows: list[dict]) -> dict:
     return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
 
-def sample_to_dir(ckpt, out, settings: SampleSettings | SampleRequest, batch_size: int = 32, dist: DistInfo = DistInfo(),
-                  overwrite: bool = False, progress: bool = True,
+def sample_to_dir(ckpt, out, settings: SampleSettings | SampleRequest, batch_size: int = 32,
+                  dist: DistInfo = DistInfo(), overwrite: bool = False, progress: bool = True,
                   log: Callable[[str], None] = tqdm.write) -> SampleSummary:
     """Write ``settings.n`` samples of ``ckpt`` to ``out``; run again to resume, any process count gives the same.
 

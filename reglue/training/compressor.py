@@ -70,10 +70,6 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
     return moments.result()
 
 
-def _setup(config: CompressorRunConfig, options: TrainOptions):
-    return open_run(config, options, _build)
-
-
 def _build(config: CompressorRunConfig, options: TrainOptions, dist, run, dataset):
     """Frozen VFM, compressor, optimiser and loss scaler of a checked run directory."""
     v = config.vfm
@@ -93,7 +89,7 @@ def _build(config: CompressorRunConfig, options: TrainOptions, dist, run, datase
 
 def train_compressor(config: CompressorRunConfig, options: TrainOptions) -> CompressorRun:
     """Train the compressor; saves run checkpoints and, at the end, ``outdir/compressor.pt``."""
-    setup = _setup(config, options)
+    setup = open_run(config, options, _build)
     try:
         return _train(config, options, *setup)
     finally:

@@ -187,8 +187,9 @@ def _status(trainer: Trainer, logged: dict, rate: float) -> str:
                 f"({trainer.guard.in_a_row} in a row, {trainer.guard.total} in total)")
     mem = torch.cuda.max_memory_allocated() / 2**30 if trainer.dist.device.type == "cuda" else 0.0
     terms = " ".join(f"{k} {logged[k]:.4f}" for k in TERMS)
-    return (f"step {trainer.step} (epoch {trainer.epoch:.2f}): {terms} grad_norm {logged.get('grad_norm', float('nan')):.3f} "
-            f"{rate:.1f} img/s mem {mem:.1f} GiB skipped {trainer.guard.total}")
+    return (f"step {trainer.step} (epoch {trainer.epoch:.2f}): {terms} "
+            f"grad_norm {logged.get('grad_norm', float('nan')):.3f} {rate:.1f} img/s mem {mem:.1f} GiB "
+            f"skipped {trainer.guard.total}")
 
 
 def _make_net(trainer: Trainer):

@@ -34,11 +34,6 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def _plain(config) -> dict:
-    """The whole plain form of a typed run configuration (what config.yaml holds)."""
-    return run_config.to_dict(config)
-
-
 def _normalised(config) -> dict:
     """What must not change on a resume: the plain form of a typed run configuration, or of a stored one (an older
     version's, RETIRED keys dropped), without the sections the run never reads."""
@@ -50,11 +45,17 @@ def _normalised(config) -> dict:
     return {k: v for k, v in run_config.to_dict(config).items() if k not in unread_sections(config)}
 
 
+def _changes(old, new) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every difference that matters on a resume (not RESUMABLE_KEYS,
+    provenance or the sampling defaults)."""
+    a, b = _flatten(_normalised(old)), _flatten(_normalised(new))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith(IGNORED_PREFIXES)]
+
+
 def config_difference(old, new) -> list[str]:
     """Keys (dotted) whose values differ, ignoring RESUMABLE_KEYS, provenance and the sampling defaults."""
-    a, b = _flatten(_normalised(old)), _flatten(_normalised(new))
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith(IGNORED_PREFIXES)]
+    return [key for key, _, _ in _changes(old, new)]
 
 
 class RunDir:
@@ -74,10 +75,9 @@ class RunDir:
         resuming = self.config_path.exists()
         if resuming:
             old = self._read_yaml(self.config_path)
-            diff = config_difference(old, config)
-            if diff:
-                a, b = _flatten(_normalised(old)), _flatten(_normalised(config))
-                shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:3])
+            changes = _changes(old, config)
+            if changes:
+                shown = ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in changes[:3])
                 raise RunError(f"{self.root} holds a run with another config: {shown}; use a new --outdir")
         if self.data_path.exists() and not allow_other_data:
             old = self._read_yaml(self.data_path)
@@ -100,7 +100,7 @@ class RunDir:
             return
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.samples.mkdir(exist_ok=True)
-        atomic_write_text(self.config_path, yaml.safe_dump(_plain(config), sort_keys=False))
+        atomic_write_text(self.config_path, yaml.safe_dump(run_config.to_dict(config), sort_keys=False))
         atomic_write_text(self.data_path, yaml.safe_dump(data, sort_keys=False))
         if self.metrics_path.exists():
             lines = self.metrics_path.read_text().splitlines()

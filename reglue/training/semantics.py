@@ -32,7 +32,8 @@ def standardise(local: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 class SemanticEncoder(nn.Module):
     """Frozen VFM (+ frozen compressor or PCA basis) producing the semantic inputs of one training batch."""
 
-    def __init__(self, vfm: VisionFoundationModel, blocks, latent_size: int, compressor: SemanticCompressor | None = None,
+    def __init__(self, vfm: VisionFoundationModel, blocks, latent_size: int,
+                 compressor: SemanticCompressor | None = None,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None, pca: torch.Tensor | None = None):
         """``blocks``: the local-semantics layers (a list), or a dict of VisionFoundationModel.forward's block
         arguments (layers, cls_layer, repa_layer)."""

@@ -172,10 +172,3 @@ def sample_ode(velocity: VelocityFn, x, cls, y, grid: torch.Tensor, heun: bool =
             cls_next = None if cls is None else cls + 0.5 * (cls_v + cls_v2) * dt
         x, cls = x_next, cls_next
     return x, cls
-
-
-@torch.no_grad()
-def euler_ode(model, x: torch.Tensor, y: torch.Tensor, cls: torch.Tensor | None = None, steps: int = 50):
-    """Unguided Euler ODE from pure noise: the training-time sample grids."""
-    x, cls = sample_ode(guided_velocity(model, Guidance()), x, cls, y, time_grid(steps))
-    return x.float(), None if cls is None else cls.float()
