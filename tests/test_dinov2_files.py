@@ -11,25 +11,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from reference_resize import bicubic_matrix
 
 HUB_GRID, GRID = 37, 16
-
-
-def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
-                    np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0))
-
-
-def bicubic_matrix(m: int, n: int, scale: float) -> np.ndarray:
-    """(n, m) float64 weights of PyTorch's bicubic resize (no antialias, half-pixel centres, given scale factor)."""
-    weights = np.zeros((n, m))
-    for i in range(n):
-        src = (i + 0.5) / scale - 0.5
-        base = int(np.floor(src))
-        for k in range(-1, 3):
-            weights[i, min(max(base + k, 0), m - 1)] += _cubic(np.array(src - (base + k)))
-    return weights
 
 
 def _hub_state(name: str, seed: int) -> dict:

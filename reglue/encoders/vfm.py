@@ -5,9 +5,9 @@ blocks concatenated on channels (local semantics), the normed [CLS] token of one
 and the normed [CLS] + patch tokens of one block (the REPA target); registers are dropped. Every family runs
 through timm's ``forward_intermediates`` (DINOv2: VisionTransformer; DINOv3: Eva with rotary embeddings).
 
-At 224 px timm resizes the 37 x 37 position grid once at load time; for the register models this is exactly
-what torch.hub's DINOv2 (which REGLUE uses) does at run time, bicubic to size 16 with antialiasing
-(tests/test_dinov2_files.py checks both file layouts).
+Weights come from timm's file or the family's own release (reglue.encoders.weights): the position table is
+resized once at load exactly as the family's code resizes it at run time (tests/test_vfm_layouts.py,
+tests/test_dinov2_files.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
 from reglue.encoders.registry import DINOV2_B_REG, IMAGENET_MEAN, IMAGENET_STD, TINY_VFM, VFM_REGISTRY, vfm_entry
+from reglue.encoders.weights import download_state, read_weights, vit_from_state
 
 __all__ = ["DINOV2_B_REG", "TINY_VFM", "VFMFeatures", "VisionFoundationModel", "build_tiny_vfm", "load_vfm"]
 
@@ -107,22 +108,10 @@ def build_tiny_vfm(image_size: int = TINY_VFM_SIZE) -> VisionFoundationModel:
 
 
 def _create_timm(name: str, image_size: int, weights: str | None) -> nn.Module:
-    import timm
-
+    """The timm model of ``name`` at ``image_size`` from a local file (either layout) or timm's hub cache."""
     entry = VFM_REGISTRY[name]
-    overlay = {"file": weights} if weights else None
-    if not entry.hub_positions:  # timm resizes the position table at load time, as the family does
-        return timm.create_model(entry.timm_id, pretrained=True, img_size=image_size, num_classes=0,
-                                 pretrained_cfg_overlay=overlay)
-    from evaluation.dinov2 import hub_position_embedding  # one resize for training and FD-DINOv2
-
-    native = timm.create_model(entry.timm_id, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
-    state = native.state_dict()
-    state["pos_embed"] = hub_position_embedding(state["pos_embed"], image_size // entry.patch)
-    with torch.device("meta"):  # the structure at image_size; its weights are the ones just loaded
-        vit = timm.create_model(entry.timm_id, pretrained=False, img_size=image_size, num_classes=0)
-    vit.load_state_dict(state, assign=True)
-    return vit
+    state = read_weights(weights) if weights else download_state(entry)
+    return vit_from_state(entry, image_size, state)
 
 
 def _how_to_fetch(name: str) -> str:
@@ -130,7 +119,7 @@ def _how_to_fetch(name: str) -> str:
     entry = VFM_REGISTRY[name]
     files = f"timm's {entry.timm_id} (model.safetensors on the Hugging Face hub, timm/{entry.timm_id})"
     if entry.hub_file:
-        files = f"torch.hub's {entry.hub_file}, or {files}"
+        files = f"the family's release {entry.hub_file}, or {files}"
     licence = f" ({entry.licence})" if entry.licence else ""
     return (f"download the {name} weights{licence} elsewhere: {files}; copy the file here and pass "
             f"--vfm-weights FILE or set {VFM_ENV}=FILE")
@@ -155,8 +144,9 @@ def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> Vi
     try:
         return VisionFoundationModel(_create_timm(name, image_size, weights), name, image_size, True, entry.mean,
                                      entry.std)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load VFM {name}: {str(exc).splitlines()[0]}; {_how_to_fetch(name)}") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable, foreign or truncated files: one line, never a traceback
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"cannot load VFM {name} from {weights}: {reason}; {_how_to_fetch(name)}") from None
 
 
 def _with_offline(make):
