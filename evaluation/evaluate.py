@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from evaluation.fid import frechet_distance
+from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world
 from evaluation.fileio import abandon_h5, write_error
 from evaluation.images import ImageInputError, file_sha256, open_images
 from evaluation.inception import InceptionFeatures
@@ -21,13 +21,13 @@ from evaluation.precision_recall import precision_recall
 from evaluation.reference import reference_for, resolve_reference
 from evaluation.stats import RunningStats
 
-POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
 FEATURE_CACHE_ENV = "REGLUE_FEATURE_CACHE"  # where reference features are cached (default ~/.cache/reglue/features)
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How to compute (the numbers do not depend on batch size or device beyond float tolerance)."""
+    """How to compute: the features do not depend on ``batch_size`` or the process count (evaluation.extract);
+    ``feature_chunk`` and the device decide their last bits."""
 
     batch_size: int = 64
     device: str | None = None
@@ -39,119 +39,7 @@ class EvalOptions:
     progress: bool = True
     families: tuple[str, ...] = ()  # extra metric families (evaluation.families.FAMILIES), reported apart
     dinov2_weights: str | None = None  # for fd_dinov2
-
-
-class FeatureSink:
-    """Collects pool and logits in memory, statistics in float64, and optionally every feature in HDF5.
-
-    The HDF5 file is flushed after every batch, so a failed write (a full disk) raises at once, as one OSError
-    naming ``display`` (the user's --features), and the file is closed as the last flush left it."""
-
-    def __init__(self, n: int, path: str | None = None, display: str | None = None):
-        self.display = display or path  # the path named in errors (the user's --features, not its temporary)
-        self.pool, self.logits = np.zeros((n, POOL_DIM), np.float32), np.zeros((n, LOGITS_DIM), np.float32)
-        self.pool_stats, self.spatial_stats = RunningStats(POOL_DIM), RunningStats(SPATIAL_DIM)
-        self.h5, self.columns = None, {}
-        if path:
-            import h5py
-
-            try:
-                self.h5 = h5py.File(path, "w")
-                for name, dim in (("pool", POOL_DIM), ("spatial", SPATIAL_DIM), ("logits", LOGITS_DIM)):
-                    self.columns[name] = self.h5.create_dataset(name, (n, dim), np.float32, chunks=(min(n, 256), dim))
-                self.h5.flush()
-            except (OSError, RuntimeError) as exc:
-                self._fail(exc)
-
-    def _fail(self, exc: BaseException):
-        if self.h5 is not None:
-            abandon_h5(self.h5)  # first: dropping the dataset handles would retry their writes
-            self.columns.clear()
-        raise write_error(self.display, exc) from None
-
-    def add(self, start: int, features) -> None:
-        """Store one batch of Features at rows [start, start + B)."""
-        end = start + features.pool.shape[0]
-        self.pool[start:end], self.logits[start:end] = features.pool.cpu().numpy(), features.logits.cpu().numpy()
-        self.pool_stats.update(features.pool)
-        self.spatial_stats.update(features.spatial)
-        if self.h5 is not None:
-            try:
-                for name in ("pool", "spatial", "logits"):
-                    self.columns[name][start:end] = getattr(features, name).cpu().numpy()
-                self.h5.flush()
-            except (OSError, RuntimeError) as exc:
-                self._fail(exc)
-
-    def close(self) -> None:
-        """Finish the HDF5 file, if any (evaluate() adds the results as attributes afterwards)."""
-        if self.h5 is not None and self.h5.id.valid:
-            try:
-                self.columns.clear()
-                self.h5.close()
-            except (OSError, RuntimeError) as exc:
-                self._fail(exc)
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
-    """Concatenate every rank's rows in rank order (padded all_gather)."""
-    import torch.distributed as dist
-
-    if len(counts) == 1:
-        return local
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=torch.float32, device=device)
-    padded[: len(local)] = torch.from_numpy(local)
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
-
-
-def _reduce_stats(stats: RunningStats) -> RunningStats:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return stats
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    for name in ("sum", "outer"):
-        tensor = getattr(stats, name).to(device)
-        dist.all_reduce(tensor)
-        setattr(stats, name, tensor.cpu())
-    count = torch.tensor([stats.n], dtype=torch.float64, device=device)
-    dist.all_reduce(count)
-    stats.n = int(count.item())
-    return stats
-
-
-def extract(images, extractor: InceptionFeatures, options: EvalOptions, desc: str, features_out: str | None = None):
-    """Features of every image; under torchrun each process takes a contiguous slice and the results are joined.
-
-    Returns (pool (N, 2048), logits (N, 1008), pool RunningStats, spatial RunningStats) on every process.
-    """
-    rank, world = _rank_world()
-    n = len(images)
-    bounds = [n * r // world for r in range(world + 1)]
-    start, stop = bounds[rank], bounds[rank + 1]
-    sink = FeatureSink(stop - start, features_out if world == 1 else None, options.features_out)
-    device = next(extractor.parameters()).device
-    row = 0
-    with tqdm(total=n, desc=desc, unit="img", disable=not (options.progress and rank == 0), dynamic_ncols=True) as bar:
-        for batch in images.batches(options.batch_size, start, stop):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
-            sink.add(row, extractor(x))
-            row += batch.shape[0]
-            bar.update(batch.shape[0] * world)
-    counts = [bounds[r + 1] - bounds[r] for r in range(world)]
-    result = (_gather_rows(sink.pool, counts), _gather_rows(sink.logits, counts), _reduce_stats(sink.pool_stats),
-              _reduce_stats(sink.spatial_stats))
-    sink.close()
-    return result
+    feature_chunk: int = FEATURE_CHUNK  # images per Inception call (padded): part of the settings, never --batch-size
 
 
 def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, options: EvalOptions):
@@ -161,17 +49,18 @@ def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, o
     images = open_images(path, role="reference")
     default = Path.home() / ".cache" / "reglue" / "features"
     cache_dir = Path(options.cache_dir or os.environ.get(FEATURE_CACHE_ENV) or default)
-    cache = cache_dir / f"{ref_sha[:16]}-{extractor.weights_sha256[:16]}.h5"
+    cache = cache_dir / f"{ref_sha[:16]}-{extractor.weights_sha256[:16]}-c{options.feature_chunk}.h5"
     stored = images.statistics()
     if cache.exists():
         with h5py.File(cache, "r") as f:
             pool = f["pool"][...]
             computed = {k: f[k][...] for k in ("mu", "sigma", "mu_s", "sigma_s")}
     else:
-        pool, _, pool_stats, spatial_stats = extract(images, extractor, options, "reference")
+        pool, _, pool_stats, spatial_stats = extract(images, extractor, options.batch_size, "reference",
+                                                     options.progress, chunk=options.feature_chunk)
         (mu, sigma), (mu_s, sigma_s) = pool_stats.mean_cov(), spatial_stats.mean_cov()
         computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")
             with h5py.File(tmp, "w") as f:
@@ -194,15 +83,16 @@ def _warn_about(n: int, labels: np.ndarray | None) -> None:
 
 
 def evaluate(samples, ref: str | None, weights: str | None = None, options: EvalOptions = EvalOptions()) -> dict:
-    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder) against reference ``ref`` (name or path;
-    None: the registry's ImageNet batch at the samples' resolution, imagenet256 or imagenet512).
+    """ADM's five numbers for ``samples`` (.npz, samples.h5 or folder; or an image reader made in process, with
+    ``name``, ``labels`` and ``provenance()``) against reference ``ref`` (name or path; None: the registry's
+    ImageNet batch at the samples' resolution, imagenet256 or imagenet512).
 
     Under torchrun, feature extraction is split over the processes; rank 0 returns the result, the others {}.
     """
     started = time.time()
-    images = open_images(samples)
+    images = open_images(samples) if isinstance(samples, (str, os.PathLike)) else samples
     if len(images) < 2:
-        raise ImageInputError(f"{samples}: {len(images)} image(s); the metrics need at least 2 (a covariance)")
+        raise ImageInputError(f"{_name(samples)}: {len(images)} image(s); the metrics need at least 2 (a covariance)")
     ref_path = resolve_reference(ref or reference_for(images.shape[1]))
     extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_sha = file_sha256(ref_path)
@@ -217,6 +107,11 @@ def evaluate(samples, ref: str | None, weights: str | None = None, options: Eval
     return result
 
 
+def _name(samples) -> str:
+    """A path as given, or an in-process reader's name."""
+    return str(samples) if isinstance(samples, (str, os.PathLike)) else samples.name
+
+
 def features_partial(path) -> Path:
     """Where ``--features PATH`` is written until it is complete (same directory, so the rename is atomic)."""
     path = Path(path)
@@ -226,32 +121,29 @@ def features_partial(path) -> Path:
 def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options, partial,
            started) -> dict:
     """Sample features, then every metric (rank 0); the features file, when asked, is renamed into place last."""
-    pool, logits, pool_stats, spatial_stats = extract(images, extractor, options, "samples",
-                                                      None if partial is None else str(partial))
-    if _rank_world()[0] != 0:
+    pool, logits, pool_stats, spatial_stats = extract(images, extractor, options.batch_size, "samples",
+                                                      options.progress, None if partial is None else str(partial),
+                                                      options.features_out, options.feature_chunk)
+    if rank_world()[0] != 0:
         return {}  # under torchrun, rank 0 scores what every rank extracted
-    _warn_about(len(images), _labels_of(samples))
-    mu, sigma = pool_stats.mean_cov()
-    mu_s, sigma_s = spatial_stats.mean_cov()
+    on_disk = isinstance(samples, (str, os.PathLike))
+    _warn_about(len(images), _labels_of(samples) if on_disk else images.labels.numpy())
     device = next(extractor.parameters()).device
-    fid = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend,
-                           device if options.fid_backend == "eigh" else None)
-    sfid = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend,
-                            device if options.fid_backend == "eigh" else None)
-    isc, splits = inception_score(logits)
-    prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(pool).to(device),
-                                 block=options.pr_block, precision=options.pr_precision)
+    with deterministic_kernels(device):  # float64 linear algebra sums by thread count too: one thread on a CPU
+        fid, sfid, isc, splits, prec, rec = _metrics(pool, logits, pool_stats, spatial_stats, ref_pool, ref_stats,
+                                                     options, device)
     import torch_fidelity
 
     result = {
         "fid": fid, "sfid": sfid, "inception_score": isc, "precision": prec, "recall": rec,
-        "n": len(images), "is_splits": splits, "samples": str(samples), "samples_sha256": file_sha256(samples),
+        "n": len(images), "is_splits": splits, "samples": _name(samples),
+        "samples_sha256": file_sha256(samples) if on_disk else None,
         "reference": str(ref_path), "reference_sha256": ref_sha, "reference_statistics": stats_origin,
         "inception_weights": extractor.weights_path, "inception_weights_sha256": extractor.weights_sha256,
-        "fid_backend": options.fid_backend, "pr_precision": options.pr_precision,
+        "fid_backend": options.fid_backend, "pr_precision": options.pr_precision, "feature_chunk": options.feature_chunk,
         "resize": "TF1 bilinear to 299 (torch-fidelity inception-v3-compat)",
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
-        "sample_info": sample_provenance(samples),
+        "sample_info": sample_provenance(samples) if on_disk else images.provenance(),
     }
     if set(options.families) & {"clean_fid", "kid"}:
         result.setdefault("families", {})["clean-fid"] = other_families(images, ref_path, extractor, options)
@@ -261,6 +153,19 @@ def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha
     if partial is not None and partial.exists():
         _finish_features(partial, options.features_out, result)
     return result
+
+
+def _metrics(pool, logits, pool_stats, spatial_stats, ref_pool, ref_stats, options, device) -> tuple:
+    """(FID, sFID, IS, IS splits, precision, recall) of the extracted features against the reference's."""
+    mu, sigma = pool_stats.mean_cov()
+    mu_s, sigma_s = spatial_stats.mean_cov()
+    on = device if options.fid_backend == "eigh" else None
+    fid = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend, on)
+    sfid = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend, on)
+    isc, splits = inception_score(logits)
+    prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(pool).to(device),
+                                 block=options.pr_block, precision=options.pr_precision)
+    return fid, sfid, isc, splits, prec, rec
 
 
 def _finish_features(partial: Path, final, result: dict) -> None:

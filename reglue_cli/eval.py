@@ -10,6 +10,7 @@ import click
 
 from evaluation.errors import InputError
 from evaluation.evaluate import EvalOptions, evaluate
+from evaluation.extract import FEATURE_CHUNK
 from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
 from evaluation.inception import is_published_weights
@@ -19,9 +20,27 @@ from reglue.data.sources import open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import check_device, fail
+from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_request, with_options
 
 ROWS = (("FID", "fid", "{:.4f}"), ("sFID", "sfid", "{:.4f}"), ("Inception Score", "inception_score", "{:.2f}"),
         ("Precision", "precision", "{:.4f}"), ("Recall", "recall", "{:.4f}"))
+
+
+def format_spread(spread: dict) -> str:
+    """Mean +- standard deviation of every metric over the repeats."""
+    lines = [f"over {len(spread['fid']['values'])} disjoint seed sets (mean +- std, ddof 1):"]
+    lines += [f"{name:<16} {fmt.format(spread[key]['mean'])} +- {fmt.format(spread[key]['std'])}"
+              for name, key, fmt in ROWS]
+    return "\n".join(lines)
+
+
+def generate_and_score(ckpt, request, ref, inception_weights, options, repeats, save_samples, dist) -> dict:
+    """`eval --ckpt`: in process, or through `reglue sample`'s directory when the images are to be kept."""
+    from reglue.scoring import score_checkpoint, score_saved
+
+    if save_samples:
+        return score_saved(ckpt, request, save_samples, ref, inception_weights, options, repeats, dist)
+    return score_checkpoint(ckpt, request, ref, inception_weights, options, repeats)
 
 
 def format_table(result: dict) -> str:
@@ -51,7 +70,11 @@ def format_table(result: dict) -> str:
 @click.option("--inception-weights", type=click.Path(dir_okay=False),
               help="torch-fidelity's InceptionV3 weights file, or 'random' for a seeded stand-in (tests, demo) "
                    "[default: $REGLUE_INCEPTION_WEIGHTS or download].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images read (and, with --ckpt, generated) per pass. Never changes a feature.")
+@click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
+              help="Images per Inception call, zero-padded to full size: like the sampler's --chunk, part of the "
+                   "settings (the same on any --batch-size and GPU count; another chunk may move the last bits).")
 @click.option("--pr-precision", type=click.Choice(PR_PRECISIONS), default="fp16", show_default=True,
               help="Distances for precision/recall: fp16 as ADM, or fp32.")
 @click.option("--fid-backend", type=click.Choice(FID_BACKENDS), default="eigh", show_default=True,
@@ -66,10 +89,19 @@ def format_table(result: dict) -> str:
               help="Extra families beside ADM's, reported apart: clean_fid, kid, fd_dinov2 (comma-separated).")
 @click.option("--dinov2-weights", type=click.Path(dir_okay=False),
               help="DINOv2-L/14 weights for fd_dinov2 [default: $REGLUE_DINOV2_WEIGHTS or timm's download].")
+@click.option("--ckpt", type=click.Path(dir_okay=False),
+              help="Instead of SAMPLES: generate from this checkpoint and score in one process (nothing written).")
+@click.option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=50_000, show_default=True,
+              help="With --ckpt: how many samples to generate and score.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ckpt: score K disjoint seed sets (--seed, --seed + 1, ...) and report mean and std.")
+@click.option("--save-samples", type=click.Path(file_okay=False),
+              help="With --ckpt: also keep the images, as `reglue sample --out DIR` writes them (resumable).")
+@with_options(SAMPLER_OPTIONS[:2] + GUIDANCE_OPTIONS + SAMPLER_OPTIONS[2:])
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_precision, fid_backend, make_ref, out,
-          resolution, families, dinov2_weights, device, quiet) -> None:
+def eval_(samples, ref, json_out, features, inception_weights, batch_size, feature_chunk, pr_precision, fid_backend, make_ref, out,
+          resolution, families, dinov2_weights, ckpt, n, repeats, save_samples, device, quiet, **sampling) -> None:
     """Score SAMPLES (an ADM .npz with arr_0 uint8 N x H x W x 3, a samples.h5, or a folder of images).
 
     \b
@@ -77,14 +109,23 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
     pool_3, sFID on mixed_6/conv[:7], IS over consecutive splits of 5000, precision/recall with k = 3.
       reglue eval samples/b2/samples.npz --ref imagenet256 --json samples/b2/metrics.json
     Offline: --inception-weights FILE and --ref /path/VIRTUAL_imagenet256_labeled.npz.
+    Generate and score in one process (the same numbers as `reglue sample` then `reglue eval`; sampler flags
+    as `reglue sample`, defaulting to the checkpoint's sampling section; any GPU count under torchrun):
+      reglue eval --ckpt runs/b2/checkpoints/0400000.pt --n 10000 --cfg 2.3 --json runs/b2/eval/fid10k.json
+      reglue eval --ckpt CKPT --n 10000 --repeats 3     (mean and std over 3 disjoint seed sets)
     A reference for another dataset or resolution (statistics over all images, 10k kept for P/R):
       reglue eval --make-ref /data/ffhq --resolution 256 --out ffhq256_ref.npz
     """
     if make_ref:
         _make_reference(make_ref, out, resolution, inception_weights, batch_size, device, quiet)
         return
-    if samples is None:
-        fail("Missing argument 'SAMPLES' (or use --make-ref SOURCE --out REF.npz)")
+    if samples is not None and ckpt:
+        fail("give SAMPLES or --ckpt, not both")
+    if samples is None and not ckpt:
+        fail("Missing argument 'SAMPLES' (or --ckpt CKPT to generate and score, or --make-ref SOURCE --out REF.npz)")
+    if not ckpt and (repeats != 1 or save_samples):
+        fail("--repeats and --save-samples go with --ckpt")
+    request = make_request(n, **sampling) if ckpt else None
     dist = init_distributed(device)
     if features and dist.world > 1:
         shutdown()
@@ -99,11 +140,15 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), pr_precision=pr_precision,
                           fid_backend=fid_backend, features_out=features, progress=not quiet, families=extra,
-                          dinov2_weights=dinov2_weights)
+                          dinov2_weights=dinov2_weights, feature_chunk=feature_chunk)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:  # an InputError is one line and exit 2 (reglue_cli.main)
-            result = evaluate(samples, ref, inception_weights, options)
+            if ckpt:
+                result = generate_and_score(ckpt, request, ref, inception_weights, options, repeats, save_samples,
+                                            dist)
+            else:
+                result = evaluate(samples, ref, inception_weights, options)
         finally:
             shutdown()
     if not dist.is_main:
@@ -112,6 +157,8 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, pr_pr
         if issubclass(w.category, UserWarning):
             click.echo(f"warning: {w.message}", err=True)
     click.echo(format_table(result))
+    if "spread" in result:
+        click.echo(format_spread(result["spread"]))
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))
 

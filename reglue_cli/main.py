@@ -12,6 +12,7 @@ from reglue_cli.encode import encode
 from reglue_cli.eval import eval_
 from reglue_cli.compare import compare
 from reglue_cli.sample import sample
+from reglue_cli.sweep import sweep
 from reglue_cli.train import train
 
 
@@ -31,12 +32,14 @@ def cli() -> None:
     The pipeline, one command per arrow:
       images/ --encode--> data.h5 --train--> run/checkpoints/*.pt --sample--> samples.npz
       samples.npz --eval--> metrics.json --compare--> tables beside the published numbers
+    Generate and score in one process: `eval --ckpt` (one setting), `sweep` (a grid of guidance settings),
+    `train --eval-every N` (FID while training).
 
     Run `reglue COMMAND --help` for the options of each step.
     """
 
 
-for command in (encode, train, sample, eval_, compare):
+for command in (encode, train, sample, eval_, sweep, compare):
     cli.add_command(command)
 
 

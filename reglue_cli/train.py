@@ -8,6 +8,7 @@ import os
 import click
 import yaml
 
+from evaluation.extract import FEATURE_CHUNK
 from reglue import config as run_config
 from reglue import presets
 from reglue.distributed import shutdown
@@ -65,6 +66,15 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
                    f"{' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
 
 
+def _evaluator(every: int, n: int, ref: str | None, inception_weights: str | None, feature_chunk: int):
+    """The in-process evaluation callback of --eval-every (reglue.scoring imports the evaluation suite)."""
+    from evaluation.evaluate import EvalOptions
+    from reglue.scoring import TrainingEvaluator
+
+    return TrainingEvaluator(every=every, n=n, ref=ref, inception_weights=inception_weights,
+                             options=EvalOptions(feature_chunk=feature_chunk))
+
+
 @click.command(short_help="Train a diffusion model or the semantic compressor from a preset.")
 @click.option("--preset", required=True, metavar="NAME",
               help="Preset to train, e.g. sit-b2-reglue, sit-xl2-repa, compressor-dinov2-b, tiny-reglue.")
@@ -96,12 +106,27 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
               help="Resume this run on another dataset than the one run/data.yaml records (refused otherwise).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option("--tensorboard", is_flag=True, help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
+@click.option("--eval-every", type=click.IntRange(min=1), metavar="N",
+              help="Every N steps and at the end: generate --eval-n samples from the EMA weights with the preset's "
+                   "sampling settings and score them in process (run/eval/STEP.json, metrics.jsonl, TensorBoard).")
+@click.option("--eval-n", type=click.IntRange(min=2), default=10_000, show_default=True,
+              help="Samples per evaluation during training.")
+@click.option("--eval-ref", metavar="NAME|PATH",
+              help="Reference batch for --eval-every [default: the ImageNet batch at the run's resolution].")
+@click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
+              help="For --eval-every: images per Inception call (zero-padded), as `reglue eval --feature-chunk`.")
+@click.option("--wandb", "wandb_project", metavar="PROJECT",
+              help="Also log to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured).")
+@click.option("--inception-weights", type=click.Path(dir_okay=False),
+              help="For --eval-every: torch-fidelity's InceptionV3 weights file [default: $REGLUE_INCEPTION_WEIGHTS "
+                   "or download].")
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
 def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
-          allow_other_data, use_compile, tensorboard, device, quiet, **options) -> None:
+          allow_other_data, use_compile, tensorboard, eval_every, eval_n, eval_ref, feature_chunk, wandb_project, inception_weights,
+          device, quiet, **options) -> None:
     """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
 
     \b
@@ -112,6 +137,8 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
       torchrun --nproc_per_node 8 -m reglue_cli train --preset sit-xl2-reglue --data data.h5 \\
           --outdir runs/xl --compressor runs/comp/compressor.pt --batch-gpu 32
     The official compressor works too: --compressor compressor.pth --set compressor.norm_stats=stats.pth
+    FID while training (in process, on every GPU; `reglue compare runs/b2 --plot fid.png` draws the curve):
+      reglue train --preset sit-b2-reglue ... --eval-every 50000 --eval-n 10000
     To resume, run the same command again (a larger --max-steps continues a finished run).
     """
     config = resolve_config(preset, assignments, options)  # a ConfigError is one line and exit 2 (reglue_cli.main)
@@ -122,9 +149,13 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
         return
     if not data or not outdir:
         fail("--data and --outdir are required to train (or pass --dry-run)")
+    if (eval_every or wandb_project) and config.kind != "diffusion":
+        fail("--eval-every and --wandb are for diffusion runs; a compressor run has no samples to score")
+    callbacks = (_evaluator(eval_every, eval_n, eval_ref, inception_weights, feature_chunk),) if eval_every else ()
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
                                keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights, tensorboard=tensorboard,
-                               progress=not quiet, device=device, allow_other_data=allow_other_data)
+                               progress=not quiet, device=device, allow_other_data=allow_other_data,
+                               callbacks=callbacks, wandb_project=wandb_project)
     run = train_compressor if config.kind == "compressor" else train_diffusion
     try:
         trainer = run(config, run_options)

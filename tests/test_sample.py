@@ -20,7 +20,7 @@ from reglue.distributed import DistInfo
 from reglue.models import ModelOutput, build
 from reglue.sampling import run as sampling_run
 from reglue.sampling.run import SampleSettings, sample_to_dir
-from reglue.sampling.seeds import SampleNoise, make_labels
+from reglue.sampling.seeds import SampleError, SampleNoise, make_labels
 from reglue.transport.path import get_path
 from reglue.transport.samplers import Guidance, guided_velocity, sample_ode, sample_sde, time_grid
 from reglue_cli.main import main
@@ -531,3 +531,18 @@ def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys):
         code = main(["sample", *argv])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_each_seed_draws_its_own_noise_and_labels():
+    """torch's CPU generator keeps only 32 bits of its seed: seed * 2**32 + i once made every --seed draw seed 0's
+    noise and labels."""
+    from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, sample_seed
+
+    first, other = (SampleNoise([sample_seed(s, i) for i in range(3)], (2, 2, 2), 4, "cpu").initial() for s in (0, 1))
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
+    assert not torch.equal(make_labels(64, 1000, 0, False), make_labels(64, 1000, 1, False))
+    assert sample_seed(MAX_SEED, MAX_SAMPLES - 1) == 2**32 - 1  # the last stream still fits in 32 bits
+    with pytest.raises(SampleError, match="seeds go from 0 to 4095"):
+        sample_seed(MAX_SEED + 1, 0)
+    with pytest.raises(SampleError, match="at most 1,048,576 samples"):
+        _settings(n=MAX_SAMPLES + 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,12 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from evaluation.extract import chunk_ranges, deterministic_kernels
 from reglue.checkpoints import load_model
 from reglue.config.sections import SamplingConfig
 from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
 from reglue.distributed import DistInfo, barrier
 from reglue.encoders.vae import decode_latents, load_vae
-from reglue.sampling.seeds import SampleError, SampleNoise, make_labels, sample_seed
+from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNoise, make_labels, sample_seed
 from reglue.locks import directory_lock
 from reglue.sampling.store import SAMPLES_H5, SampleStoreError, check_out_dir, done_indices, merge, open_part
 from reglue.transport.path import Path as InterpolantPath, get_path
@@ -56,6 +56,9 @@ class SampleSettings:
             raise SampleError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.chunk < 1:
             raise SampleError(f"chunk must be at least 1, got {self.chunk}")
+        if not 0 <= self.seed <= MAX_SEED or self.n > MAX_SAMPLES:
+            raise SampleError(f"seed {self.seed}, N {self.n:,}: seeds go from 0 to {MAX_SEED}, and one seed gives at "
+                              f"most {MAX_SAMPLES:,} samples (reglue.sampling.seeds)")
         if self.guidance.reference_vae_cfg and self.sampler != "sde":
             raise SampleError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
 
@@ -126,32 +129,10 @@ def file_sha256(path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def chunk_ranges(n: int, size: int) -> list[range]:
-    """Indices 0..n-1 cut into consecutive chunks of ``size`` (the last one shorter)."""
-    return [range(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 def passes_of(chunks: list[range], batch_size: int, chunk: int) -> list[list[range]]:
     """Group a process's chunks into passes of ceil(batch_size / chunk) whole chunks."""
     per_pass = max(1, -(-batch_size // chunk))
     return [chunks[i : i + per_pass] for i in range(0, len(chunks), per_pass)]
-
-
-@contextmanager
-def deterministic_kernels(device: torch.device):
-    """No cuDNN autotuning (its choice can differ between runs) and deterministic cuDNN algorithms; on a CPU, one
-    intra-op thread (oneDNN splits reductions by thread count, and torchrun gives each worker one thread while a
-    single process takes every core). Restored after."""
-    cudnn = torch.backends.cudnn
-    saved = cudnn.benchmark, cudnn.deterministic, torch.get_num_threads()
-    cudnn.benchmark, cudnn.deterministic = False, True
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.deterministic = saved[:2]
-        torch.set_num_threads(saved[2])
 
 
 def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.Tensor, device,
@@ -219,28 +200,59 @@ def check_settings(settings: SampleSettings, num_classes: int) -> None:
             raise SampleError(f"class {c} out of range 0..{num_classes - 1}")
 
 
-def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_size: int, dist: DistInfo,
-            overwrite: bool, progress: bool, log: Callable[[str], None]) -> SampleSummary:
-    """sample_to_dir's work, under the lock."""
-    started = time.time()
-    model, config = load_model(ckpt, ema=settings.weights == "ema")
+@dataclass
+class Prepared:
+    """A checkpoint made ready to sample: the model on its device, the resolved settings and the provenance."""
+
+    model: torch.nn.Module
+    config: object  # the checkpoint's DiffusionRun
+    settings: SampleSettings
+    taken: list[str]  # settings taken from the checkpoint's sampling section
+    path: InterpolantPath
+    vae_id: str
+    attrs: dict  # what samples.h5 records
+
+
+def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, config=None) -> Prepared:
+    """Load ``ckpt`` (or take an in-memory ``model`` and its run ``config``; ``ckpt`` then only names it), resolve
+    and check the settings."""
+    if model is None:
+        model, config = load_model(ckpt, ema=settings.weights == "ema")
     taken: list[str] = []
     if isinstance(settings, SampleRequest):
         settings, taken = settings.resolve(config.sampling)
-    model = model.to(dist.device).eval()
+    model = model.to(device).eval()
     cfg = model.config
     check_settings(settings, cfg.num_classes)
     path = get_path(config.transport.path)
     vae_id = settings.vae or config.data.vae_decoder
-    attrs = {"checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), "preset": config.preset,
+    sha = file_sha256(ckpt) if ckpt is not None and Path(ckpt).is_file() else ""  # "": an in-memory model
+    attrs = {"checkpoint": str(ckpt), "checkpoint_sha256": sha, "preset": config.preset,
              "step": int((config.origin or {}).get("step", 0)), "decoder": vae_id, "path": path.name,
              "num_classes": cfg.num_classes, "null_class": -1 if model.null_class is None else model.null_class,
              "quantisation": SAMPLE_QUANTISATION,
              "latent_scale": config.data.latent_scale, "settings": json.dumps(settings.describe()),
              "settings_from_checkpoint": json.dumps(taken)}
-    if taken and dist.is_main:
+    return Prepared(model, config, settings, taken, path, vae_id, attrs)
+
+
+def log_taken(prepared: Prepared, log: Callable[[str], None]) -> None:
+    """Say which settings came from the checkpoint's sampling section."""
+    if prepared.taken:
         log("from the checkpoint's sampling section: " + ", ".join(
-            f"{k} {v}" for k, v in _shown(settings).items() if k in taken))
+            f"{k} {v}" for k, v in _shown(prepared.settings).items() if k in prepared.taken))
+
+
+def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_size: int, dist: DistInfo,
+            overwrite: bool, progress: bool, log: Callable[[str], None]) -> SampleSummary:
+    """sample_to_dir's work, under the lock."""
+    started = time.time()
+    prepared = prepare(ckpt, settings, dist.device)
+    model, config, settings, path, vae_id, attrs = (prepared.model, prepared.config, prepared.settings, prepared.path,
+                                                   prepared.vae_id, prepared.attrs)
+    cfg = model.config
+    if dist.is_main:
+        log_taken(prepared, log)
     run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe()]).encode()).hexdigest()
     if check_out_dir(out, run_id, overwrite):
         return SampleSummary(out, settings.n, settings.n, time.time() - started, reused=True)

@@ -10,7 +10,12 @@ import torch
 
 from reglue.errors import UserError
 
-SEED_STRIDE = 1 << 32  # sample i of run seed s uses generator seed s * SEED_STRIDE + i
+# Sample i of run seed s draws from torch.Generator().manual_seed(s * SEED_STRIDE + i). The CPU generator
+# (mt19937) keeps only the low 32 bits of its seed, so the sum must stay below 2**32: 2**20 samples per seed and
+# 2**12 seeds, every (seed, index) pair its own stream.
+SEED_STRIDE = 1 << 20
+MAX_SAMPLES = SEED_STRIDE
+MAX_SEED = (1 << 32) // SEED_STRIDE - 1
 LABEL_SALT = 0x5EED_1ABE1  # a separate stream for the uniform labels
 
 
@@ -19,7 +24,10 @@ class SampleError(UserError, ValueError):
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """The generator seed of sample ``index``."""
+    """The generator seed of sample ``index`` of run seed ``seed`` (distinct for every pair; see SEED_STRIDE)."""
+    if not (0 <= seed <= MAX_SEED and 0 <= index < MAX_SAMPLES):
+        raise SampleError(f"seed {seed}, sample {index}: seeds go from 0 to {MAX_SEED} and each gives at most "
+                          f"{MAX_SAMPLES:,} samples (the generator keeps 32 bits of its seed)")
     return seed * SEED_STRIDE + index
 
 

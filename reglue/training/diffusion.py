@@ -44,12 +44,15 @@ class TrainOptions:
     keep_last: int = 3
     keep_every: int | None = None
     tensorboard: bool = False
+    wandb_project: str | None = None  # also log to Weights & Biases (reglue.tracking)
     vfm_weights: str | None = None
     max_nonfinite: int = 10
     allow_other_data: bool = False  # resume onto a dataset other than the one run/data.yaml records
     progress: bool = True
     device: str | None = None
     echo: Callable[[str], None] = field(default=tqdm.write)
+    # called on every rank after each step and once before the first (the CLI wires evaluation in this way)
+    callbacks: tuple[Callable[["Trainer"], None], ...] = ()
 
 
 @dataclass
@@ -68,6 +71,17 @@ class Trainer:
     semantics: torch.nn.Module | None
     step: int = 0
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    board: object = None  # the TensorBoard SummaryWriter on rank 0 with --tensorboard
+    tracker: object = None  # the W&B run on rank 0 with --wandb (reglue.tracking.WandbTracker)
+
+    def report(self, record: dict, prefix: str) -> None:
+        """Rank 0: one line of metrics.jsonl ({"step", **record}), TensorBoard scalars and W&B values
+        ``prefix/key``."""
+        self.run.metrics({"step": self.step, **record})
+        for key, value in record.items() if self.board is not None else ():
+            self.board.add_scalar(f"{prefix}/{key}", float(value), self.step)
+        if self.tracker is not None:
+            self.tracker.log({f"{prefix}/{k}": v for k, v in record.items()}, self.step)
 
     @property
     def train_cfg(self) -> DiffusionTrain:
@@ -209,6 +223,14 @@ def open_tensorboard(run: RunDir):
     return SummaryWriter(str(run.root / "tensorboard"))
 
 
+def _open_wandb(trainer: Trainer):
+    from reglue import config as run_config
+    from reglue.tracking import WandbTracker
+
+    return WandbTracker(trainer.options.wandb_project, trainer.run.root.name, run_config.to_dict(trainer.config),
+                        trainer.run.root)
+
+
 def _sample_grid(trainer: Trainer, vae) -> None:
     from reglue.training.grid import save_sample_grid
 
@@ -224,6 +246,8 @@ def train_diffusion(config: DiffusionRun, options: TrainOptions) -> Trainer:
     try:
         return _train(trainer, config, options)
     finally:
+        if trainer.tracker is not None:
+            trainer.tracker.finish()
         trainer.run.release()
 
 
@@ -236,11 +260,14 @@ def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Tra
                         if model_cfg.projector else (True, True))
     net, main = _make_net(trainer), trainer.dist.is_main
     vae = load_vae(config.data.vae_decoder)[0].to(trainer.dist.device) if main and tc.sample_every else None
-    board = open_tensorboard(trainer.run) if options.tensorboard and main else None
+    trainer.board = open_tensorboard(trainer.run) if options.tensorboard and main else None
+    trainer.tracker = _open_wandb(trainer) if options.wandb_project and main else None
     bar = tqdm(total=tc.max_steps, initial=trainer.step, disable=not (options.progress and main), unit="step",
                dynamic_ncols=True, desc="train")
     batches = iter(_loader(trainer, split))
     started, images_done = time.time(), 0
+    for callback in options.callbacks:  # e.g. an evaluation of the resumed step that a kill interrupted
+        callback(trainer)
     with bar:
         while trainer.step < tc.max_steps:
             logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split)
@@ -252,11 +279,8 @@ def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Tra
             bar.update(1)
             if main and (trainer.step % tc.log_every == 0 or logged["skipped"]):
                 trainer.run.log(_status(trainer, logged, rate), options.echo)
-                record = {**logged, "epoch": trainer.epoch, "images_per_s": rate,
-                          "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
-                trainer.run.metrics({"step": trainer.step, **record})
-                for key, value in record.items() if board is not None else ():
-                    board.add_scalar(f"train/{key}", float(value), trainer.step)
+                trainer.report({**logged, "epoch": trainer.epoch, "images_per_s": rate,
+                                "lam": loss_fn.weights.semantic_at(trainer.step - 1)}, "train")
             if stop:
                 raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
                                       f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
@@ -264,4 +288,6 @@ def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Tra
                 trainer.checkpoint()
             if vae is not None and trainer.step % tc.sample_every == 0:
                 _sample_grid(trainer, vae)
+            for callback in options.callbacks:
+                callback(trainer)
     return trainer

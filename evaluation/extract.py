@@ -1,0 +1,179 @@
+"""Inception features of every image, the same bits for any --batch-size and any number of processes.
+
+By construction (as the sampler does for pixels): images are cut into fixed chunks of ``FEATURE_CHUNK``
+consecutive indices, and every network call sees exactly one chunk, zero-padded to full size, so a kernel that
+picks its algorithm by batch size sees the same shapes everywhere (torch-fidelity issue 43: Inception features
+move with the batch size). Processes take contiguous runs of whole chunks; the features are joined in index
+order and the float64 statistics are summed over the same fixed blocks on every machine count. cuDNN does not
+autotune, and a CPU runs one thread (oneDNN splits its sums by thread count; torchrun gives each worker one).
+``--batch-size`` only decides how many images are read per pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluation.fileio import abandon_h5, write_error
+from evaluation.stats import RunningStats
+
+FEATURE_CHUNK = 32  # default images per Inception call (padded): decides the features' last bits, as the sampler's
+# chunk decides the pixels' (recorded in every result and in the reference cache's name)
+POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
+STATS_BLOCK = 1024  # rows per float64 statistics update, over the joined features: fixed, so any split sums alike
+FEATURE_NAMES = (("pool", POOL_DIM), ("spatial", SPATIAL_DIM), ("logits", LOGITS_DIM))
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device):
+    """No cuDNN autotuning and deterministic cuDNN algorithms; on a CPU one intra-op thread. Restored after."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic, torch.get_num_threads()
+    cudnn.benchmark, cudnn.deterministic = False, True
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[:2]
+        torch.set_num_threads(saved[2])
+
+
+class Extracted(NamedTuple):
+    """Every image's features in index order, and their float64 statistics."""
+
+    pool: np.ndarray  # (N, 2048)
+    logits: np.ndarray  # (N, 1008)
+    pool_stats: RunningStats
+    spatial_stats: RunningStats
+
+
+class FeatureSink:
+    """This process's rows of pool, spatial and logits in memory, and optionally every feature in HDF5.
+
+    The HDF5 file is flushed after every chunk, so a failed write (a full disk) raises at once, as one OSError
+    naming ``display`` (the user's --features), and the file is closed as the last flush left it."""
+
+    def __init__(self, n: int, path: str | None = None, display: str | None = None):
+        self.display = display or path  # the path named in errors (the user's --features, not its temporary)
+        self.rows = {name: np.zeros((n, dim), np.float32) for name, dim in FEATURE_NAMES}
+        self.h5, self.columns = None, {}
+        if path:
+            import h5py
+
+            try:
+                self.h5 = h5py.File(path, "w")
+                for name, dim in FEATURE_NAMES:
+                    self.columns[name] = self.h5.create_dataset(name, (n, dim), np.float32, chunks=(min(n, 256), dim))
+                self.h5.flush()
+            except (OSError, RuntimeError) as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: BaseException):
+        if self.h5 is not None:
+            abandon_h5(self.h5)  # first: dropping the dataset handles would retry their writes
+            self.columns.clear()
+        raise write_error(self.display, exc) from None
+
+    def add(self, start: int, features) -> None:
+        """Store one chunk of Features at rows [start, start + B)."""
+        end = start + features.pool.shape[0]
+        for name, _ in FEATURE_NAMES:
+            self.rows[name][start:end] = getattr(features, name).cpu().numpy()
+        if self.h5 is not None:
+            try:
+                for name, _ in FEATURE_NAMES:
+                    self.columns[name][start:end] = self.rows[name][start:end]
+                self.h5.flush()
+            except (OSError, RuntimeError) as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        """Finish the HDF5 file, if any (evaluate() adds the results as attributes afterwards)."""
+        if self.h5 is not None and self.h5.id.valid:
+            try:
+                self.columns.clear()
+                self.h5.close()
+            except (OSError, RuntimeError) as exc:
+                self._fail(exc)
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def chunk_ranges(n: int, size: int = FEATURE_CHUNK) -> list[range]:
+    """Indices 0..n-1 cut into consecutive chunks of ``size`` (the last one shorter)."""
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def rank_share(n: int, rank: int, world: int, chunk: int = FEATURE_CHUNK) -> range:
+    """The contiguous run of whole chunks that process ``rank`` of ``world`` extracts."""
+    chunks = -(-n // chunk)
+    first, last = chunks * rank // world, chunks * (rank + 1) // world
+    return range(min(first * chunk, n), min(last * chunk, n))
+
+
+def _padded(batch: np.ndarray, chunk: int, device) -> torch.Tensor:
+    """uint8 (b, H, W, 3) -> (chunk, 3, H, W) on ``device``, zero rows after the b real ones."""
+    x = torch.zeros((chunk, *batch.shape[1:]), dtype=torch.uint8)
+    x[: len(batch)] = torch.from_numpy(np.ascontiguousarray(batch))
+    return x.permute(0, 3, 1, 2).to(device)
+
+
+def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Concatenate every rank's rows in rank order (padded all_gather)."""
+    import torch.distributed as dist
+
+    if len(counts) == 1:
+        return local
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=torch.float32, device=device)
+    padded[: len(local)] = torch.from_numpy(local)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
+
+
+def statistics(features: np.ndarray, device) -> RunningStats:
+    """float64 mean/covariance accumulators over fixed STATS_BLOCK blocks in index order (any machine count)."""
+    stats = RunningStats(features.shape[1])
+    for block in chunk_ranges(len(features), STATS_BLOCK):
+        stats.update(torch.from_numpy(features[block.start : block.stop]).to(device))
+    return stats
+
+
+def extract(images, extractor, batch_size: int = 64, desc: str = "features", progress: bool = True,
+            features_out: str | None = None, features_display: str | None = None,
+            chunk: int = FEATURE_CHUNK) -> Extracted:
+    """Features of every image of a reader (``len``, ``batches(batch, start, stop)``), ``chunk`` images per network
+    call; under torchrun each process takes a contiguous run of chunks and every process gets the joined result."""
+    rank, world = rank_world()
+    n = len(images)
+    share = rank_share(n, rank, world, chunk)
+    sink = FeatureSink(len(share), features_out if world == 1 else None, features_display)
+    device = next(extractor.parameters()).device
+    per_read = max(1, -(-batch_size // chunk)) * chunk  # whole chunks per read
+    row = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=not (progress and rank == 0), dynamic_ncols=True) as bar, \
+            deterministic_kernels(device):
+        for batch in images.batches(per_read, share.start, share.stop):
+            for start in range(0, len(batch), chunk):
+                part = batch[start : start + chunk]
+                features = extractor(_padded(part, chunk, device))
+                sink.add(row, type(features)(*(f[: len(part)] for f in features)))
+                row += len(part)
+            bar.update(len(batch) * world)
+        counts = [len(rank_share(n, r, world, chunk)) for r in range(world)]
+        joined = {name: _gather_rows(sink.rows[name], counts) for name, _ in FEATURE_NAMES}
+        result = Extracted(joined["pool"], joined["logits"], statistics(joined["pool"], device),
+                           statistics(joined["spatial"], device))
+    sink.close()
+    return result

@@ -1,0 +1,74 @@
+"""Samples made on demand for the evaluator: checkpoint -> sampler -> uint8 images -> features, nothing written.
+
+``GeneratedImages`` is an image reader as evaluation.extract reads them (``len``, ``shape``, ``batches``): the
+images of indices [start, stop) are those `reglue sample` writes for the same settings, because they come from
+the same fixed sampler chunks (``settings.chunk``), per-index seeds, labels and kernels. So generate-and-score
+gives exactly the features, and the metrics, of `reglue sample` followed by `reglue eval`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from evaluation.extract import deterministic_kernels
+from reglue.constants import VAE_DOWNSAMPLE
+from reglue.encoders.vae import load_vae
+from reglue.sampling.run import Prepared, sample_chunk
+from reglue.sampling.seeds import make_labels
+
+PROVENANCE_KEYS = ("preset", "step", "decoder", "quantisation", "checkpoint", "num_classes")  # as samples.h5's
+
+
+class GeneratedImages:
+    """A model's samples as an evaluation image reader, generated chunk by chunk on ``device``."""
+
+    def __init__(self, prepared: Prepared, device, vae: torch.nn.Module | None = None):
+        self.prepared, self.device = prepared, torch.device(device)
+        settings, cfg = prepared.settings, prepared.model.config
+        self.vae = vae if vae is not None else load_vae(prepared.vae_id)[0].to(self.device)
+        self.labels = make_labels(settings.n, cfg.num_classes, settings.seed, settings.balanced,
+                                  list(settings.classes or []))
+        resolution = cfg.input_size * VAE_DOWNSAMPLE
+        self.shape = (settings.n, resolution, resolution, 3)
+        self.name = f"generated in process from {prepared.attrs['checkpoint']}"
+        self._last: tuple[range | None, np.ndarray | None] = (None, None)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def statistics(self) -> None:
+        return None
+
+    def provenance(self) -> dict:
+        """What `reglue sample` would have recorded in samples.h5 (as evaluate's ``sample_info``)."""
+        attrs = self.prepared.attrs
+        return {**{k: attrs[k] for k in PROVENANCE_KEYS}, "settings": json.loads(attrs["settings"]),
+                "generated_in_process": True}
+
+    def batches(self, batch: int, start: int = 0, stop: int | None = None):
+        """uint8 (b, H, W, 3) arrays for images [start, stop)."""
+        stop = len(self) if stop is None else stop
+        for i in range(start, stop, batch):
+            yield self.read(i, min(i + batch, stop))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """uint8 (stop - start, H, W, 3): the sampler chunks covering [start, stop), cut to it."""
+        size, n = self.prepared.settings.chunk, len(self)
+        parts = []
+        for c in range(start // size, (stop - 1) // size + 1):
+            indices = range(c * size, min((c + 1) * size, n))
+            parts.append(self._chunk(indices)[max(start - indices.start, 0) : stop - indices.start])
+        return np.concatenate(parts)
+
+    @torch.no_grad()
+    def _chunk(self, indices: range) -> np.ndarray:
+        if self._last[0] != indices:  # a chunk straddling two reads is generated once
+            p = self.prepared
+            with deterministic_kernels(self.device):
+                rows = sample_chunk(p.model, self.vae, p.settings, indices, self.labels, self.device, p.path,
+                                    p.config.data.latent_scale)
+            self._last = (indices, rows["images"])
+        return self._last[1]

@@ -1,0 +1,93 @@
+"""The sampler flags that `reglue sample`, `reglue eval --ckpt` and `reglue sweep` share, and their checks."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from reglue.sampling.run import DEFAULT_CHUNK, SampleRequest
+from reglue.sampling.seeds import MAX_SEED
+from reglue.transport.samplers import SAMPLERS
+from reglue_cli.errors import fail
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """'LOW,HIGH' -> (low, high) within [0, 1]."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--interval {text!r}: expected LOW,HIGH, e.g. 0,0.9")
+    if not 0.0 <= low <= high <= 1.0:
+        fail(f"--interval {text}: needs 0 <= LOW <= HIGH <= 1 (t = 1 is noise)")
+    return low, high
+
+
+GUIDANCE_OPTIONS = [
+    click.option("--cfg", type=click.FloatRange(min=0), default=None,
+                 help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model "
+                      "[default: the checkpoint's sampling.cfg_scale: 1, or 2.8 for sit-xl2-reglue]."),
+    click.option("--cls-cfg", type=click.FloatRange(min=0), default=None,
+                 help="[CLS] guidance scale [default: --cfg when given, else the checkpoint's "
+                      "sampling.cfg_cls_scale]. The official generate.py differs: see docs/sample.md."),
+    click.option("--interval", default=None, metavar="LOW,HIGH",
+                 help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere "
+                      "[default: the checkpoint's sampling.guidance_interval, 0,0.9]."),
+]
+
+SAMPLER_OPTIONS = [
+    click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+                 help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid "
+                      "[default: the checkpoint's sampling.sampler, sde for every preset]."),
+    click.option("--steps", type=click.IntRange(min=1), default=None,
+                 help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets]."),
+    click.option("--cfg-channels", type=click.Choice(["all", "latents"]), default=None,
+                 help="Guide every channel (REGLUE) or only the 4 VAE channels [default: the checkpoint's, all]."),
+    click.option("--reference-vae-cfg", is_flag=True,
+                 help="With --cfg-channels latents and --sampler sde: the official --vae_cfg true, d_c + S (d_c - "
+                      "d_u) on the latents (scale S + 1), standard CFG on every channel at the last step."),
+    click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
+                 help="Global seed; sample i's noise and label depend only on (seed, i)."),
+    click.option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
+                 help="Samples per model and decoder call (2x rows while guided). Part of the settings, like "
+                      "--seed: a kernel may pick its algorithm by batch size, so a different chunk may move the "
+                      "last bits."),
+    click.option("--balanced", is_flag=True, help="Exactly N/K samples of each class, in a seeded random order."),
+    click.option("--class", "classes", type=click.IntRange(min=0), multiple=True,
+                 help="Only these class ids (repeatable)."),
+    click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True),
+    click.option("--vae", default=None, metavar="ID|PATH|tiny",
+                 help="VAE decoder [default: the checkpoint's config: stabilityai/sd-vae-ft-ema, or its local copy "
+                      "$REGLUE_VAE_DECODER]."),
+]
+
+
+def with_options(options: list):
+    """Decorate a click command with ``options`` in the order listed."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def check_scale(flag: str, value: float | None) -> None:
+    """Exit 2 unless a guidance scale is finite."""
+    if value is not None and not math.isfinite(value):
+        fail(f"{flag} {value}: a guidance scale must be a finite number")
+
+
+def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, interval=None, cfg_channels=None,
+                 reference_vae_cfg=False, seed=0, chunk=DEFAULT_CHUNK, balanced=False, classes=(), weights="ema",
+                 vae=None) -> SampleRequest:
+    """The SampleRequest of the flags above (None: the checkpoint's sampling section decides), checked."""
+    check_scale("--cfg", cfg)
+    check_scale("--cls-cfg", cls_cfg)
+    low_high = parse_interval(interval) if isinstance(interval, str) else interval
+    if reference_vae_cfg and cfg_channels != "latents":
+        fail("--reference-vae-cfg only applies with --cfg-channels latents")
+    if reference_vae_cfg and sampler not in (None, "sde"):
+        fail("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
+    return SampleRequest(n=n, sampler=sampler, steps=steps, cfg=cfg, cls_cfg=cls_cfg, interval=low_high,
+                         channels=cfg_channels, reference_vae_cfg=reference_vae_cfg, seed=seed, balanced=balanced,
+                         classes=tuple(classes) or None, weights=weights, vae=vae, chunk=chunk)

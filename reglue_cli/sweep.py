@@ -1,0 +1,110 @@
+"""`reglue sweep`: a grid of guidance settings of one checkpoint, generated and scored in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from evaluation.evaluate import EvalOptions
+from evaluation.extract import FEATURE_CHUNK
+from reglue.distributed import init_distributed, shutdown
+from reglue.fileio import atomic_write_text
+from reglue.locks import directory_lock
+from reglue_cli.errors import check_device, fail
+from reglue_cli.sampling_options import SAMPLER_OPTIONS, make_request, parse_interval, with_options
+
+FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
+
+
+@click.command(short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The checkpoint to sample.")
+@click.option("--cfg", "cfg_spec", required=True, metavar="START:STOP:STEP|LIST",
+              help="CFG scales: an inclusive range (1.5:3.0:0.25), a comma list (1.5,2.3,2.8) or one value.")
+@click.option("--cls-cfg", "cls_spec", metavar="START:STOP:STEP|LIST",
+              help="[CLS] guidance scales, crossed with --cfg [default: each point's --cfg].")
+@click.option("--interval", "intervals", multiple=True, metavar="LOW,HIGH",
+              help="Guidance intervals, crossed with the scales (repeatable) [default: the checkpoint's].")
+@click.option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=10_000, show_default=True,
+              help="Samples per point (and per repeat).")
+@click.option("--ref", default=None, metavar="NAME|PATH",
+              help="Reference batch [default: the ImageNet batch at the samples' resolution].")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Sweep directory: points/*.json, sweep.json, the table and sweep.png. Run again to resume.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Disjoint seed sets per point (--seed, --seed + 1, ...): mean and std of every metric.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table", show_default=True,
+              help="The table printed and written to OUT/sweep.{txt,md,csv,json}.")
+@with_options(SAMPLER_OPTIONS)
+@click.option("--inception-weights", type=click.Path(dir_okay=False),
+              help="torch-fidelity's InceptionV3 weights [default: $REGLUE_INCEPTION_WEIGHTS or download].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images generated and read per pass. Never changes a number.")
+@click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
+              help="Images per Inception call (zero-padded), as `reglue eval`.")
+@click.option("--wandb", "wandb_project", metavar="PROJECT",
+              help="Also log every point to Weights & Biases (pip install wandb; WANDB_MODE=offline honoured).")
+@click.option("--overwrite", is_flag=True, help="Discard the points of another sweep in --out.")
+@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, inception_weights, batch_size, feature_chunk,
+          wandb_project, overwrite, device, quiet, **sampling) -> None:
+    """Generate and score CKPT at every combination of --cfg, --cls-cfg and --interval, all with the same seeds
+    (common random numbers: the differences between points are not seed noise).
+
+    \b
+    Prints the table with the best FID marked, writes it to OUT/sweep.<format> and plots FID and IS against the
+    scale per interval to OUT/sweep.png. Interrupted sweeps resume point by point (run the same command again).
+      reglue sweep --ckpt runs/b2/checkpoints/0400000.pt --cfg 1.5:3.0:0.25 --interval 0,0.7 --interval 0,0.9 \\
+          --n 10000 --ref imagenet256 --out sweeps/b2
+    Under torchrun every point is generated on all GPUs.
+    """
+    from reglue.sweep import SweepError, best, format_table, grid, parse_values, plot, run_sweep
+
+    try:
+        points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
+                      [parse_interval(i) for i in intervals] or [None])
+    except SweepError as exc:
+        fail(str(exc))
+    base = make_request(n, **sampling)
+    dist = init_distributed(device)
+    tracker = _tracker(wandb_project, out, base) if wandb_project and dist.is_main else None
+    options = EvalOptions(batch_size=batch_size, device=str(dist.device), progress=not quiet,
+                          feature_chunk=feature_chunk)
+    lock = directory_lock(Path(out)).acquire() if dist.is_main else None
+    try:
+        rows = run_sweep(ckpt, base, points, out, ref, inception_weights, options, repeats, dist, overwrite,
+                         on_point=lambda p, r: _progress(p, r, tracker, quiet))
+        if tracker is not None:
+            tracker.log_table(rows, best(rows))
+    finally:
+        if lock is not None:
+            lock.release()
+        if tracker is not None:
+            tracker.finish()
+        shutdown()
+    if not dist.is_main:
+        return
+    text = format_table(rows, fmt)
+    atomic_write_text(Path(out) / f"sweep.{FORMATS[fmt]}", text + "\n")
+    click.echo(text)
+    top = best(rows)
+    click.echo(f"best: FID {top['fid']:.4f} at cfg {top['cfg']:g}, [CLS] {top['cls_cfg']:g}, interval {top['interval']}")
+    try:
+        click.echo(f"plot: {plot(rows, Path(out) / 'sweep.png')}")
+    except ImportError:
+        click.echo("no plot: pip install 'reglue[plot]' (matplotlib), then run the same command again", err=True)
+
+
+def _progress(point, result, tracker, quiet) -> None:
+    if not quiet:
+        click.echo(f"{point.key}: FID {result['fid']:.4f}  IS {result['inception_score']:.2f}", err=True)
+    if tracker is not None:
+        tracker.log_point(point, result)
+
+
+def _tracker(project, out, base):
+    from reglue.tracking import WandbTracker
+
+    return WandbTracker(project, name=Path(out).name, config={"kind": "sweep", "n": base.n, "seed": base.seed},
+                        directory=Path(out))
