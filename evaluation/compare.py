@@ -249,9 +249,9 @@ def features_distance(a, b, pr_precision: str = "fp32") -> dict:
     import numpy as np
     import torch
 
+    from evaluation.extract import deterministic_kernels, statistics
     from evaluation.fid import frechet_distance
     from evaluation.precision_recall import precision_recall
-    from evaluation.stats import RunningStats
 
     sets = []
     for path in (a, b):
@@ -260,14 +260,10 @@ def features_distance(a, b, pr_precision: str = "fp32") -> dict:
                 sets.append({k: f[k][...] for k in ("pool", "spatial")})
         except (OSError, KeyError) as exc:
             raise CompareError(f"{path}: not a features file from `reglue eval --features` ({exc})") from None
-    stats = []
-    for feats in sets:
-        pool, spatial = RunningStats(feats["pool"].shape[1]), RunningStats(feats["spatial"].shape[1])
-        pool.update(torch.from_numpy(feats["pool"]))
-        spatial.update(torch.from_numpy(feats["spatial"]))
-        stats.append((pool.mean_cov(), spatial.mean_cov()))
-    fid = frechet_distance(*stats[0][0], *stats[1][0])
-    sfid = frechet_distance(*stats[0][1], *stats[1][1])
-    prec, rec = precision_recall(torch.from_numpy(np.asarray(sets[1]["pool"])),
-                                 torch.from_numpy(np.asarray(sets[0]["pool"])), precision=pr_precision)
+    with deterministic_kernels(torch.device("cpu")):  # the statistics and algebra `reglue eval` computes, alike
+        stats = [(statistics(f["pool"], "cpu").mean_cov(), statistics(f["spatial"], "cpu").mean_cov()) for f in sets]
+        fid = frechet_distance(*stats[0][0], *stats[1][0], "eigh", torch.device("cpu"))
+        sfid = frechet_distance(*stats[0][1], *stats[1][1], "eigh", torch.device("cpu"))
+        prec, rec = precision_recall(torch.from_numpy(np.asarray(sets[1]["pool"])),
+                                     torch.from_numpy(np.asarray(sets[0]["pool"])), precision=pr_precision)
     return {"fid": fid, "sfid": sfid, "precision": prec, "recall": rec, "a": str(a), "b": str(b)}

@@ -6,7 +6,8 @@ picks its algorithm by batch size sees the same shapes everywhere (torch-fidelit
 move with the batch size). Processes take contiguous runs of whole chunks; the features are joined in index
 order and the float64 statistics are summed over the same fixed blocks on every machine count. cuDNN does not
 autotune, and a CPU runs one thread (oneDNN splits its sums by thread count; torchrun gives each worker one).
-``--batch-size`` only decides how many images are read per pass.
+``--batch-size`` only decides how many images are read per pass. Fewer images than a chunk make one unpadded
+call (the chunk is min(FEATURE_CHUNK, N), a function of N alone).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def extract(images, extractor, batch_size: int = 64, desc: str = "features", pro
     call; under torchrun each process takes a contiguous run of chunks and every process gets the joined result."""
     rank, world = rank_world()
     n = len(images)
+    chunk = max(1, min(chunk, n))  # fewer images than a chunk: no padding (still the same for any split)
     share = rank_share(n, rank, world, chunk)
     sink = FeatureSink(len(share), features_out if world == 1 else None, features_display)
     device = next(extractor.parameters()).device

@@ -12,7 +12,7 @@ import torch
 
 from reglue_cli.main import main
 
-COMMANDS = ("encode", "train", "sample", "eval", "compare")
+COMMANDS = ("encode", "train", "sample", "eval", "sweep", "compare")
 
 
 def run(capsys, *argv):

@@ -70,6 +70,11 @@ def test_eval_ckpt_equals_sample_then_eval_exactly_for_any_batch_size(ckpt, ref,
         assert b["sample_info"]["generated_in_process"] and b["sample_info"]["step"] == 5
         assert b["samples_sha256"] is None and "generated in process" in b["samples"]
     assert not list(tmp_path.glob("b*/*.npz"))  # nothing written but what was asked for
+    assert main(["eval", "--ckpt", ckpt, "--n", "10", *SAMPLING, *_scoring(ref), "--save-samples",
+                 str(tmp_path / "kept"), "--json", str(tmp_path / "c.json")]) == 0  # kept: `reglue sample`'s files
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert np.array_equal(np.load(tmp_path / "kept" / "samples.npz")["arr_0"], np.load(tmp_path / "s" / "samples.npz")[
+        "arr_0"]) and c["fid"] == a["fid"] and c["sampling"]["guidance"]["scale"] == 2.0
 
 
 def test_eval_ckpt_under_torchrun_equals_one_process(ckpt, ref, tmp_path):
