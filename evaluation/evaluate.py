@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from evaluation.fid import frechet_distance
-from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world
+from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world, side_by_side
 from evaluation.fileio import abandon_h5, write_error
 from evaluation.images import ImageInputError, file_sha256, open_images
 from evaluation.inception import InceptionFeatures
@@ -160,8 +160,9 @@ def _metrics(pool, logits, pool_stats, spatial_stats, ref_pool, ref_stats, optio
     mu, sigma = pool_stats.mean_cov()
     mu_s, sigma_s = spatial_stats.mean_cov()
     on = device if options.fid_backend == "eigh" else None
-    fid = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend, on)
-    sfid = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend, on)
+    fid, sfid = side_by_side(  # two 2048-d eigendecompositions, each on one thread
+        lambda: frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend, on),
+        lambda: frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend, on))
     isc, splits = inception_score(logits)
     prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(pool).to(device),
                                  block=options.pr_block, precision=options.pr_precision)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,8 +135,8 @@ class InceptionFeatures(torch.nn.Module):
             raise InceptionError(f"{self.weights_path}: not torch-fidelity's InceptionV3 "
                                  f"({str(exc).splitlines()[0][:150]})") from None
         self.weights_sha256 = file_sha256(self.weights_path)
-        self._spatial: list[torch.Tensor] = []
-        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: self._spatial.append(out))
+        self._calls = threading.local()  # the hook's output per calling thread: extract may run chunks in parallel
+        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: setattr(self._calls, "spatial", out))
         self.eval().to(device or "cpu")
 
     @torch.inference_mode()
@@ -143,9 +144,8 @@ class InceptionFeatures(torch.nn.Module):
         """Features of uint8 NCHW images (any size: everything is resized to 299 the TF1 way)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        self._spatial.clear()
         with no_tf32():
             pool, logits = self.net(images)
-        spatial = self._spatial.pop()[:, :SPATIAL_CHANNELS]  # (B, 7, 17, 17) after BN and ReLU
+        spatial = self._calls.spatial[:, :SPATIAL_CHANNELS]  # (B, 7, 17, 17) after BN and ReLU
         spatial = spatial.permute(0, 2, 3, 1).reshape(spatial.shape[0], -1)  # NHWC order, as ADM flattens
         return Features(pool.float(), spatial.float(), logits.float())

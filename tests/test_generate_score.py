@@ -52,44 +52,44 @@ def _features(path):
         return {k: f[k][...] for k in ("pool", "spatial", "logits")}
 
 
-def test_eval_ckpt_equals_sample_then_eval_exactly_for_any_batch_size(ckpt, ref, tmp_path):
-    assert main(["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s"), "--n", "10", "--batch-size", "4", *SAMPLING,
+@pytest.fixture(scope="module")
+def in_process(ckpt, ref, tmp_path_factory):
+    """`eval --ckpt` of 8 samples read 3 at a time, with its features: (JSON result, features)."""
+    root = tmp_path_factory.mktemp("in_process")
+    assert main(["eval", "--ckpt", ckpt, "--n", "8", *SAMPLING, *_scoring(ref, "--batch-size", "3"), "--features",
+                 str(root / "b.h5"), "--json", str(root / "b.json")]) == 0
+    return json.loads((root / "b.json").read_text()), _features(root / "b.h5")
+
+
+def test_eval_ckpt_equals_sample_then_eval_exactly_for_any_batch_size(ckpt, ref, in_process, tmp_path):
+    assert main(["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s"), "--n", "8", "--batch-size", "4", *SAMPLING,
                  "--quiet"]) == 0
-    assert main(["eval", str(tmp_path / "s" / "samples.npz"), *_scoring(ref), "--features", str(tmp_path / "a.h5"),
-                 "--json", str(tmp_path / "a.json")]) == 0
-    for batch in ("3", "7"):  # images generated and read per pass: never a feature
-        assert main(["eval", "--ckpt", ckpt, "--n", "10", *SAMPLING, *_scoring(ref, "--batch-size", batch),
-                     "--features", str(tmp_path / f"b{batch}.h5"), "--json", str(tmp_path / f"b{batch}.json")]) == 0
-    a = json.loads((tmp_path / "a.json").read_text())
-    for batch in ("3", "7"):
-        b = json.loads((tmp_path / f"b{batch}.json").read_text())
-        for name, values in _features(tmp_path / "a.h5").items():
-            assert np.array_equal(values, _features(tmp_path / f"b{batch}.h5")[name]), name
-        assert abs(a["fid"] - b["fid"]) <= 1e-9 and a["sfid"] == b["sfid"] and a["precision"] == b["precision"]
-        assert b["sampling"]["guidance"]["scale"] == 2.0 and b["sampling"]["steps"] == 3
-        assert b["sample_info"]["generated_in_process"] and b["sample_info"]["step"] == 5
-        assert b["samples_sha256"] is None and "generated in process" in b["samples"]
-    assert not list(tmp_path.glob("b*/*.npz"))  # nothing written but what was asked for
-    assert main(["eval", "--ckpt", ckpt, "--n", "10", *SAMPLING, *_scoring(ref), "--save-samples",
+    assert main(["eval", str(tmp_path / "s" / "samples.npz"), *_scoring(ref, "--batch-size", "7"), "--features",
+                 str(tmp_path / "a.h5"), "--json", str(tmp_path / "a.json")]) == 0
+    a, (b, features) = json.loads((tmp_path / "a.json").read_text()), in_process
+    for name, values in _features(tmp_path / "a.h5").items():  # read 7 at a time vs generated and read 3 at a time
+        assert np.array_equal(values, features[name]), name
+    assert abs(a["fid"] - b["fid"]) <= 1e-9 and a["sfid"] == b["sfid"] and a["precision"] == b["precision"]
+    assert b["sampling"]["guidance"]["scale"] == 2.0 and b["sampling"]["steps"] == 3
+    assert b["sample_info"]["generated_in_process"] and b["sample_info"]["step"] == 5
+    assert b["samples_sha256"] is None and "generated in process" in b["samples"]
+    assert main(["eval", "--ckpt", ckpt, "--n", "8", *SAMPLING, *_scoring(ref), "--save-samples",
                  str(tmp_path / "kept"), "--json", str(tmp_path / "c.json")]) == 0  # kept: `reglue sample`'s files
     c = json.loads((tmp_path / "c.json").read_text())
     assert np.array_equal(np.load(tmp_path / "kept" / "samples.npz")["arr_0"], np.load(tmp_path / "s" / "samples.npz")[
         "arr_0"]) and c["fid"] == a["fid"] and c["sampling"]["guidance"]["scale"] == 2.0
 
 
-def test_eval_ckpt_under_torchrun_equals_one_process(ckpt, ref, tmp_path):
-    common = ["reglue_cli", "eval", "--ckpt", ckpt, "--num-samples", "10", *SAMPLING, *_scoring(ref)]  # torchrun takes --n
+def test_eval_ckpt_under_torchrun_equals_one_process(ckpt, ref, in_process, tmp_path):
+    common = ["reglue_cli", "eval", "--ckpt", ckpt, "--num-samples", "8", *SAMPLING, *_scoring(ref)]  # not --n: torchrun's
     env = {**os.environ, "REGLUE_FEATURE_CACHE": str(tmp_path / "cache")}
-    one = subprocess.run([sys.executable, "-m", *common, "--json", str(tmp_path / "one.json")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29571", "-m", *common, "--batch-size", "5", "--json", str(tmp_path / "two.json")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    one, two = in_process[0], json.loads((tmp_path / "two.json").read_text())
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
-        assert a[key] == b[key], key
+        assert one[key] == two[key], key
 
 
 def test_repeats_report_mean_and_std_over_disjoint_seeds(ckpt, ref, tmp_path):
