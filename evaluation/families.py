@@ -43,7 +43,6 @@ def pool_from_float(extractor: InceptionFeatures, x: torch.Tensor) -> torch.Tens
                      "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                      "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool"):
             x = getattr(net, name)(x)
-    extractor._spatial.clear()  # the sFID hook fired on the way; this path does not use it
     return torch.flatten(x, 1).float()
 
 
