@@ -35,3 +35,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> to
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return module
+
+
+@pytest.fixture(scope="session")
+def random_reglue_checkpoint(tmp_path_factory):
+    """A random tiny-reglue model (64 px samples) saved as a reglue checkpoint at step 5."""
+    from reglue import checkpoints, presets
+    from reglue.models import build
+
+    config = presets.load("tiny-reglue")
+    torch.manual_seed(0)
+    model = randomize_(build(config), seed=3, scale=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "0000005.pt"
+    checkpoints.save_checkpoint(path, config=config, step=5, model=model, ema=model)
+    return path

@@ -14,11 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
-from conftest import randomize_
-from reglue import checkpoints, presets
-from reglue.models import build
 from reglue_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,14 +22,8 @@ SAMPLING = ["--steps", "3", "--chunk", "3", "--vae", "tiny", "--cfg", "2"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random tiny REGLUE model (64 px samples) saved as a reglue checkpoint at step 5."""
-    config = presets.load("tiny-reglue")
-    torch.manual_seed(0)
-    model = randomize_(build(config), seed=3, scale=0.05)
-    path = tmp_path_factory.mktemp("ckpt") / "0000005.pt"
-    checkpoints.save_checkpoint(path, config=config, step=5, model=model, ema=model)
-    return str(path)
+def ckpt(random_reglue_checkpoint):
+    return str(random_reglue_checkpoint)
 
 
 @pytest.fixture(scope="module")

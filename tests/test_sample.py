@@ -292,13 +292,8 @@ def test_balanced_labels_are_exact_and_shuffled():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    config = presets.load("tiny-reglue")
-    torch.manual_seed(0)
-    model = randomize_(build(config), seed=3, scale=0.05)
-    path = tmp_path_factory.mktemp("ckpt") / "0000005.pt"
-    checkpoints.save_checkpoint(path, config=config, step=5, model=model, ema=model)
-    return path
+def ckpt(random_reglue_checkpoint):
+    return random_reglue_checkpoint
 
 
 def _settings(**kw):

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import torch
 
-from evaluation.extract import deterministic_kernels
+from evaluation.extract import deterministic_kernels, side_by_side
 from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
 from reglue.sampling.run import Prepared, sample_chunk
@@ -55,20 +55,22 @@ class GeneratedImages:
             yield self.read(i, min(i + batch, stop))
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """uint8 (stop - start, H, W, 3): the sampler chunks covering [start, stop), cut to it."""
+        """uint8 (stop - start, H, W, 3): the sampler chunks covering [start, stop), cut to it. On a CPU the chunks
+        are generated side by side, each on one thread (the bits of one after the other)."""
         size, n = self.prepared.settings.chunk, len(self)
-        parts = []
-        for c in range(start // size, (stop - 1) // size + 1):
-            indices = range(c * size, min((c + 1) * size, n))
-            parts.append(self._chunk(indices)[max(start - indices.start, 0) : stop - indices.start])
-        return np.concatenate(parts)
+        needed = [range(c * size, min((c + 1) * size, n)) for c in range(start // size, (stop - 1) // size + 1)]
+        made = {r: self._last[1] for r in needed if r == self._last[0]}  # a chunk straddling two reads: made once
+        missing = [r for r in needed if r not in made]
+        if self.device.type == "cpu" and len(missing) > 1:
+            made.update(zip(missing, side_by_side(*(lambda r=r: self._generate(r) for r in missing))))
+        else:
+            with deterministic_kernels(self.device):
+                made.update((r, self._generate(r)) for r in missing)
+        self._last = (needed[-1], made[needed[-1]])
+        return np.concatenate([made[r][max(start - r.start, 0) : stop - r.start] for r in needed])
 
     @torch.no_grad()
-    def _chunk(self, indices: range) -> np.ndarray:
-        if self._last[0] != indices:  # a chunk straddling two reads is generated once
-            p = self.prepared
-            with deterministic_kernels(self.device):
-                rows = sample_chunk(p.model, self.vae, p.settings, indices, self.labels, self.device, p.path,
-                                    p.config.data.latent_scale)
-            self._last = (indices, rows["images"])
-        return self._last[1]
+    def _generate(self, indices: range) -> np.ndarray:
+        p = self.prepared
+        return sample_chunk(p.model, self.vae, p.settings, indices, self.labels, self.device, p.path,
+                            p.config.data.latent_scale)["images"]
