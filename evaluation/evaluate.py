@@ -90,7 +90,7 @@ def evaluate(samples, ref: str | None, weights: str | None = None, options: Eval
     Under torchrun, feature extraction is split over the processes; rank 0 returns the result, the others {}.
     """
     started = time.time()
-    images = open_images(samples) if isinstance(samples, (str, os.PathLike)) else samples
+    images = open_images(samples) if _on_disk(samples) else samples
     if len(images) < 2:
         raise ImageInputError(f"{_name(samples)}: {len(images)} image(s); the metrics need at least 2 (a covariance)")
     ref_path = resolve_reference(ref or reference_for(images.shape[1]))
@@ -107,9 +107,14 @@ def evaluate(samples, ref: str | None, weights: str | None = None, options: Eval
     return result
 
 
+def _on_disk(samples) -> bool:
+    """Whether ``samples`` is a path (else an image reader made in process)."""
+    return isinstance(samples, (str, os.PathLike))
+
+
 def _name(samples) -> str:
     """A path as given, or an in-process reader's name."""
-    return str(samples) if isinstance(samples, (str, os.PathLike)) else samples.name
+    return str(samples) if _on_disk(samples) else samples.name
 
 
 def features_partial(path) -> Path:
@@ -126,7 +131,7 @@ def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha
                                                       options.features_out, options.feature_chunk)
     if rank_world()[0] != 0:
         return {}  # under torchrun, rank 0 scores what every rank extracted
-    on_disk = isinstance(samples, (str, os.PathLike))
+    on_disk = _on_disk(samples)
     _warn_about(len(images), _labels_of(samples) if on_disk else images.labels.numpy())
     device = next(extractor.parameters()).device
     with deterministic_kernels(device):  # float64 linear algebra sums by thread count too: one thread on a CPU

@@ -131,21 +131,17 @@ def _padded(batch: np.ndarray, chunk: int, device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).to(device)
 
 
-def _one_call(extractor, part: np.ndarray, chunk: int, device):
-    """The features of one chunk, computed on one thread (a CPU runs several such calls side by side, each
-    single-threaded: the same bits as one after the other)."""
-    torch.set_num_threads(1)  # per OS thread: a pool thread starts with the process default
-    return extractor(_padded(part, chunk, device))
-
-
-def side_by_side(*calls):
-    """The results of ``calls`` (functions of no argument), run in parallel threads, each on one intra-op thread:
-    the same bits as run one after the other on one thread, in less time on a CPU with several cores."""
+def side_by_side(*calls, workers: int | None = None):
+    """The results of ``calls`` (functions of no argument), run in ``workers`` parallel threads (default: one per
+    call), each on one intra-op thread: the same bits as one after the other on one thread, in less time on a CPU
+    with several cores."""
     def single(call):
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # per OS thread: a pool thread starts with the process default
         return call()
 
-    with ThreadPoolExecutor(len(calls)) as pool:
+    if not calls:
+        return []
+    with ThreadPoolExecutor(workers or len(calls)) as pool:
         return list(pool.map(single, calls))
 
 
@@ -186,10 +182,11 @@ def extract(images, extractor, batch_size: int = 64, desc: str = "features", pro
     per_read = max(1, -(-batch_size // chunk), workers) * chunk  # whole chunks per read, one per CPU worker at least
     row = 0
     with tqdm(total=n, desc=desc, unit="img", disable=not (progress and rank == 0), dynamic_ncols=True) as bar, \
-            deterministic_kernels(device), ThreadPoolExecutor(workers) as pool:
+            deterministic_kernels(device):
         for batch in images.batches(per_read, share.start, share.stop):
             parts = [batch[start : start + chunk] for start in range(0, len(batch), chunk)]
-            for part, features in zip(parts, pool.map(lambda p: _one_call(extractor, p, chunk, device), parts)):
+            calls = [lambda p=p: extractor(_padded(p, chunk, device)) for p in parts]
+            for part, features in zip(parts, side_by_side(*calls, workers=workers)):
                 sink.add(row, type(features)(*(f[: len(part)] for f in features)))
                 row += len(part)
             bar.update(len(batch) * world)

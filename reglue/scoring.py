@@ -49,21 +49,29 @@ def spread(results: list[dict]) -> dict:
     return out
 
 
-def score_checkpoint(ckpt, request: SampleRequest | SampleSettings, ref: str | None, inception_weights: str | None,
-                     options: EvalOptions, repeats: int = 1, on_repeat=None) -> dict:
-    """Generate and score ``ckpt``; with ``repeats`` K > 1, K disjoint seed sets (seed, seed + 1, ...; sample i of
-    seed s draws from generator s * 2**32 + i): the first repeat's result with ``repeats`` (each result) and
-    ``spread`` (mean and std of every metric) added."""
-    prepared = prepare(ckpt, request, options.device or "cpu")
-    vae = load_vae(prepared.vae_id)[0].to(options.device or "cpu")
-    results = []
-    for k in range(repeats):
-        results.append(score(with_seed(prepared, prepared.settings.seed + k), ref, inception_weights, options, vae))
-        if on_repeat is not None and results[-1]:
-            on_repeat(k, results[-1])
-    if not results[0] or repeats == 1:
+def with_spread(results: list[dict]) -> dict:
+    """One result, or with several repeats the first one with ``repeats`` (each result) and ``spread`` added;
+    {} on ranks other than 0."""
+    if not results[0] or len(results) == 1:
         return results[0]
     return {**results[0], "repeats": results, "spread": spread(results)}
+
+
+def score_repeats(prepared: Prepared, ref: str | None, inception_weights: str | None, options: EvalOptions,
+                  repeats: int = 1, vae=None) -> dict:
+    """``score`` over K disjoint seed sets (seed, seed + 1, ...: every (seed, sample) pair draws its own generator,
+    reglue.sampling.seeds), combined by ``with_spread``."""
+    seed = prepared.settings.seed
+    return with_spread([score(with_seed(prepared, seed + k), ref, inception_weights, options, vae)
+                        for k in range(repeats)])
+
+
+def score_checkpoint(ckpt, request: SampleRequest | SampleSettings, ref: str | None, inception_weights: str | None,
+                     options: EvalOptions, repeats: int = 1) -> dict:
+    """Generate and score ``ckpt`` (``score_repeats`` with the model and decoder loaded once)."""
+    prepared = prepare(ckpt, request, options.device or "cpu")
+    vae = load_vae(prepared.vae_id)[0].to(options.device or "cpu")
+    return score_repeats(prepared, ref, inception_weights, options, repeats, vae)
 
 
 def score_saved(ckpt, request: SampleRequest, out, ref: str | None, inception_weights: str | None,
@@ -85,9 +93,7 @@ def score_saved(ckpt, request: SampleRequest, out, ref: str | None, inception_we
         if result:
             result["sampling"] = result["sample_info"].get("settings")
         results.append(result)
-    if not results[0] or repeats == 1:
-        return results[0]
-    return {**results[0], "repeats": results, "spread": spread(results)}
+    return with_spread(results)
 
 
 EVAL_DIR = "eval"  # run/eval/STEP.json: one `reglue eval --json` result per evaluated step
@@ -135,10 +141,6 @@ class TrainingEvaluator:
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(result, indent=2))
             numbers = {k: result[k] for k in METRICS}
-            trainer.run.metrics({"step": trainer.step, "eval": numbers, "eval_n": self.n})
-            for key, value in numbers.items() if trainer.board is not None else ():
-                trainer.board.add_scalar(f"eval/{key}", value, trainer.step)
-            if trainer.tracker is not None:
-                trainer.tracker.log({f"eval/{k}": v for k, v in numbers.items()}, trainer.step)
+            trainer.report(numbers, "eval", line={"step": trainer.step, "eval": numbers, "eval_n": self.n})
             trainer.run.log(f"step {trainer.step}: FID {result['fid']:.4f} on {self.n:,} EMA samples ({out})",
                             trainer.options.echo)

@@ -17,7 +17,7 @@ from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
 from reglue.sampling.run import SampleRequest, file_sha256, prepare
-from reglue.scoring import METRICS, score, spread, with_seed
+from reglue.scoring import METRICS, score_repeats
 
 MANIFEST = "sweep.json"  # what the points of a sweep directory were computed with: a resumed sweep must match
 POINTS = "points"  # one `reglue eval --json` result per point
@@ -117,11 +117,7 @@ def _score_point(prepared, point: Point, ref, inception_weights, options, repeat
     guidance = dataclasses.replace(prepared.settings.guidance, scale=point.cfg, cls_scale=point.cls_cfg,
                                    interval=point.interval)
     guided = dataclasses.replace(prepared, settings=dataclasses.replace(prepared.settings, guidance=guidance))
-    seed = prepared.settings.seed
-    results = [score(with_seed(guided, seed + k), ref, inception_weights, options, vae) for k in range(repeats)]
-    if not results[0] or repeats == 1:
-        return results[0]
-    return {**results[0], "repeats": results, "spread": spread(results)}
+    return score_repeats(guided, ref, inception_weights, options, repeats, vae)
 
 
 def row_of(point: Point, result: dict) -> dict:

@@ -43,7 +43,7 @@ FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
 @click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
               help="Images per Inception call (zero-padded), as `reglue eval`.")
 @click.option("--wandb", "wandb_project", metavar="PROJECT",
-              help="Also log every point to Weights & Biases (pip install wandb; WANDB_MODE=offline honoured).")
+              help="Also log every point to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured).")
 @click.option("--overwrite", is_flag=True, help="Discard the points of another sweep in --out.")
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -172,7 +172,7 @@ def _sweep_argv(ckpt, ref, out, *extra):
 
 def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ckpt, ref, tmp_path, monkeypatch,
                                                                            capsys):
-    import reglue.sweep
+    import reglue.scoring
 
     out = tmp_path / "sweep"
     env = {**os.environ, "REGLUE_FEATURE_CACHE": os.environ["REGLUE_FEATURE_CACHE"]}
@@ -187,8 +187,8 @@ def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ck
     assert 1 <= len(finished) < 3, "the kill should land between points"
 
     scored = []
-    real = reglue.sweep.score
-    monkeypatch.setattr(reglue.sweep, "score", lambda p, *a, **k: scored.append(p.settings.guidance.scale) or
+    real = reglue.scoring.score  # every point is scored through it
+    monkeypatch.setattr(reglue.scoring, "score", lambda p, *a, **k: scored.append(p.settings.guidance.scale) or
                         real(p, *a, **k))
     assert main(_sweep_argv(ckpt, ref, out)) == 0
     assert len(scored) == 3 - len(finished)  # only the unfinished points

@@ -61,11 +61,9 @@ class GeneratedImages:
         needed = [range(c * size, min((c + 1) * size, n)) for c in range(start // size, (stop - 1) // size + 1)]
         made = {r: self._last[1] for r in needed if r == self._last[0]}  # a chunk straddling two reads: made once
         missing = [r for r in needed if r not in made]
-        if self.device.type == "cpu" and len(missing) > 1:
-            made.update(zip(missing, side_by_side(*(lambda r=r: self._generate(r) for r in missing))))
-        else:
-            with deterministic_kernels(self.device):
-                made.update((r, self._generate(r)) for r in missing)
+        with deterministic_kernels(self.device):  # a GPU generates them one after the other
+            made.update(zip(missing, side_by_side(*(lambda r=r: self._generate(r) for r in missing),
+                                                  workers=None if self.device.type == "cpu" else 1)))
         self._last = (needed[-1], made[needed[-1]])
         return np.concatenate([made[r][max(start - r.start, 0) : stop - r.start] for r in needed])
 

@@ -74,10 +74,10 @@ class Trainer:
     board: object = None  # the TensorBoard SummaryWriter on rank 0 with --tensorboard
     tracker: object = None  # the W&B run on rank 0 with --wandb (reglue.tracking.WandbTracker)
 
-    def report(self, record: dict, prefix: str) -> None:
-        """Rank 0: one line of metrics.jsonl ({"step", **record}), TensorBoard scalars and W&B values
-        ``prefix/key``."""
-        self.run.metrics({"step": self.step, **record})
+    def report(self, record: dict, prefix: str, line: dict | None = None) -> None:
+        """Rank 0: one line of metrics.jsonl (``line``, default {"step", **record}), TensorBoard scalars and W&B
+        values ``prefix/key``."""
+        self.run.metrics(line or {"step": self.step, **record})
         for key, value in record.items() if self.board is not None else ():
             self.board.add_scalar(f"{prefix}/{key}", float(value), self.step)
         if self.tracker is not None:
