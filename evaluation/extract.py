@@ -139,8 +139,12 @@ def side_by_side(*calls, workers: int | None = None):
         torch.set_num_threads(1)  # per OS thread: a pool thread starts with the process default
         return call()
 
-    if not calls:
-        return []
+    if (workers or len(calls)) <= 1:  # in the caller's thread: a GPU's calls stay on the thread that set its device
+        saved = torch.get_num_threads()
+        try:
+            return [single(call) for call in calls]
+        finally:
+            torch.set_num_threads(saved)
     with ThreadPoolExecutor(workers or len(calls)) as pool:
         return list(pool.map(single, calls))
 
