@@ -1,0 +1,28 @@
+"""The EMA update (one multi-tensor lerp) and the optimiser's kernel choice."""
+
+import numpy as np
+import torch
+
+from conftest import randomize_, tiny_config
+from reglue.config.sections import OptimConfig
+from reglue.models.sit import SiT
+from reglue.training.state import make_optimizer, update_ema
+
+
+def test_the_multi_tensor_ema_equals_the_per_parameter_update_to_the_bit_and_float64_to_rounding():
+    model, ema = randomize_(SiT(tiny_config()), seed=1), randomize_(SiT(tiny_config()), seed=2)
+    before = {k: v.detach().double().numpy().copy() for k, v in ema.named_parameters()}
+    one_by_one = {k: v.detach().clone() for k, v in ema.named_parameters()}
+    for key, p in model.named_parameters():
+        one_by_one[key].lerp_(p.detach(), 1.0 - 0.9999)
+    update_ema(ema, model, 0.9999)
+    for key, p in model.named_parameters():
+        got = dict(ema.named_parameters())[key].detach()
+        assert torch.equal(got, one_by_one[key]), key
+        expected = 0.9999 * before[key] + (1 - 0.9999) * p.detach().double().numpy()
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=1e-7)
+
+
+def test_the_fused_optimiser_kernel_is_asked_for_on_a_gpu_only():
+    optimizer = make_optimizer(SiT(tiny_config()), OptimConfig())
+    assert optimizer.defaults["fused"] is None  # CPU: torch's default multi-tensor kernel, as before
