@@ -2,14 +2,62 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from reglue.errors import UserError
+
 T = TypeVar("T")
+
+# How long a collective may wait for the slowest rank before the job fails (NCCL's own default is 10 minutes).
+TIMEOUT_ENV = "REGLUE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800
+# How long the other ranks wait while rank 0 alone does a long phase (merging rank parts, writing an XL checkpoint,
+# indexing a dataset): through a gloo group of its own, never through NCCL.
+MAIN_PHASE_WAIT_ENV = "REGLUE_MAIN_PHASE_WAIT"
+DEFAULT_MAIN_PHASE_WAIT_S = 24 * 3600
+SLOW_MAIN_PHASE_ENV = "REGLUE_SLOW_MAIN_PHASE"  # tests: 'NAME:SECONDS' makes rank 0 sleep inside phase NAME
+
+
+class DistributedSetupError(UserError, ValueError):
+    """A device or timeout setting that cannot work in this job."""
+
+
+def _seconds(env: str, default: int) -> datetime.timedelta:
+    text = os.environ.get(env)
+    try:
+        seconds = default if text in (None, "") else float(text)
+    except ValueError:
+        raise DistributedSetupError(f"${env}={text!r}: expected a number of seconds") from None
+    if not 0 < seconds < 10**7:
+        raise DistributedSetupError(f"${env}={text}: expected seconds between 0 and 10,000,000")
+    return datetime.timedelta(seconds=seconds)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The process group's timeout: ${REGLUE_DIST_TIMEOUT} seconds, default 30 minutes."""
+    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+
+
+def pick_device(spec: str | None, world: int, local_rank: int, cuda_available: bool) -> torch.device:
+    """This process's device: ``spec`` as given in one process (cuda:1 is GPU 1), cuda:LOCAL_RANK under torchrun."""
+    use_cuda = cuda_available if spec is None else spec.startswith("cuda")
+    if not use_cuda:
+        return torch.device(spec or "cpu")
+    given = torch.device(spec or "cuda")
+    if world > 1:
+        if given.index is not None:
+            raise DistributedSetupError(f"--device {spec}: under torchrun each process uses cuda:LOCAL_RANK; pass "
+                                        "--device cuda (or CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device("cuda", given.index or 0)
 
 
 @dataclass(frozen=True)
@@ -31,12 +79,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
     """Join the torchrun job if there is one (NCCL on GPU, gloo on CPU); a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(device or "cpu")
+    dev = pick_device(device, world, local_rank, torch.cuda.is_available())
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=collective_timeout())
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
@@ -45,6 +92,44 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+_PHASE_GROUPS: dict = {}  # default process group -> its gloo group for main phases
+
+
+def _phase_group():
+    """The gloo group (long timeout) the other ranks wait in while rank 0 works alone; made on first use, in the
+    same order on every rank."""
+    key = id(dist.group.WORLD)
+    if key not in _PHASE_GROUPS:
+        _PHASE_GROUPS[key] = dist.new_group(backend="gloo", timeout=_seconds(MAIN_PHASE_WAIT_ENV,
+                                                                            DEFAULT_MAIN_PHASE_WAIT_S))
+    return _PHASE_GROUPS[key]
+
+
+def patient_barrier() -> None:
+    """Every rank waits here for the others through the gloo phase group (long timeout): after rank 0's long work
+    alone, or after shares of work that may finish far apart."""
+    if dist.is_initialized():
+        dist.barrier(group=_phase_group())
+
+
+@contextlib.contextmanager
+def main_phase(name: str) -> Iterator[bool]:
+    """``with main_phase("merge") as is_main:`` rank 0 does the work inside (the body runs on every rank and
+    yields whether this is rank 0); the other ranks then wait in ``patient_barrier``, not on an NCCL collective.
+    Phases: encode-merge, sample-merge, checkpoint, index, reference-cache, compressor-stats."""
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    yield is_main
+    if is_main:
+        _slow_down_for_tests(name)
+    patient_barrier()
+
+
+def _slow_down_for_tests(name: str) -> None:
+    phase, _, seconds = os.environ.get(SLOW_MAIN_PHASE_ENV, "").partition(":")
+    if phase == name and seconds:
+        time.sleep(float(seconds))
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -62,11 +147,12 @@ def from_main(make: Callable[[], T], info: DistInfo) -> T:
     if info.world == 1 or not dist.is_initialized():
         return make()
     payload: list = [None]
-    if info.is_main:
-        try:
-            payload = [(True, make())]
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            payload = [(False, exc)]
+    with main_phase("from-main") as is_main:  # e.g. indexing a million files: the others wait through gloo
+        if is_main:
+            try:
+                payload = [(True, make())]
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                payload = [(False, exc)]
     dist.broadcast_object_list(payload, src=0)  # NCCL sends it through the current CUDA device
     ok, value = payload[0]
     if not ok:

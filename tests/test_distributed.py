@@ -40,3 +40,73 @@ def test_an_error_on_rank_zero_is_raised_on_every_rank(tmp_path):
 
 def test_a_single_process_just_calls_it():
     assert from_main(lambda: 7, DistInfo()) == 7
+
+
+# --- long rank-0 phases and the process-group timeout ---------------------------------------------------------
+
+def _phase_worker(rank: int, root: str, through_phase: bool) -> None:
+    import datetime
+    import time
+
+    from reglue.distributed import all_sum, main_phase
+
+    os.environ["REGLUE_SLOW_MAIN_PHASE"] = "merge:4"  # rank 0 works 4 s alone, twice the 2 s collective timeout
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    try:
+        if through_phase:
+            with main_phase("merge") as is_main:
+                if is_main:
+                    open(os.path.join(root, "merged"), "w").close()
+        else:  # what a rank-0 phase between two plain barriers does
+            if rank == 0:
+                time.sleep(4)
+            dist.barrier()
+        result = f"ok {all_sum([1.0])[0]:g}"
+    except RuntimeError as exc:
+        result = f"failed {type(exc).__name__}"
+    with open(os.path.join(root, f"result-{rank}"), "w") as f:
+        f.write(result)
+    if through_phase:
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # a timed-out gloo group cannot be torn down cleanly
+
+
+def test_a_rank_zero_phase_longer_than_the_collective_timeout_does_not_fail_the_job(tmp_path):
+    mp.spawn(_phase_worker, args=(str(tmp_path), True), nprocs=2, join=True)
+    assert (tmp_path / "merged").exists()
+    assert (tmp_path / "result-0").read_text() == (tmp_path / "result-1").read_text() == "ok 2"
+
+
+def test_the_same_wait_on_a_plain_barrier_times_out(tmp_path):
+    """The control: without the phase group the waiting rank hits the 2 s timeout (the failure the phase avoids)."""
+    mp.spawn(_phase_worker, args=(str(tmp_path), False), nprocs=2, join=False).join(timeout=60)
+    assert (tmp_path / "result-1").read_text().startswith("failed")
+
+
+def test_the_device_is_the_one_asked_for_in_one_process_and_the_local_rank_under_torchrun():
+    import pytest
+    import torch
+
+    from reglue.distributed import DistributedSetupError, pick_device
+
+    assert pick_device("cuda:1", 1, 0, True) == torch.device("cuda:1")
+    assert pick_device(None, 1, 0, True) == torch.device("cuda:0")
+    assert pick_device("cuda", 8, 5, True) == torch.device("cuda:5")
+    assert pick_device(None, 1, 0, False) == torch.device("cpu")
+    with pytest.raises(DistributedSetupError, match="LOCAL_RANK"):
+        pick_device("cuda:1", 8, 5, True)
+
+
+def test_the_collective_timeout_is_a_setting(monkeypatch):
+    import pytest
+
+    from reglue.distributed import DEFAULT_TIMEOUT_S, DistributedSetupError, collective_timeout
+
+    assert collective_timeout().total_seconds() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("REGLUE_DIST_TIMEOUT", "7200")
+    assert collective_timeout().total_seconds() == 7200
+    monkeypatch.setenv("REGLUE_DIST_TIMEOUT", "ten")
+    with pytest.raises(DistributedSetupError, match="REGLUE_DIST_TIMEOUT"):
+        collective_timeout()

@@ -26,7 +26,7 @@ from reglue.data.append import ATTR_WRITTEN
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
 from reglue.fileio import new_h5
 from reglue.locks import file_lock
-from reglue.distributed import DistInfo, barrier
+from reglue.distributed import DistInfo, main_phase, patient_barrier
 from reglue.encoders.vae import posterior_moments
 
 MOMENTS_DTYPES = ("float32", "float16")
@@ -281,10 +281,10 @@ def _encode(source: ImageSource, out: Path, vae, vae_info: dict, options: Encode
         for unit in todo:
             _, skipped = encode_unit(source, unit, vae, vae_info, options, dist, log, bar)
             summary.skipped += skipped
-    barrier()
-    if not options.shard_size and dist.world > 1 and dist.is_main:
-        merge_parts([u.path for u in units], out)
-    barrier()
+    patient_barrier()  # uneven shares finish far apart
+    with main_phase("encode-merge") as is_main:
+        if not options.shard_size and dist.world > 1 and is_main:
+            merge_parts([u.path for u in units], out)
     if dist.is_main:
         summary.written, summary.skipped_total = _totals(finals)
         if summary.written == 0:  # an empty "complete" dataset would only fail later, in train or --make-ref

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from reglue import checkpoints
-from reglue.distributed import barrier
+from reglue.distributed import main_phase
 from reglue.training.order import data_position
 from reglue.training.rundir import RunDir, check_same_model
 
@@ -45,6 +45,10 @@ class Checkpointer:
 
     def save(self, step: int, rows: int, global_batch: int, extra: dict | None = None) -> None:
         """Checkpoint ``step`` (rank 0: atomic write, then prune old ones); every rank waits for it."""
+        with main_phase("checkpoint"):  # an XL checkpoint takes a while: the others wait through gloo
+            self._save(step, rows, global_batch, extra)
+
+    def _save(self, step: int, rows: int, global_batch: int, extra: dict | None) -> None:
         if self.is_main:
             path = checkpoints.save_checkpoint(
                 self.run.checkpoint_path(step), config=self.config, step=step,
@@ -53,4 +57,3 @@ class Checkpointer:
                 extra={k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in (extra or {}).items()})
             self.run.prune(self.keep_last, self.keep_every)
             self.run.log(f"step {step}: saved {path}", self.echo)
-        barrier()

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglue.errors import UserError
-from reglue.distributed import barrier
+from reglue.distributed import main_phase
 from reglue.encoders.vfm import VisionFoundationModel
 from reglue.fileio import atomic_path, save_torch
 from reglue.models.compressor import SemanticCompressor
@@ -120,10 +120,10 @@ def _fit_pca_from_dataset(vfm, layers, dataset, components: int, device, seed: i
 
 def pca_basis(path: Path, fit: Callable[[], torch.Tensor], is_main: bool) -> torch.Tensor:
     """ReDi's basis from the run's ``path``; the main process fits and writes it first, so all ranks share one."""
-    if is_main and not path.exists():
-        with atomic_path(path) as tmp:
-            save_torch({"basis": fit().cpu(), "fit_images": PCA_FIT_IMAGES}, tmp, path)
-    barrier()
+    with main_phase("pca"):  # the fit reads thousands of images on rank 0 alone
+        if is_main and not path.exists():
+            with atomic_path(path) as tmp:
+                save_torch({"basis": fit().cpu(), "fit_images": PCA_FIT_IMAGES}, tmp, path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["basis"]
     except (OSError, RuntimeError, KeyError) as exc:
