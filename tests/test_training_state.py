@@ -26,3 +26,16 @@ def test_the_multi_tensor_ema_equals_the_per_parameter_update_to_the_bit_and_flo
 def test_the_fused_optimiser_kernel_is_asked_for_on_a_gpu_only():
     optimizer = make_optimizer(SiT(tiny_config()), OptimConfig())
     assert optimizer.defaults["fused"] is None  # CPU: torch's default multi-tensor kernel, as before
+
+
+def test_a_checkpoint_records_the_environment_that_decided_its_bits(tmp_path):
+    from reglue import checkpoints, presets
+    from reglue.models import build
+
+    config = presets.load("tiny-sit")
+    model = build(config)
+    path = checkpoints.save_checkpoint(tmp_path / "0000001.pt", config=config, step=1, model=model, ema=model)
+    env = checkpoints.load_checkpoint(path)["environment"]
+    assert env["torch"] == str(torch.__version__) and env["device_type"] == "cpu"
+    assert env["matmul_allow_tf32"] == torch.backends.cuda.matmul.allow_tf32
+    assert env["cpu_threads"] == torch.get_num_threads()

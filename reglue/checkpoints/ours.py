@@ -7,6 +7,7 @@ import re
 import warnings
 from pathlib import Path
 
+from evaluation.environment import environment
 from reglue.checkpoints.reading import CheckpointError, read
 from reglue.schema import plain
 from reglue.fileio import atomic_path, save_torch
@@ -22,7 +23,9 @@ def save_checkpoint(path, *, config, step: int, model, ema=None, optimizer=None,
     configuration) is stored in its plain form."""
     config = plain(config) if dataclasses.is_dataclass(config) else config
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler}
+    device = next((p.device for p in model.parameters()), None) if model is not None else None
     payload = {"format": FORMAT, "version": VERSION, "step": int(step), "config": config,
+               "environment": environment(device),  # what decided the weights' last bits
                **{k: None if v is None else v.state_dict() for k, v in parts.items()},
                "data_state": data_state, "rng": rng, "extra": extra or {}}
     with atomic_path(path) as tmp:
