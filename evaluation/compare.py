@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -55,21 +56,59 @@ def load_baselines(groups: list[str] | None = None) -> list[dict]:
 
 
 METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
+MAX_JSON_BYTES = 64 * 2**20  # a metrics file is a few kB; a larger input is not one (and is not read)
+MAX_COUNT = 10**15  # sample counts and training steps: far above any run, small enough to format and plot
+
+
+def read_json(path: Path):
+    """The JSON value in ``path``, read defensively: CompareError naming the file when it is larger than
+    MAX_JSON_BYTES, not JSON, nested too deeply for the parser, or holds a number Python cannot hold."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CompareError(f"{path}: {size:,} bytes, more than the {MAX_JSON_BYTES // 2**20} MiB a metrics file "
+                           "from `reglue eval --json` can be")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise CompareError(f"{path}: nested too deeply to be a metrics file") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CompareError(f"{path}: not a JSON file ({reason})") from None
+
+
+def _finite(value) -> bool:
+    """A JSON number that is a finite float (a huge integer is not: formatting it would overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 def _check_numbers(path: Path, m: dict) -> None:
-    """CompareError unless every metric present is a number (``fid`` required), and ``sample_info`` a mapping."""
+    """CompareError unless every metric present is a finite number (``fid`` required), ``n`` and the training
+    step counts, and ``sample_info`` a mapping."""
     for key in METRIC_KEYS:
         value = m.get(key)
-        if (value is not None or key == "fid") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise CompareError(f"{path}: '{key}' is {value!r}, expected a number (a metrics file from `reglue eval "
-                               "--json`)")
+        if (value is not None or key == "fid") and not _finite(value):
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} chars)"
+            raise CompareError(f"{path}: '{key}' is {shown}, expected a number (a finite one, as in a metrics file "
+                               "from `reglue eval --json`)")
     if not isinstance(m.get("sample_info", {}), dict):
         raise CompareError(f"{path}: 'sample_info' is not a mapping")
+    for where, key in ((m, "n"), (m.get("sample_info", {}), "step")):
+        if where.get(key) is not None and not _count(where[key]):
+            raise CompareError(f"{path}: '{key}' is not a count in 0..{MAX_COUNT:.0e}")
 
 
-def _row_from_metrics(path: Path, label: str) -> dict:
-    m = json.loads(path.read_text())
+def _row_from_metrics(path: Path, label: str, m: dict | None = None) -> dict:
+    """Our row of metrics file ``path`` (its content ``m``, read here when not given)."""
+    m = read_json(path) if m is None else m
     _check_numbers(path, m)
     info = m.get("sample_info", {})
     settings = info.get("settings", {})
@@ -88,7 +127,8 @@ def _row_from_metrics(path: Path, label: str) -> dict:
             "epochs": None, "fid": m["fid"], "sfid": m.get("sfid"), "is": m.get("inception_score"),
             "precision": m.get("precision"), "recall": m.get("recall"), "sampler": sampler, "cfg": cfg,
             "decoder": decoder_name(info.get("decoder", "?")), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
-            "source": str(path), "note": None, "conditioning": conditioning, "ours": True, "stand_in": stand_in}
+            "source": str(path), "note": None, "conditioning": conditioning, "ours": True, "stand_in": stand_in,
+            "reference_sha256": m.get("reference_sha256"), "inception_sha256": m.get("inception_weights_sha256")}
 
 
 def is_unconditional(row: dict) -> bool:
@@ -115,13 +155,13 @@ def load_ours(paths: list[str]) -> list[dict]:
         files = [given] if given.is_file() else sorted(given.rglob("*.json"))
         for f in files:
             try:
-                is_metrics = "fid" in json.loads(f.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = read_json(f)
+            except CompareError:
                 if f == given:
-                    raise CompareError(f"{f}: not a JSON file") from None
-                continue
-            if is_metrics:
-                rows.append(_row_from_metrics(f, given.name if given.is_dir() else f.parent.name or f.stem))
+                    raise
+                continue  # another program's file inside a run directory
+            if isinstance(data, dict) and "fid" in data:
+                rows.append(_row_from_metrics(f, given.name if given.is_dir() else f.parent.name or f.stem, data))
             elif f == given:
                 raise CompareError(f"{f}: not a metrics file from `reglue eval --json` (no 'fid')")
         if given.is_dir() and not any(r["source"].startswith(str(given)) for r in rows):
@@ -203,8 +243,37 @@ def format_rows(rows: list[dict], fmt: str = "table") -> str:
     return "\n".join(lines) + f"\n{legend}" + ("\n\nCaveats:\n" + notes if notes else "")
 
 
+SERIES_KEYS = (("reference_sha256", "ref"), ("inception_sha256", "inception"), ("samples", "N"))  # what splits a curve
+SHORT_SHA = 8  # hex digits of a sha256 in a legend
+OURS_COLOURS = ("black", "crimson", "navy", "darkgreen", "darkorange")
+
+
+def _series_part(key: str, value) -> str:
+    if value is None:
+        return "?"
+    return f"{value:,}" if key == "samples" else str(value)[:SHORT_SHA]
+
+
+def series(rows: list[dict]) -> list[dict]:
+    """Our runs' curves: one per (method, reference sha256, Inception weights sha256, N), never joining points
+    scored against another reference or evaluator. Each is {"label", "points": [(steps, fid), ...]}; with more
+    than one curve, the labels name whichever of reference, weights and N differ between them."""
+    ours = [r for r in rows if r["ours"] and r["steps"]]
+    groups: dict[tuple, list] = {}
+    for r in ours:
+        groups.setdefault((method_label(r), *(r.get(key) for key, _ in SERIES_KEYS)), []).append(r)
+    varying = [i for i, _ in enumerate(SERIES_KEYS) if len({key[1 + i] for key in groups}) > 1]
+    out = []
+    for key in sorted(groups, key=lambda k: tuple(map(str, k))):
+        parts = ["ours"] + [f"{SERIES_KEYS[i][1]} {_series_part(SERIES_KEYS[i][0], key[1 + i])}" for i in varying]
+        out.append({"label": f"{key[0]} ({', '.join(parts)})",
+                    "points": sorted((r["steps"], r["fid"]) for r in groups[key])})
+    return out
+
+
 def plot_fid(rows: list[dict], path) -> Path:
-    """FID against training steps (log scale): our runs as lines with points, published numbers as labelled markers."""
+    """FID against training steps (log scale): our runs as lines with points (one per ``series``), published numbers
+    as labelled markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,11 +288,9 @@ def plot_fid(rows: list[dict], path) -> Path:
                 color=palette(i % 10), label=f"{method} (published)")
         for x, y in points:
             ax.annotate(f"{y:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=palette(i % 10))
-    ours = [r for r in rows if r["ours"] and r["steps"]]
-    for i, label in enumerate(sorted({method_label(r) for r in ours})):
-        points = sorted((r["steps"], r["fid"]) for r in ours if method_label(r) == label)
-        ax.plot(*zip(*points), marker="o", markersize=7, linewidth=2.5, color=("black", "crimson", "navy")[i % 3],
-                label=f"{label} (ours)", zorder=5)
+    for i, curve in enumerate(series(rows)):
+        ax.plot(*zip(*curve["points"]), marker="o", markersize=7, linewidth=2.5,
+                color=OURS_COLOURS[i % len(OURS_COLOURS)], label=curve["label"], zorder=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))

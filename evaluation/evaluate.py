@@ -42,11 +42,17 @@ class EvalOptions:
     feature_chunk: int = FEATURE_CHUNK  # images per Inception call (padded): part of the settings, never --batch-size
 
 
-def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, options: EvalOptions):
-    """(pool features of arr_0, stored or computed statistics); the features are cached by file and weights hash."""
+def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, options: EvalOptions,
+                       sample_side: int | None = None):
+    """(pool features of arr_0, stored or computed statistics); the features are cached by file and weights hash.
+    ``sample_side``: the samples' image side, warned about when the reference's differs."""
     import h5py
 
     images = open_images(path, role="reference")
+    if sample_side is not None and len(images.shape) > 1 and images.shape[1] != sample_side:
+        warnings.warn(f"{sample_side} px samples scored against {path}, a reference of {images.shape[1]} px images: "
+                      "both are resized to 299 px for Inception, but FID across resolutions is not the published "
+                      "metric (use the reference at the samples' resolution)")
     default = Path.home() / ".cache" / "reglue" / "features"
     cache_dir = Path(options.cache_dir or os.environ.get(FEATURE_CACHE_ENV) or default)
     cache = cache_dir / f"{ref_sha[:16]}-{extractor.weights_sha256[:16]}-c{options.feature_chunk}.h5"
@@ -96,7 +102,7 @@ def evaluate(samples, ref: str | None, weights: str | None = None, options: Eval
     ref_path = resolve_reference(ref or reference_for(images.shape[1]))
     extractor = InceptionFeatures(weights, device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref_sha = file_sha256(ref_path)
-    ref_pool, ref_stats, stats_origin = reference_features(ref_path, ref_sha, extractor, options)
+    ref_pool, ref_stats, stats_origin = reference_features(ref_path, ref_sha, extractor, options, images.shape[1])
     partial = features_partial(options.features_out) if options.features_out else None
     try:  # --features is written beside its old copy and renamed when complete: a failed run keeps a good old one
         result = _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options,

@@ -94,7 +94,10 @@ def _write_npz_member(zf, name: str, array_or_shape, blocks=None) -> None:
 
 def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed: int = 0, batch_size: int = 64,
                    progress: bool = True) -> dict:
-    """An ADM-format reference batch from any image reader: statistics over all images, ``arr_0`` a seeded subset."""
+    """An ADM-format reference batch from any image reader: statistics over all images, ``arr_0`` a seeded subset.
+
+    A reader may leave out images it cannot decode (``skipped``, counted in the result): the images counted are
+    those its first pass yields, and the subset is drawn from them (both passes skip the same ones)."""
     import zipfile
 
     import numpy as np
@@ -105,21 +108,23 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
     from evaluation.stats import RunningStats
 
     out = Path(out)
-    n = len(images)
-    if n < 2:
-        from evaluation.images import ImageInputError
-
-        raise ImageInputError(f"{n} image(s): a reference needs at least 2 (its statistics are a covariance)")
+    _check_count(len(images), 0)
     out.parent.mkdir(parents=True, exist_ok=True)  # before the features: a bad path fails at once
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[: min(subset, n)])
     pool, spatial = RunningStats(2048), RunningStats(2023)
     device = next(extractor.parameters()).device
-    with tqdm(total=n, desc="reference", unit="img", disable=not progress) as bar:
+    n = 0
+    with tqdm(total=len(images), desc="reference", unit="img", disable=not progress) as bar:
         for batch in images.batches(batch_size):
+            if not len(batch):
+                continue
             feats = extractor(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device))
             pool.update(feats.pool)
             spatial.update(feats.spatial)
+            n += len(batch)
             bar.update(len(batch))
+    skipped = len(getattr(images, "skipped", ()))
+    _check_count(n, skipped)
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[: min(subset, n)])
     (mu, sigma), (mu_s, sigma_s) = pool.mean_cov(), spatial.mean_cov()
 
     def subset_blocks():
@@ -142,4 +147,13 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
         if isinstance(exc, OSError):
             raise write_error(out, exc) from None
         raise
-    return {"n": n, "subset": len(keep), "out": str(out)}
+    return {"n": n, "subset": len(keep), "out": str(out), "skipped": skipped}
+
+
+def _check_count(n: int, skipped: int) -> None:
+    """ImageInputError unless there are at least 2 images (``skipped``: left out as undecodable)."""
+    if n < 2:
+        from evaluation.images import ImageInputError
+
+        note = f" ({skipped} more could not be decoded)" if skipped else ""
+        raise ImageInputError(f"{n} image(s){note}: a reference needs at least 2 (its statistics are a covariance)")

@@ -11,10 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import h5py
+
 from evaluation.fileio import abandon_h5, hdf5_errno, write_error
 
-__all__ = ["OutputError", "abandon_h5", "atomic_path", "atomic_write_text", "new_h5", "output_error", "save_torch",
-           "sweep_temps"]
+__all__ = ["GuardedH5", "OutputError", "abandon_h5", "atomic_path", "atomic_write_text", "new_h5", "output_error",
+           "save_torch", "sweep_temps"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -96,27 +98,96 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+class _WriteGuard:
+    """The file under a new HDF5 file (h5py's fileobj driver): it records the first failed write (a full disk) and
+    discards every later write, so HDF5 itself never sees an error. A failed write inside HDF5 otherwise leaves the
+    file open with dirty buffers that HDF5 retries when it is closed and again at interpreter exit, where they crash
+    the process (exit 139); the file is a temporary that is removed anyway."""
+
+    def __init__(self, path):
+        self.file, self.error = open(path, "w+b", buffering=0), None  # unbuffered: a seek never flushes (fails)
+
+    def _guarded(self, call, *args):
+        if self.error is None:
+            try:
+                return call(*args)
+            except OSError as exc:
+                self.error = exc
+        return None
+
+    def _write_all(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = self.file.write(view)  # a short write (the disk filling up) is followed by one that fails
+            if not written:
+                raise OSError(errno.EIO, "write wrote nothing")
+            view = view[written:]
+
+    def write(self, data) -> int:
+        self._guarded(self._write_all, data)
+        return len(data)
+
+    def truncate(self, size=None):
+        self._guarded(self.file.truncate, size)
+        return size
+
+    def flush(self) -> None:
+        self._guarded(self.file.flush)
+
+    def seek(self, *args) -> int:
+        return self.file.seek(*args)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def read(self, *args) -> bytes:
+        return self.file.read(*args)
+
+    def readinto(self, buffer) -> int:
+        return self.file.readinto(buffer)
+
+
+class GuardedH5(h5py.File):
+    """A new HDF5 file written through a _WriteGuard; ``check()`` raises its first failed write."""
+
+    def __init__(self, path):
+        self.guard = _WriteGuard(path)
+        try:
+            super().__init__(self.guard, "w")
+        except BaseException:
+            self.guard.file.close()
+            raise
+
+    def check(self) -> None:
+        """Raise the first failed write so far (the OSError), if any."""
+        if self.guard.error is not None:
+            raise self.guard.error
+
+
 @contextlib.contextmanager
 def new_h5(path: str | os.PathLike, display: str | os.PathLike | None = None):
-    """A new HDF5 file open for writing; a failed write abandons it (abandon_h5) and raises OutputError naming
-    ``display`` (default ``path``)."""
-    import h5py
-
+    """A new HDF5 file open for writing, for a temporary ``path``; a failed write (HDF5 never sees it, _WriteGuard)
+    raises OutputError naming ``display`` (default ``path``) once the file is closed. A long writer calls the
+    file's ``check()`` now and then to stop at the first failed write instead of at the end."""
     try:
-        file = h5py.File(path, "w")
+        file = GuardedH5(path)
     except (OSError, RuntimeError) as exc:
         raise output_error(display or path, exc) from None
     try:
         yield file
         file.close()
-    except (OSError, RuntimeError) as exc:
-        abandon_h5(file)
-        if isinstance(exc, OutputError) or _is_write_failure(exc):
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            file.close()  # every write after a failed one is discarded: nothing for HDF5 to retry
+        if file.guard.error is not None:
+            raise output_error(display or path, file.guard.error) from None
+        if isinstance(exc, (OSError, RuntimeError)) and _is_write_failure(exc):
             raise output_error(display or path, exc) from None
         raise
-    except BaseException:
-        abandon_h5(file)
-        raise
+    finally:
+        file.guard.file.close()
+    if file.guard.error is not None:
+        raise output_error(display or path, file.guard.error) from None
 
 
 class _RecordingWriter:

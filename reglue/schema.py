@@ -39,6 +39,28 @@ INTERVAL: Check = (lambda v: 0 <= v[0] <= v[1] <= 1, "[low, high] with 0 <= low 
 SCHEDULE: Check = (lambda v: all(s >= 0 and lam >= 0 for s, lam in v), "[[step, lam], ...] with step, lam >= 0")
 
 
+# Upper bounds of the count keys: far above every preset (SiT-XL/2: depth 28, width 1152; batches 256 and 4096),
+# low enough that an absurd value (a typo, 1e20) is refused at load and `--dry-run` instead of building for ever.
+MAX_DEPTH = 1024  # transformer blocks, the projector's block
+MAX_WIDTH = 65536  # token widths, MLP widths, channel counts
+MAX_HEADS = 1024  # attention heads
+MAX_PATCH = 64  # latent patch side
+MAX_GRID = 1024  # latent grid side (8192 px images)
+MAX_PIXELS = 8192  # image sides (data.resolution, vfm.image_size)
+MAX_CLASSES = 1_000_000  # class labels
+MAX_BATCH = 1 << 20  # images per optimiser step
+MAX_STEPS = 10**9  # optimiser steps and every cadence counted in steps
+MAX_EPOCHS = 1_000_000  # passes over a dataset
+MAX_SAMPLING_STEPS = 100_000  # integration steps of a sampler
+MAX_IMAGES = 10**9  # images drawn for statistics
+MAX_RUN_SEED = (1 << 32) - 1  # train.seed: a 32-bit seed, which every generator takes whole
+
+
+def count(high: int, low: int = 1) -> Check:
+    """An integer in ``low..high``."""
+    return (lambda v: low <= v <= high, f"an integer >= {low} and <= {high}")
+
+
 def optional(check: Check) -> Check:
     """``check``, or null."""
     return (lambda v: v is None or check[0](v), f"null or {check[1]}")

@@ -19,6 +19,7 @@ from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
+from reglue.sampling.store import OtherRunError
 from reglue_cli.errors import check_device, fail
 from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_request, with_options
 
@@ -41,6 +42,16 @@ def generate_and_score(ckpt, request, ref, inception_weights, options, repeats, 
     if save_samples:
         return score_saved(ckpt, request, save_samples, ref, inception_weights, options, repeats, dist)
     return score_checkpoint(ckpt, request, ref, inception_weights, options, repeats)
+
+
+def _check_repeats(seed: int, repeats: int) -> None:
+    """Every seed of --repeats exists (seed .. seed + repeats - 1), checked before anything is sampled."""
+    from reglue.sweep import SweepError, check_repeats
+
+    try:
+        check_repeats(seed, repeats)
+    except SweepError as exc:
+        fail(str(exc))
 
 
 def format_table(result: dict) -> str:
@@ -125,6 +136,8 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
         fail("Missing argument 'SAMPLES' (or --ckpt CKPT to generate and score, or --make-ref SOURCE --out REF.npz)")
     if not ckpt and (repeats != 1 or save_samples):
         fail("--repeats and --save-samples go with --ckpt")
+    if ckpt:
+        _check_repeats(sampling["seed"], repeats)
     request = make_request(n, **sampling) if ckpt else None
     dist = init_distributed(device)
     if features and dist.world > 1:
@@ -149,6 +162,9 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
                                             dist)
             else:
                 result = evaluate(samples, ref, inception_weights, options)
+        except OtherRunError as exc:  # eval has no --overwrite: its remedy is another directory
+            fail(f"--save-samples {exc.out}: holds samples of another run (checkpoint or settings differ); give "
+                 "another directory, or delete this one")
         finally:
             shutdown()
     if not dist.is_main:
@@ -164,22 +180,47 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
 
 
 class CroppedFolder:
-    """An image folder as an evaluation reader: each image decoded and ADM centre-cropped."""
+    """An image folder as an evaluation reader: each image decoded and ADM centre-cropped. An image that cannot be
+    decoded is left out, with a one-line note naming it the first time (as `reglue encode` skips it); ``skipped``
+    maps each such file to the reason."""
 
-    def __init__(self, source, resolution: int):
-        self.source, self.resolution = source, resolution
+    def __init__(self, source, resolution: int, log=lambda line: click.echo(line, err=True)):
+        self.source, self.resolution, self.log = source, resolution, log
         self.shape = (len(source), resolution, resolution, 3)
+        self.skipped: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _decode(self, reader, index: int):
+        """The cropped image, or None (noted) when the file does not decode."""
+        try:
+            return adm_center_crop(decode_image(reader.read(index)), self.resolution)
+        except Exception as exc:  # noqa: BLE001 - an undecodable file is skipped, never fatal (as encode)
+            path = str(Path(self.source.root) / self.source.keys[index])
+            if path not in self.skipped:
+                self.skipped[path] = undecodable_reason(exc)
+                self.log(f"skipped {path}: {self.skipped[path]}")
+            return None
+
     def batches(self, batch: int):
+        """uint8 (B, H, W, 3) batches of the images that decode (fewer than ``batch`` where some did not)."""
         import numpy as np
 
         reader = self.source.reader()
         for start in range(0, len(self), batch):
-            yield np.stack([adm_center_crop(decode_image(reader.read(i)), self.resolution)
-                            for i in range(start, min(start + batch, len(self)))])
+            images = [self._decode(reader, i) for i in range(start, min(start + batch, len(self)))]
+            images = [image for image in images if image is not None]
+            yield np.stack(images) if images else np.zeros((0, *self.shape[1:]), np.uint8)
+
+
+def undecodable_reason(exc: Exception) -> str:
+    """Why an image file did not decode, in encode's words."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _make_reference(source, out, resolution, weights, batch_size, device, quiet) -> None:
@@ -200,4 +241,6 @@ def _make_reference(source, out, resolution, weights, batch_size, device, quiet)
         info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
     except InputError as exc:
         fail(f"{source}: {exc}")
-    click.echo(f"reference batch {info['out']}: statistics over {info['n']:,} images, {info['subset']:,} kept as arr_0")
+    skipped = f" ({info['skipped']:,} undecodable image(s) skipped)" if info.get("skipped") else ""
+    click.echo(f"reference batch {info['out']}: statistics over {info['n']:,} images, {info['subset']:,} kept as "
+               f"arr_0{skipped}")

@@ -15,6 +15,8 @@ from reglue_cli.sample import sample
 from reglue_cli.sweep import sweep
 from reglue_cli.train import train
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): the shell's 128 + signal number (docs/failures.md)
+
 
 class PipelineGroup(click.Group):
     """Lists commands in pipeline order rather than alphabetically."""
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="reglue", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        return report(_command_name(argv), "aborted", 1)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        return report(_command_name(argv), "interrupted (Ctrl-C, SIGINT)", EXIT_INTERRUPTED)
     except click.UsageError as exc:
         return report(_command_name(argv), exc.format_message(), EXIT_USAGE)
     except click.ClickException as exc:

@@ -9,13 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from reglue.schema import (BETAS, COUNT, COUNT_OR_ZERO, FRACTION, INTERVAL, NON_NEGATIVE, POSITIVE,
-                                  knob, optional)
+from reglue.schema import (BETAS, FRACTION, INTERVAL, MAX_BATCH, MAX_EPOCHS, MAX_IMAGES, MAX_PIXELS, MAX_RUN_SEED,
+                           MAX_SAMPLING_STEPS, MAX_STEPS, MAX_WIDTH, NON_NEGATIVE, POSITIVE, count, knob, optional)
 from reglue.constants import CFG_CHANNELS, LATENT_SCALE
 from reglue.models.config import ModelConfig
 from reglue.transport.loss import LossWeights
 
 Precision = Literal["fp32", "bf16", "fp16"]
+BATCH = count(MAX_BATCH)
+STEPS = count(MAX_STEPS)
+CHANNELS = (lambda v: len(v) >= 2 and all(1 <= c <= MAX_WIDTH for c in v),
+            f"a list of at least two channel counts in 1..{MAX_WIDTH}")
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -24,7 +28,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class ImageData:
     """The images a run reads (``reglue encode`` decides them; training checks the dataset agrees)."""
 
-    resolution: int = knob(256, "image side in pixels after the ADM centre crop", COUNT)
+    resolution: int = knob(256, f"image side in pixels after the ADM centre crop (1..{MAX_PIXELS})",
+                           count(MAX_PIXELS))
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class VFMConfig:
 
     name: str = knob("dinov2-vitb14-reg", "an entry of the VFM registry (docs/models.md); default DINOv2-B/14 with "
                                           "4 registers")
-    image_size: int = knob(224, "VFM input side: bicubic resize, no antialias (224 / 14 -> 16x16 tokens)", COUNT)
+    image_size: int = knob(224, "VFM input side: bicubic resize, no antialias (224 / 14 -> 16x16 tokens; "
+                                     f"1..{MAX_PIXELS})", count(MAX_PIXELS))
     layers: tuple[int, ...] = knob((11,), "blocks (counted from 0) whose normed patch maps are concatenated on "
                                           "channels", (lambda v: len(v) > 0 and min(v) >= 0,
                                                        "a non-empty list of block indices >= 0"))
@@ -71,7 +77,8 @@ class FrozenCompressor:
     """The frozen semantic compressor a REGLUE run encodes VFM features with (docs/method.md 3)."""
 
     channels: tuple[int, ...] | None = knob(None, "its channel list, input first: VFM width x len(vfm.layers) -> "
-                                                  "model.semantic_channels")
+                                                  f"model.semantic_channels (each 1..{MAX_WIDTH})",
+                                            optional(CHANNELS))
     path: str | None = knob(None, "the compressor: a compressor run's directory, one of its checkpoints, its "
                                   "compressor.pt, or the official file (`reglue train --compressor`)")
     norm_stats: str | None = knob(None, "per-channel mean/std file for the official compressor (ours carries them)")
@@ -81,9 +88,10 @@ class FrozenCompressor:
 class CompressorTraining:
     """The compressor autoencoder a compressor run trains (docs/method.md 3)."""
 
-    channels: tuple[int, ...] = knob((3072, 256, 16), "channel list, input first (VFM width x len(vfm.layers))",
-                                     (lambda v: len(v) >= 2 and min(v) >= 1, "at least two channel counts >= 1"))
-    norm_stats_samples: int = knob(50000, "images (a seeded shuffle) for the per-channel mean/std", COUNT)
+    channels: tuple[int, ...] = knob((3072, 256, 16), "channel list, input first (VFM width x len(vfm.layers); "
+                                                      f"each 1..{MAX_WIDTH})", CHANNELS)
+    norm_stats_samples: int = knob(50000, "images (a seeded shuffle) for the per-channel mean/std "
+                                           f"(1..{MAX_IMAGES:,})", count(MAX_IMAGES))
 
 
 # ------------------------------------------------------------------------------------------------ transport
@@ -139,32 +147,34 @@ class CompressorOptim(OptimConfig):
 class TrainConfig:
     """How long and how often, common to both kinds of run."""
 
-    global_batch: int = knob(256, "images per optimiser step over all processes", COUNT)
+    global_batch: int = knob(256, f"images per optimiser step over all processes (1..{MAX_BATCH})", BATCH)
     precision: Precision = knob("bf16", "autocast precision (fp16 adds a loss scaler)")
-    seed: int = knob(0, "seed of every random draw of the run", COUNT_OR_ZERO)
-    ckpt_every: int = knob(10000, "save a checkpoint every N steps (and at the end)", COUNT)
-    log_every: int = knob(100, "log the loss terms every N steps", COUNT)
+    seed: int = knob(0, f"seed of every random draw of the run (0..{MAX_RUN_SEED})", count(MAX_RUN_SEED, 0))
+    ckpt_every: int = knob(10000, "save a checkpoint every N steps (and at the end)", STEPS)
+    log_every: int = knob(100, "log the loss terms every N steps", STEPS)
 
 
 @dataclass(frozen=True)
 class DiffusionTrain(TrainConfig):
     """The diffusion run's length and cadence (docs/method.md 5)."""
 
-    max_steps: int = knob(400000, "optimiser steps (400k = 80 ImageNet epochs at batch 256)", COUNT)
+    max_steps: int = knob(400000, "optimiser steps (400k = 80 ImageNet epochs at batch 256; at most "
+                                       f"{MAX_STEPS:,})", STEPS)
     tf32: bool = knob(True, "TF32 matmuls and convolutions on CUDA")
-    sample_every: int = knob(10000, "save a grid of EMA samples every N steps (0: never)", COUNT_OR_ZERO)
+    sample_every: int = knob(10000, "save a grid of EMA samples every N steps (0: never)",
+                             count(MAX_STEPS, 0))
 
 
 @dataclass(frozen=True)
 class CompressorTrain(TrainConfig):
     """The compressor run's length and cadence (docs/method.md 3)."""
 
-    global_batch: int = knob(4096, "images per optimiser step over all processes", COUNT)
+    global_batch: int = knob(4096, f"images per optimiser step over all processes (1..{MAX_BATCH})", BATCH)
     precision: Precision = knob("fp32", "autocast precision of the VFM and compressor passes")
-    ckpt_every: int = knob(1000, "save a checkpoint every N steps (and at the end)", COUNT)
-    log_every: int = knob(50, "log the loss every N steps", COUNT)
-    epochs: int = knob(25, "passes over the dataset", COUNT)
-    max_steps: int | None = knob(None, "optimiser steps; null: epochs x steps per epoch", optional(COUNT))
+    ckpt_every: int = knob(1000, "save a checkpoint every N steps (and at the end)", STEPS)
+    log_every: int = knob(50, "log the loss every N steps", STEPS)
+    epochs: int = knob(25, f"passes over the dataset (1..{MAX_EPOCHS})", count(MAX_EPOCHS))
+    max_steps: int | None = knob(None, "optimiser steps; null: epochs x steps per epoch", optional(STEPS))
 
 
 # --------------------------------------------------------------------------------------------------- sampling
@@ -174,7 +184,8 @@ class SamplingConfig:
     """What `reglue sample` (and the training grids) use for this run's checkpoints when a flag is not given."""
 
     sampler: Literal["sde", "ode-euler", "ode-heun"] = knob("sde", "Euler-Maruyama SDE (the reference) or an ODE")
-    steps: int = knob(250, "integration steps on linspace(1 -> 0.04), then one deterministic step to 0", COUNT)
+    steps: int = knob(250, "integration steps on linspace(1 -> 0.04), then one deterministic step to 0 "
+                                f"(1..{MAX_SAMPLING_STEPS})", count(MAX_SAMPLING_STEPS))
     cfg_scale: float = knob(1.0, "classifier-free guidance scale (1: none)", NON_NEGATIVE)
     cfg_cls_scale: float | None = knob(None, "[CLS] guidance scale (null: cfg_scale)", optional(NON_NEGATIVE))
     guidance_interval: tuple[float, float] = knob((0.0, 0.9), "guidance acts for t in [low, high] (t = 1 is "

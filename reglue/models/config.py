@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reglue.schema import COUNT, FRACTION, knob, optional, parse, plain
+from reglue.schema import (FRACTION, MAX_CLASSES, MAX_DEPTH, MAX_GRID, MAX_HEADS, MAX_PATCH, MAX_WIDTH, count, knob,
+                           optional, parse, plain)
 from reglue.constants import LATENT_CHANNELS, NUM_CLASSES
 from reglue.errors import ConfigError
 
@@ -12,6 +13,9 @@ __all__ = ["ConfigError", "ModelConfig", "ProjectorConfig", "SEMANTIC_SOURCES"]
 
 SEMANTIC_SOURCES = ("none", "compressor", "pca")
 CLASS_DROPOUT = 0.1  # label dropout of a class-conditional model (the official --cfg-prob)
+MAX_MLP_RATIO = 64.0
+MAX_PARAMETERS = 10**10  # 15x SiT-XL/2's 675M: refused at load, before anything is built (estimated_parameters)
+WIDTH = count(MAX_WIDTH)
 
 
 @dataclass(frozen=True)
@@ -19,9 +23,9 @@ class ProjectorConfig:
     """The REPA projector: an MLP on the hidden states after block ``depth`` (counted from 1)."""
 
     depth: int = knob(4, "block (counted from 1) whose hidden states are projected: 4 for B/2, 8 for L/2 and XL/2",
-                      COUNT)
-    hidden_dim: int = knob(2048, "hidden width of the 3-layer SiLU MLP", COUNT)
-    out_dim: int = knob(768, "output width: the VFM's token width", COUNT)
+                      count(MAX_DEPTH))
+    hidden_dim: int = knob(2048, f"hidden width of the 3-layer SiLU MLP (1..{MAX_WIDTH})", WIDTH)
+    out_dim: int = knob(768, f"output width: the VFM's token width (1..{MAX_WIDTH})", WIDTH)
     align_patch: bool = knob(True, "align the projected patch tokens to the VFM's patch tokens")
     align_cls: bool = knob(True, "also align the projected [CLS] token to the VFM's [CLS] (needs model.cls_token)")
 
@@ -31,23 +35,24 @@ class ModelConfig:
     """Every switch of the SiT family (SiT paper Table 1 sizes; docs/models.md)."""
 
     size: str = knob("B/2", "a label for logs and tables (S/2, B/2, L/2, XL/2); depth and widths decide the model")
-    depth: int = knob(12, "transformer blocks", COUNT)
-    hidden_size: int = knob(768, "token width", COUNT)
-    num_heads: int = knob(12, "attention heads", COUNT)
-    patch_size: int = knob(2, "latent patch side", COUNT)
-    input_size: int = knob(32, "latent grid side: data.resolution / 8", COUNT)
-    mlp_ratio: float = knob(4.0, "MLP width / token width", (lambda v: v > 0, "a number > 0"))
-    latent_channels: int = knob(LATENT_CHANNELS, "SD-VAE latent channels", COUNT)
-    semantic_channels: int = knob(0, "semantic channels concatenated to the latents (ReDi 8, REGLUE 16)",
-                                  (lambda v: v >= 0, "an integer >= 0"))
+    depth: int = knob(12, f"transformer blocks (1..{MAX_DEPTH})", count(MAX_DEPTH))
+    hidden_size: int = knob(768, f"token width (1..{MAX_WIDTH})", WIDTH)
+    num_heads: int = knob(12, f"attention heads (1..{MAX_HEADS})", count(MAX_HEADS))
+    patch_size: int = knob(2, f"latent patch side (1..{MAX_PATCH})", count(MAX_PATCH))
+    input_size: int = knob(32, f"latent grid side: data.resolution / 8 (1..{MAX_GRID})", count(MAX_GRID))
+    mlp_ratio: float = knob(4.0, f"MLP width / token width (above 0, at most {MAX_MLP_RATIO:g})",
+                            (lambda v: 0 < v <= MAX_MLP_RATIO, f"a number in (0, {MAX_MLP_RATIO:g}]"))
+    latent_channels: int = knob(LATENT_CHANNELS, f"SD-VAE latent channels (1..{MAX_WIDTH})", WIDTH)
+    semantic_channels: int = knob(0, "semantic channels concatenated to the latents (ReDi 8, REGLUE 16; "
+                                     f"0..{MAX_WIDTH})", count(MAX_WIDTH, 0))
     semantic_source: str = knob("none", "where they come from: none, compressor (REGLUE) or pca (ReDi)",
                                 (lambda v: v in SEMANTIC_SOURCES, "one of " + ", ".join(SEMANTIC_SOURCES)))
     cls_token: bool = knob(False, "denoise the VFM's global [CLS] jointly, as token 0 (REG, REGLUE)")
-    cls_dim: int = knob(768, "[CLS] width: the VFM's token width", COUNT)
+    cls_dim: int = knob(768, f"[CLS] width: the VFM's token width (1..{MAX_WIDTH})", WIDTH)
     projector: ProjectorConfig | None = knob(None, "the REPA projector, or null for none")
     qk_norm: bool = knob(False, "LayerNorm on queries and keys")
-    num_classes: int = knob(NUM_CLASSES, "class labels (ImageNet 1000); 0 trains an unconditional model",
-                            (lambda v: v >= 0, "an integer >= 0 (0: unconditional)"))
+    num_classes: int = knob(NUM_CLASSES, f"class labels (ImageNet 1000; at most {MAX_CLASSES:,}); 0 trains an "
+                                         "unconditional model", count(MAX_CLASSES, 0))
     class_dropout: float | None = knob(None, f"label dropout for guidance; null: {CLASS_DROPOUT} with labels, 0 "
                                              "without", optional(FRACTION))
     fused_attn: bool = knob(True, "fused scaled-dot-product attention (same result, faster)")
@@ -66,6 +71,15 @@ class ModelConfig:
     def num_patches(self) -> int:
         """Spatial tokens after patchification."""
         return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def estimated_parameters(self) -> int:
+        """About the model's parameter count, from the widths alone (nothing built): per block attention (4 d^2),
+        MLP (2 r d^2) and adaLN (6 d^2), plus the label table and the position embedding; within 3% at the paper's
+        sizes."""
+        d = self.hidden_size
+        per_block = (4 + 2 * self.mlp_ratio + 6) * d * d
+        return int(self.depth * per_block + (self.num_classes + 1) * d + (self.num_patches + 1) * d)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -106,3 +120,7 @@ class ModelConfig:
                 raise ConfigError("model.projector: align_patch and align_cls are both off; drop the projector instead")
             if p.align_cls and not self.cls_token:
                 raise ConfigError("model.projector.align_cls needs model.cls_token: true")
+        if self.estimated_parameters > MAX_PARAMETERS:
+            raise ConfigError(f"model: depth {self.depth} x hidden_size {self.hidden_size} gives about "
+                              f"{self.estimated_parameters:.2e} parameters, above the {MAX_PARAMETERS:.0e} this "
+                              "toolkit builds (SiT-XL/2 has 6.75e+08)")

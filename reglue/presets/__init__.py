@@ -123,13 +123,30 @@ def swap_vfm(config: dict, name: str) -> dict:
     return config
 
 
+def _uses_vfm(model: dict) -> bool:
+    """Whether a plain ``model`` section reads the VFM (semantic channels, a [CLS] token or a REPA projector)."""
+    return bool(model.get("semantic_channels") or model.get("cls_token") or model.get("projector"))
+
+
 def apply_overrides(config: dict, overrides: dict) -> dict:
-    """Apply ``{key: value}`` overrides in order (in place); setting ``vfm.name`` swaps the VFM (swap_vfm)."""
+    """Apply ``{key: value}`` overrides in order (in place); setting ``vfm.name`` swaps the VFM (swap_vfm).
+
+    Two overrides of one key (``depth`` and ``model.depth``) are refused, and so is a VFM for a model that reads
+    none (a plain SiT): neither would do what it says."""
+    seen: dict[tuple[str, ...], str] = {}
     for key, value in overrides.items():
-        if _resolve_key(config, key) == ("vfm", "name"):
+        path = _resolve_key(config, key)
+        if path in seen:
+            raise PresetError(f"override {'.'.join(path)} given twice ({seen[path]} and {key}); give it once")
+        seen[path] = key
+        if path == ("vfm", "name"):
             swap_vfm(config, value)
         else:
             apply_override(config, key, value)
+    if ("vfm", "name") in seen and config.get("kind") == "diffusion" and not _uses_vfm(config.get("model", {})):
+        raise PresetError(f"--vfm / vfm.name={config['vfm']['name']!r}: preset {config.get('preset', '?')!r} reads no "
+                          "VFM (no semantic channels, [CLS] token or REPA projector); pick a preset that does, e.g. "
+                          "sit-b2-reglue or sit-b2-repa")
     return config
 
 
@@ -142,6 +159,19 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise PresetError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+
+
+def parse_assignments(texts: Iterable[str]) -> dict[str, Any]:
+    """``--set`` assignments as ``{key: value}`` in order; a key given twice is refused, naming it (a dict would
+    silently keep the last)."""
+    overrides: dict[str, Any] = {}
+    for text in texts:
+        key, value = parse_assignment(text)
+        spelled = key.replace("__", ".")
+        if spelled in overrides:
+            raise PresetError(f"--set {spelled} given twice; give it once")
+        overrides[spelled] = value
+    return overrides
 
 
 def resolve(name: str) -> dict:

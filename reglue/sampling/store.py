@@ -4,6 +4,7 @@
 any number of processes, reads every part of the same run to skip finished indices. When all N exist,
 rank 0 writes ``samples.h5`` (by index) and streams ``samples.npz`` (``arr_0`` uint8 (N, H, W, 3)) from it,
 never holding the images in memory, each through a temporary file and a rename; the parts are then removed.
+A full disk while merging is one OutputError (reglue.fileio.new_h5): the parts stay, and the rerun merges them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ FORMAT = "reglue-samples"
 
 class SampleStoreError(UserError, ValueError):
     """The output directory holds something else."""
+
+
+class OtherRunError(SampleStoreError):
+    """The output directory holds samples of another run; ``out`` names it (a command words its own remedy)."""
+
+    def __init__(self, out: Path):
+        super().__init__(f"{out}: holds samples of another run (checkpoint or settings differ); use another --out or "
+                         "pass --overwrite")
+        self.out = out
 
 
 def part_columns(resolution: int) -> dict:
@@ -55,8 +65,7 @@ def check_out_dir(out: Path, run_id: str, overwrite: bool) -> bool:
         return True
     others = [p for p in (out / PARTS).glob("*.h5") if _part_run_id(p) not in (run_id, None)] if out.is_dir() else []
     if (finished not in (None, run_id) or others) and not overwrite:
-        raise SampleStoreError(f"{out}: holds samples of another run (checkpoint or settings differ); "
-                               "use another --out or pass --overwrite")
+        raise OtherRunError(out)
     for part in others:
         part.unlink()
     return False
@@ -109,6 +118,7 @@ def merge(out: Path, n: int, resolution: int, run_id: str, attrs: dict) -> Path:
                         images[i] = src["images"][j]
                     labels[index], seeds[index] = src["labels"][:rows], src["seeds"][:rows]
                     seen[index] = True
+                dst.check()  # a full disk stops the merge here, not after reading every part
             if not seen.all():
                 raise SampleStoreError(f"{out}: {int((~seen).sum())} samples missing from the parts")
             dst.attrs.update({**attrs, ATTR_RUN_ID: run_id, "format": FORMAT, "n": n, "complete": True})
