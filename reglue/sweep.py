@@ -1,6 +1,13 @@
 """Guidance sweeps: every (interval, CFG scale, [CLS] scale) point of a checkpoint generated and scored in process
 with the same seeds (common random numbers: differences between points are not seed noise), resumable point by
 point, summarised as a table and a plot of FID and IS against the scale, the best point named.
+
+Every point carries its complete identity (reglue.identity: checkpoint, decoder, every sampling setting, the
+reference's and the Inception weights' content, N, repeats) and its file is named by it, so points computed with
+other settings are never taken for this sweep's. ``OUT/sweep.json`` records what the sweep's points share (the
+identity without the guidance point); a rerun with other settings is refused unless it asks for a new set. Every
+input is checked, and the identity computed, before the first point is scored; OUT is changed only once a point
+is ready to be written, so a failed launch leaves nothing that blocks the corrected command. See docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -10,39 +17,87 @@ import dataclasses
 import io
 import itertools
 import json
+import math
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Callable
 
 from evaluation.evaluate import EvalOptions
+from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
-from reglue.sampling.run import SampleRequest, file_sha256, prepare
-from reglue.scoring import METRICS, score_repeats
+from reglue.identity import describe_differences, differences, evaluator_identity, identity_key, sampling_identity
+from reglue.sampling.run import Prepared, SampleRequest, check_settings, prepare
+from reglue.sampling.seeds import MAX_SEED
+from reglue.scoring import METRICS, check_reference, score_repeats
 
-MANIFEST = "sweep.json"  # what the points of a sweep directory were computed with: a resumed sweep must match
-POINTS = "points"  # one `reglue eval --json` result per point
+MANIFEST = "sweep.json"  # the identity every point of the current set shares: a rerun must match it
+POINTS = "points"  # one `reglue eval --json` result per point, named by its identity
+MAX_POINTS = 200  # points in one sweep (--cfg x --cls-cfg x --interval) without --many-points
+HARD_MAX_POINTS = 10_000  # points in one sweep, whatever the flags: split a larger grid over several sweeps
+MAX_RECORD_BYTES = 64 << 20  # a sweep.json or point file larger than this is not one of ours
+GUIDANCE_KEYS = ("scale", "cls_scale", "interval")  # the settings that differ between points of one sweep
 
 
 class SweepError(UserError, ValueError):
     """A sweep that cannot run: a bad range, or a directory holding another sweep's points."""
 
 
-def parse_values(text: str, flag: str) -> list[float]:
-    """'1.5:3.0:0.25' (inclusive range), '1.5,2,2.5' (a list) or '2' -> the scales."""
+def exact(value: float) -> str:
+    """A scale as given: the shortest text that reads back as the same float ('1.5000001', '2', '1e-05')."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _number(text: str, flag: str, spec: str) -> Decimal:
+    """One finite number of a --cfg/--cls-cfg value, kept exact (a range's values are computed in decimal)."""
     try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            values = [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + 1e-9]
-        else:
-            values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise SweepError(f"{flag} {text!r}: expected START:STOP:STEP (STEP > 0), a comma list or one number") from None
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise SweepError(f"{flag} {spec!r}: {text.strip()!r} is not a number; expected START:STOP:STEP "
+                         "(STEP > 0), a comma list or one number") from None
+    if not value.is_finite() or not math.isfinite(float(value)):
+        raise SweepError(f"{flag} {spec}: {text.strip()} is not a finite number")
+    return value
+
+
+def _range(text: str, flag: str) -> list[float]:
+    """'START:STOP:STEP', inclusive; the count is checked before any value is made."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise SweepError(f"{flag} {text!r}: expected START:STOP:STEP (STEP > 0), a comma list or one number")
+    start, stop, step = (_number(p, flag, text) for p in parts)
+    if float(step) <= 0 or stop < start:  # a step too small for a float is no step
+        raise SweepError(f"{flag} {text}: START:STOP:STEP needs START <= STOP and STEP > 0")
+    count = int((stop - start) / step) + 1  # Decimal: exact for any typed values, no list built yet
+    if count > HARD_MAX_POINTS:
+        shown = f"{count:,}" if count < 10**15 else "more than 10^15"
+        raise SweepError(f"{flag} {text}: {shown} values; one sweep has at most {HARD_MAX_POINTS:,} points")
+    return [float(v) for v in (start + i * step for i in range(count)) if v <= stop]
+
+
+def _list(text: str, flag: str) -> list[float]:
+    """'1.5,2,2.5' or '2'."""
+    if text.count(",") >= HARD_MAX_POINTS:
+        raise SweepError(f"{flag}: {text.count(',') + 1:,} values; one sweep has at most {HARD_MAX_POINTS:,} points")
+    return [float(_number(v, flag, text)) for v in text.split(",")]
+
+
+def parse_values(text: str, flag: str) -> list[float]:
+    """'1.5:3.0:0.25' (inclusive range), '1.5,2,2.5' (a list) or '2' -> the scales, each once, in order."""
+    values = _range(text, flag) if ":" in text else _list(text, flag)
     if any(v < 0 for v in values):
         raise SweepError(f"{flag} {text}: guidance scales are >= 0")
-    return values
+    return list(dict.fromkeys(v + 0.0 for v in values))  # 1.5,1.5 is one point (1.5,1.5000001 two); -0 is 0
+
+
+def check_repeats(seed: int, repeats: int) -> None:
+    """SweepError unless seeds seed .. seed + repeats - 1 all exist (checked before anything is sampled)."""
+    if repeats < 1 or seed + repeats - 1 > MAX_SEED:
+        most = MAX_SEED - seed + 1
+        raise SweepError(f"--repeats {repeats} from --seed {seed}: repeat k samples with seed {seed} + k and seeds go "
+                         f"up to {MAX_SEED} (reglue.sampling.seeds); use --repeats 1..{most}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,82 +109,253 @@ class Point:
     interval: tuple[float, float] | None  # None: the checkpoint's sampling.guidance_interval
 
     @property
-    def key(self) -> str:
-        """File name of its result."""
-        cls = "same" if self.cls_cfg is None else f"{self.cls_cfg:g}"
-        return f"cfg{self.cfg:g}_cls{cls}_t{self.interval[0]:g}-{self.interval[1]:g}"
+    def label(self) -> str:
+        """The point in words, its scales exact."""
+        cls = "" if self.cls_cfg is None else f", [CLS] {exact(self.cls_cfg)}"
+        interval = "" if self.interval is None else f", interval {exact(self.interval[0])},{exact(self.interval[1])}"
+        return f"cfg {exact(self.cfg)}{cls}{interval}"
+
+    def file_prefix(self) -> str:
+        """The readable start of its file name (the identity key that follows is what names it)."""
+        cls = "same" if self.cls_cfg is None else exact(self.cls_cfg)
+        return f"cfg{exact(self.cfg)}_cls{cls}_t{exact(self.interval[0])}-{exact(self.interval[1])}"
 
 
-def grid(cfgs: list[float], cls_cfgs: list[float] | None, intervals: list[tuple[float, float] | None]) -> list[Point]:
-    """Every combination, interval-major."""
+def grid(cfgs: list[float], cls_cfgs: list[float] | None, intervals: list[tuple[float, float] | None],
+         many_points: bool = False) -> list[Point]:
+    """Every combination, interval-major, each once; its size checked against MAX_POINTS before it is built."""
+    intervals = list(dict.fromkeys(intervals))
+    count = len(cfgs) * len(cls_cfgs or [None]) * len(intervals)
+    if count > HARD_MAX_POINTS:
+        raise SweepError(f"{count:,} points (--cfg x --cls-cfg x --interval): one sweep has at most "
+                         f"{HARD_MAX_POINTS:,}; split the grid over several sweeps")
+    if count > MAX_POINTS and not many_points:
+        raise SweepError(f"{count:,} points (--cfg x --cls-cfg x --interval), more than {MAX_POINTS}: each is N "
+                         "samples generated and scored; pass --many-points if you mean it")
     return [Point(c, k, i) for i, c, k in itertools.product(intervals, cfgs, cls_cfgs or [None])]
 
 
-def _manifest(ckpt, base: SampleRequest, ref, repeats: int, options: EvalOptions) -> dict:
-    return {"checkpoint_sha256": file_sha256(ckpt), "n": base.n, "seed": base.seed, "ref": str(ref),
-            "repeats": repeats, "sampler": base.sampler, "steps": base.steps, "channels": base.channels,
-            "chunk": base.chunk, "weights": base.weights, "vae": base.vae, "feature_chunk": options.feature_chunk}
+def _plain(data: dict) -> dict:
+    """``data`` as JSON reads it back (tuples as lists): a stored identity compares equal to a computed one."""
+    return json.loads(json.dumps(data))
 
 
-def check_directory(out: Path, manifest: dict, overwrite: bool, is_main: bool) -> None:
-    """Write the manifest, or check that the points already in ``out`` were computed the same way."""
+def shared_identity(identity: dict) -> dict:
+    """A point's identity without its guidance point: what every point of its sweep shares (OUT/sweep.json)."""
+    shared = _plain(identity)
+    guidance = shared["sampling"]["settings"]["guidance"]
+    for key in GUIDANCE_KEYS:
+        guidance.pop(key, None)
+    return shared
+
+
+@dataclasses.dataclass
+class Plan:
+    """A checked sweep, nothing scored or written yet: its points, their settings and identities."""
+
+    out: Path
+    prepared: Prepared  # the checkpoint with the request's settings (the default guidance)
+    points: list[Point]  # intervals resolved, one point per identity
+    guided: list[Prepared]  # each point's settings
+    identities: list[dict]  # each point's identity
+    identity: dict  # what every point shares
+    ref: str | None
+    inception_weights: str | None
+    options: EvalOptions
+    repeats: int
+    overwrite: bool
+
+    def path(self, index: int) -> Path:
+        """The result file of point ``index``: a readable prefix, then its identity key."""
+        key = identity_key(self.identities[index])
+        return self.out / POINTS / f"{self.points[index].file_prefix()}_{key}.json"
+
+
+def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, inception_weights, options: EvalOptions,
+               repeats: int = 1, overwrite: bool = False, new_set: bool = False) -> Plan:
+    """Check all a sweep needs before anything is scored or written: the seed range, every point's guidance against
+    the model, the reference (opened) and the Inception weights (both hashed once, here), and what ``out`` holds."""
+    check_repeats(base.seed, repeats)
+    prepared = prepare(ckpt, base, options.device or "cpu")
+    default_interval = tuple(prepared.settings.guidance.interval)  # the checkpoint's, when no --interval is given
+    resolved = [dataclasses.replace(p, interval=p.interval or default_interval) for p in points]
+    guided = [_guided(prepared, p) for p in resolved]  # every point checked before the first is scored
+    side = prepared.model.config.input_size * VAE_DOWNSAMPLE
+    evaluator = evaluator_identity(ref, inception_weights, options, side)
+    check_reference(evaluator["reference"])  # opens as the evaluator will: a bad file fails before any sampling
+    unique: dict[str, tuple] = {}
+    for point, settings in zip(resolved, guided):
+        identity = _plain({"sampling": sampling_identity(settings), "evaluator": evaluator, "n": base.n,
+                           "repeats": repeats})
+        unique.setdefault(identity_key(identity), (point, settings, identity))  # --interval given twice: once
+    kept_points, kept_guided, identities = (list(column) for column in zip(*unique.values()))
+    shared = shared_identity(identities[0])
+    check_directory(Path(out), shared, overwrite or new_set)
+    return Plan(Path(out), prepared, kept_points, kept_guided, identities, shared, ref, inception_weights, options,
+                repeats, overwrite)
+
+
+def _guided(prepared: Prepared, point: Point) -> Prepared:
+    """``prepared`` with the point's guidance, checked against the model (no guidance without labels)."""
+    guidance = dataclasses.replace(prepared.settings.guidance, scale=point.cfg, cls_scale=point.cls_cfg,
+                                   interval=point.interval)
+    settings = dataclasses.replace(prepared.settings, guidance=guidance)
+    check_settings(settings, prepared.model.config.num_classes)
+    return dataclasses.replace(prepared, settings=settings,
+                               attrs={**prepared.attrs, "settings": json.dumps(settings.describe())})
+
+
+class _Damaged(ValueError):
+    """A sweep file that cannot be what it should be; the message says why (the caller names the file)."""
+
+
+_JSON_TYPES = {list: "a JSON list", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "a JSON boolean", type(None): "JSON null"}
+
+
+def _read_object(path: Path) -> dict:
+    """A JSON object written by a sweep, read defensively (size, encoding, syntax, type); _Damaged otherwise."""
+    if not path.is_file():
+        raise _Damaged("not a file")
+    size = path.stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise _Damaged(f"{size:,} bytes, more than any sweep record ({MAX_RECORD_BYTES:,})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _Damaged(f"unreadable ({type(exc).__name__})") from None
+    if not text.strip():
+        raise _Damaged("empty")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _Damaged("not JSON") from None
+    if not isinstance(data, dict):
+        raise _Damaged(f"{_JSON_TYPES.get(type(data), 'JSON')}, not an object")
+    return data
+
+
+def check_directory(out: Path, identity: dict, replace: bool = False) -> None:
+    """SweepError unless ``out`` holds no sweep or one with the same shared identity; ``replace`` (--new-set,
+    --overwrite): a new set is wanted. Only reads: see ``take_directory``."""
     path = out / MANIFEST
-    if path.exists() and not overwrite:
-        stored = json.loads(path.read_text())
-        changed = sorted(k for k in manifest if stored.get(k) != manifest[k])
-        if changed:
-            raise SweepError(f"{out}: holds a sweep with other {', '.join(changed)}; use another --out or --overwrite")
+    if replace or not (path.exists() or path.is_symlink()):
         return
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for old in (out / POINTS).glob("*.json") if overwrite else ():
-            old.unlink()
-        atomic_write_text(path, json.dumps(manifest, indent=2))
+    try:
+        stored = _read_object(path).get("identity")
+    except _Damaged as exc:
+        raise SweepError(f"{path}: not a sweep manifest ({exc}); --new-set replaces it and keeps the points, "
+                         "--overwrite discards them") from None
+    if not isinstance(stored, dict):
+        raise SweepError(f"{path}: records no sweep identity (an older reglue's sweep); --new-set starts a new set "
+                         "beside its points, --overwrite discards them")
+    if differences(stored, identity):
+        raise SweepError(f"{out}: holds a sweep with other settings: {describe_differences(stored, identity)}; run "
+                         "with the same settings to resume, --new-set to start a new set beside its points, or "
+                         "--overwrite to discard them")
 
 
-def run_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, inception_weights, options: EvalOptions,
-              repeats: int = 1, dist=None, overwrite: bool = False, on_point=None) -> list[dict]:
-    """Score every point not yet in ``out/points``; returns one row per point (in ``points`` order)."""
+def take_directory(out: Path, identity: dict, overwrite: bool) -> None:
+    """Make ``out`` the sweep of ``identity``: with ``overwrite`` its points discarded, the manifest (re)written."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in (out / POINTS).glob("*.json") if overwrite else ():
+        old.unlink()
+    text = json.dumps({"identity": identity, "identity_key": identity_key(identity)}, indent=2)
+    path = out / MANIFEST
+    if not (path.is_file() and path.read_bytes() == text.encode()):
+        atomic_write_text(path, text)
+
+
+def _stored(path: Path, identity: dict, log: Callable[[str], None] | None) -> dict | None:
+    """The result stored for a point, or None (missing; damaged or of another identity: said, then rescored)."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        result = _read_object(path)
+        stored = result.get("identity")
+        if not isinstance(stored, dict) or differences(stored, identity):
+            raise _Damaged("computed with other settings")
+        _metrics(result)
+        return result
+    except _Damaged as exc:
+        if log is not None:
+            log(f"{path}: {exc}; scoring the point again")
+        return None
+
+
+def _check_inputs_unchanged(result: dict, plan: Plan) -> None:
+    """SweepError when the reference or the Inception weights changed on disk since the sweep hashed them."""
+    for key, what in (("reference_sha256", "the reference"), ("inception_weights_sha256", "the Inception weights")):
+        if key in result and result[key] != plan.identity["evaluator"][key]:
+            raise SweepError(f"{what} changed on disk while the sweep ran ({plan.identity['evaluator'][key][:12]} -> "
+                             f"{str(result[key])[:12]}); nothing of this point was kept: run the sweep again")
+
+
+def run_plan(plan: Plan, dist=None, on_point=None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Score every point of ``plan`` without a stored result of its identity; one row per point (rank 0).
+
+    ``out`` is changed (manifest, --overwrite's discards) only when the first point is ready to be written, or
+    when every point was already there."""
     from reglue.distributed import DistInfo, all_sum
 
     dist = dist or DistInfo()
-    out = Path(out)
-    check_directory(out, _manifest(ckpt, base, ref, repeats, options), overwrite, dist.is_main)
-    prepared = prepare(ckpt, base, options.device or "cpu")
-    vae = load_vae(prepared.vae_id)[0].to(options.device or "cpu")
-    default_interval = tuple(prepared.settings.guidance.interval)  # the checkpoint's, when no --interval is given
-    rows = []
-    for point in (dataclasses.replace(p, interval=p.interval or default_interval) for p in points):
-        path = out / POINTS / f"{point.key}.json"
-        if not all_sum([float(path.exists() and dist.is_main)])[0]:  # rank 0 decides for all
-            result = _score_point(prepared, point, ref, inception_weights, options, repeats, vae)
+    device = plan.options.device or "cpu"
+    vae, taken, rows = None, False, []
+    for index, (point, guided) in enumerate(zip(plan.points, plan.guided)):
+        path, identity = plan.path(index), plan.identities[index]
+        result = _stored(path, identity, log) if dist.is_main and not plan.overwrite else None
+        if not all_sum([float(result is not None)])[0]:  # rank 0 decides for all
+            if vae is None:
+                vae = load_vae(plan.prepared.vae_id)[0].to(device)
+            result = score_repeats(guided, plan.ref, plan.inception_weights, plan.options, plan.repeats, vae)
             if dist.is_main:
+                _check_inputs_unchanged(result, plan)
+                result = {**result, "identity": identity, "identity_key": identity_key(identity)}
+                if not taken:
+                    take_directory(plan.out, plan.identity, plan.overwrite)
+                    taken = True
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(result, indent=2))
-            if on_point is not None and dist.is_main:
-                on_point(point, result)
+                if on_point is not None:
+                    on_point(point, result)
         if dist.is_main:
-            rows.append(row_of(point, json.loads(path.read_text())))
+            rows.append(row_of(point, result))
+    if dist.is_main and not taken:
+        take_directory(plan.out, plan.identity, plan.overwrite)
     return rows
 
 
-def _score_point(prepared, point: Point, ref, inception_weights, options, repeats: int, vae) -> dict:
-    guidance = dataclasses.replace(prepared.settings.guidance, scale=point.cfg, cls_scale=point.cls_cfg,
-                                   interval=point.interval)
-    guided = dataclasses.replace(prepared, settings=dataclasses.replace(prepared.settings, guidance=guidance))
-    return score_repeats(guided, ref, inception_weights, options, repeats, vae)
+def run_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, inception_weights, options: EvalOptions,
+              repeats: int = 1, dist=None, overwrite: bool = False, on_point=None, new_set: bool = False,
+              log: Callable[[str], None] | None = None) -> list[dict]:
+    """``plan_sweep`` then ``run_plan``: every point of ``points`` scored or reused; one row per point."""
+    plan = plan_sweep(ckpt, base, points, out, ref, inception_weights, options, repeats, overwrite, new_set)
+    return run_plan(plan, dist, on_point, log)
+
+
+def _metrics(result: dict) -> dict:
+    """A result's metrics (the mean and std over repeats when it has repeats); _Damaged when one is no number."""
+    spread = result.get("spread")
+    out = {}
+    for key in METRICS:
+        entry = spread.get(key) if isinstance(spread, dict) else None
+        if spread is None:
+            values = {key: result.get(key)}
+        elif isinstance(entry, dict):
+            values = {key: entry.get("mean"), f"{key}_std": entry.get("std")}
+        else:
+            values = {key: entry}
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _Damaged(f"{name} is {repr(value)[:24]}, not a number")
+            out[name] = float(value)
+    return out
 
 
 def row_of(point: Point, result: dict) -> dict:
     """A table row: the point and its metrics (the mean over repeats, with the std, when there were repeats)."""
-    row = {"interval": f"{point.interval[0]:g},{point.interval[1]:g}", "cfg": point.cfg,
-           "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg}
-    for key in METRICS:
-        if "spread" in result:
-            row[key], row[f"{key}_std"] = result["spread"][key]["mean"], result["spread"][key]["std"]
-        else:
-            row[key] = result[key]
-    return row
+    return {"interval": f"{exact(point.interval[0])},{exact(point.interval[1])}", "cfg": point.cfg,
+            "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg, **_metrics(result)}
 
 
 def best(rows: list[dict]) -> dict:
@@ -161,7 +387,7 @@ def format_table(rows: list[dict], fmt: str = "table") -> str:
 
 def _cell(column: str, value) -> str:
     if column in ("cfg", "cls_cfg"):
-        return f"{value:g}"
+        return exact(value)
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -175,7 +401,7 @@ def plot(rows: list[dict], path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     series: dict[str, list[dict]] = {}
     for r in rows:
-        label = f"interval {r['interval']}" + ("" if r["cls_cfg"] == r["cfg"] else f", [CLS] {r['cls_cfg']:g}")
+        label = f"interval {r['interval']}" + ("" if r["cls_cfg"] == r["cfg"] else f", [CLS] {exact(r['cls_cfg'])}")
         series.setdefault(label, []).append(r)
     for ax, key, name in ((axes[0], "fid", "FID"), (axes[1], "inception_score", "Inception Score")):
         for label, points in series.items():
@@ -188,7 +414,7 @@ def plot(rows: list[dict], path) -> Path:
         ax.grid(alpha=0.3)
     top = best(rows)
     axes[0].scatter([top["cfg"]], [top["fid"]], s=160, facecolors="none", edgecolors="crimson", linewidths=2,
-                    label=f"best: cfg {top['cfg']:g}, {top['interval']}", zorder=5)
+                    label=f"best: cfg {exact(top['cfg'])}, {top['interval']}", zorder=5)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     from reglue.fileio import atomic_path

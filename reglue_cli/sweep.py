@@ -11,6 +11,7 @@ from evaluation.extract import FEATURE_CHUNK
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
+from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
 from reglue_cli.errors import check_device, fail
 from reglue_cli.sampling_options import SAMPLER_OPTIONS, make_request, parse_interval, with_options
 
@@ -44,37 +45,51 @@ FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
               help="Images per Inception call (zero-padded), as `reglue eval`.")
 @click.option("--wandb", "wandb_project", metavar="PROJECT",
               help="Also log every point to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured).")
-@click.option("--overwrite", is_flag=True, help="Discard the points of another sweep in --out.")
+@click.option("--new-set", is_flag=True,
+              help="--out holds a sweep with other settings: start a new set beside its points (kept, never mixed in).")
+@click.option("--overwrite", is_flag=True, help="Discard every point in --out and start afresh.")
+@click.option("--many-points", is_flag=True,
+              help=f"Allow more than {MAX_POINTS} points (--cfg x --cls-cfg x --interval; never more than "
+                   f"{HARD_MAX_POINTS:,}).")
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, inception_weights, batch_size, feature_chunk,
-          wandb_project, overwrite, device, quiet, **sampling) -> None:
+          wandb_project, new_set, overwrite, many_points, device, quiet, **sampling) -> None:
     """Generate and score CKPT at every combination of --cfg, --cls-cfg and --interval, all with the same seeds
     (common random numbers: the differences between points are not seed noise).
 
     \b
     Prints the table with the best FID marked, writes it to OUT/sweep.<format> and plots FID and IS against the
-    scale per interval to OUT/sweep.png. Interrupted sweeps resume point by point (run the same command again).
+    scale per interval to OUT/sweep.png. Interrupted sweeps resume point by point (run the same command again);
+    other settings into the same OUT are refused, naming them, unless --new-set (docs/scoring.md).
       reglue sweep --ckpt runs/b2/checkpoints/0400000.pt --cfg 1.5:3.0:0.25 --interval 0,0.7 --interval 0,0.9 \\
           --n 10000 --ref imagenet256 --out sweeps/b2
     Under torchrun every point is generated on all GPUs.
     """
-    from reglue.sweep import SweepError, best, format_table, grid, parse_values, plot, run_sweep
+    from reglue.sweep import (SweepError, best, check_repeats, exact, format_table, grid, parse_values, plan_sweep,
+                              plot, run_plan)
 
-    try:
+    try:  # the grammar, the grid's size and the seed range: before anything is loaded
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
-                      [parse_interval(i) for i in intervals] or [None])
+                      [parse_interval(i) for i in intervals] or [None], many_points)
+        check_repeats(sampling["seed"], repeats)
     except SweepError as exc:
         fail(str(exc))
+    if wandb_project:
+        from reglue.tracking import check_wandb
+
+        check_wandb(wandb_project, Path(out))  # the package, the project name, a stored run id: nothing opened
     base = make_request(n, **sampling)
     dist = init_distributed(device)
-    tracker = _tracker(wandb_project, out, base) if wandb_project and dist.is_main else None
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), progress=not quiet,
                           feature_chunk=feature_chunk)
     lock = directory_lock(Path(out)).acquire() if dist.is_main else None
+    tracker = None
     try:
-        rows = run_sweep(ckpt, base, points, out, ref, inception_weights, options, repeats, dist, overwrite,
-                         on_point=lambda p, r: _progress(p, r, tracker, quiet))
+        plan = plan_sweep(ckpt, base, points, out, ref, inception_weights, options, repeats, overwrite, new_set)
+        tracker = _tracker(wandb_project, out, base) if wandb_project and dist.is_main else None  # checks passed
+        rows = run_plan(plan, dist, on_point=lambda p, r: _progress(p, r, tracker, quiet),
+                        log=lambda line: click.echo(line, err=True))
         if tracker is not None:
             tracker.log_table(rows, best(rows))
     finally:
@@ -89,7 +104,8 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
     atomic_write_text(Path(out) / f"sweep.{FORMATS[fmt]}", text + "\n")
     click.echo(text)
     top = best(rows)
-    click.echo(f"best: FID {top['fid']:.4f} at cfg {top['cfg']:g}, [CLS] {top['cls_cfg']:g}, interval {top['interval']}")
+    click.echo(f"best: FID {top['fid']:.4f} at cfg {exact(top['cfg'])}, [CLS] {exact(top['cls_cfg'])}, "
+               f"interval {top['interval']}")
     try:
         click.echo(f"plot: {plot(rows, Path(out) / 'sweep.png')}")
     except ImportError:
@@ -98,7 +114,7 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
 
 def _progress(point, result, tracker, quiet) -> None:
     if not quiet:
-        click.echo(f"{point.key}: FID {result['fid']:.4f}  IS {result['inception_score']:.2f}", err=True)
+        click.echo(f"{point.label}: FID {result['fid']:.4f}  IS {result['inception_score']:.2f}", err=True)
     if tracker is not None:
         tracker.log_point(point, result)
 

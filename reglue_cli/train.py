@@ -18,6 +18,7 @@ from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffu
 from reglue_cli.errors import check_device, fail
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+EVAL_FAILURE = ("continue", "stop")  # --eval-failure: train on after a failed evaluation, or checkpoint and stop
 
 # Command-line options that are shortcuts for preset keys: option name -> key path.
 OPTION_KEYS = {
@@ -34,8 +35,12 @@ OPTION_KEYS = {
 
 def resolve_config(preset: str, assignments: tuple[str, ...], options: dict) -> run_config.RunConfig:
     """The typed preset with ``--set KEY=VALUE`` assignments, then the shortcut options, applied and checked."""
-    overrides = dict(presets.parse_assignment(a) for a in assignments)
-    overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None and k != "vfm"})
+    overrides = presets.parse_assignments(assignments)  # a key given twice: one line
+    shortcuts = {OPTION_KEYS.get(k, "vfm.name"): (k, v) for k, v in options.items() if v is not None}
+    for key, (option, value) in shortcuts.items():
+        if key in overrides:  # --max-steps 3 with --set train.max_steps=5: which one did the user mean?
+            fail(f"--{option.replace('_', '-')} and --set {key} both given; give one of them")
+    overrides.update({key: value for key, (option, value) in shortcuts.items() if option != "vfm"})
     if options.get("vfm") is not None:  # last: the swap reads the final data.resolution
         overrides["vfm.name"] = options["vfm"]
     return run_config.from_dict(presets.apply_overrides(presets.resolve(preset), overrides))
@@ -66,13 +71,26 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
                    f"{' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
 
 
-def _evaluator(every: int, n: int, ref: str | None, inception_weights: str | None, feature_chunk: int):
-    """The in-process evaluation callback of --eval-every (reglue.scoring imports the evaluation suite)."""
+def _evaluator(config, every: int, n: int, ref: str | None, inception_weights: str | None, feature_chunk: int,
+               failure: str):
+    """The in-process evaluation callback of --eval-every, every setting checked against ``config`` now (before
+    anything is written; reglue.scoring imports the evaluation suite)."""
     from evaluation.evaluate import EvalOptions
     from reglue.scoring import TrainingEvaluator
 
-    return TrainingEvaluator(every=every, n=n, ref=ref, inception_weights=inception_weights,
-                             options=EvalOptions(feature_chunk=feature_chunk))
+    evaluator = TrainingEvaluator(every=every, n=n, ref=ref, inception_weights=inception_weights,
+                                  options=EvalOptions(feature_chunk=feature_chunk), failure=failure)
+    evaluator.launch_identity(config)
+    return evaluator
+
+
+def _check_wandb(project: str, outdir: str) -> None:
+    """The package, the project name and the stored run id of --wandb, before anything is built or written."""
+    from pathlib import Path
+
+    from reglue.tracking import check_wandb
+
+    check_wandb(project, Path(outdir))
 
 
 @click.command(short_help="Train a diffusion model or the semantic compressor from a preset.")
@@ -113,6 +131,9 @@ def _evaluator(every: int, n: int, ref: str | None, inception_weights: str | Non
               help="Samples per evaluation during training.")
 @click.option("--eval-ref", metavar="NAME|PATH",
               help="Reference batch for --eval-every [default: the ImageNet batch at the run's resolution].")
+@click.option("--eval-failure", type=click.Choice(EVAL_FAILURE), default="continue", show_default=True,
+              help="An evaluation that fails during training (reference gone, full disk ...): report it (log.txt, "
+                   "metrics.jsonl 'eval_error') and train on, or save a checkpoint and stop (exit 2).")
 @click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
               help="For --eval-every: images per Inception call (zero-padded), as `reglue eval --feature-chunk`.")
 @click.option("--wandb", "wandb_project", metavar="PROJECT",
@@ -125,8 +146,8 @@ def _evaluator(every: int, n: int, ref: str | None, inception_weights: str | Non
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
 def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
-          allow_other_data, use_compile, tensorboard, eval_every, eval_n, eval_ref, feature_chunk, wandb_project, inception_weights,
-          device, quiet, **options) -> None:
+          allow_other_data, use_compile, tensorboard, eval_every, eval_n, eval_ref, eval_failure, feature_chunk,
+          wandb_project, inception_weights, device, quiet, **options) -> None:
     """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
 
     \b
@@ -151,7 +172,11 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
         fail("--data and --outdir are required to train (or pass --dry-run)")
     if (eval_every or wandb_project) and config.kind != "diffusion":
         fail("--eval-every and --wandb are for diffusion runs; a compressor run has no samples to score")
-    callbacks = (_evaluator(eval_every, eval_n, eval_ref, inception_weights, feature_chunk),) if eval_every else ()
+    # every evaluation and W&B setting is checked before the run directory is touched (one line, exit 2)
+    callbacks = ((_evaluator(config, eval_every, eval_n, eval_ref, inception_weights, feature_chunk, eval_failure),)
+                 if eval_every else ())
+    if wandb_project:
+        _check_wandb(wandb_project, outdir)
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
                                keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights, tensorboard=tensorboard,
                                progress=not quiet, device=device, allow_other_data=allow_other_data,

@@ -199,8 +199,10 @@ def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ck
     assert [line.split()[1] for line in table.splitlines()[1:]] == ["1", "1.5", "2"]
     assert (out / "sweep.png").stat().st_size > 1000
 
-    rows = json.loads(Path(out / "points" / "cfg1.5_clssame_t0-0.9.json").read_text())
+    [point] = (out / "points").glob("cfg1.5_clssame_t0-0.9_*.json")  # a readable prefix, then the identity key
+    rows = json.loads(point.read_text())
     assert rows["sampling"]["guidance"]["scale"] == 1.5 and rows["sampling"]["seed"] == 0  # common random numbers
+    assert point.stem.endswith(rows["identity_key"]) and rows["identity"]["sampling"]["settings"]["seed"] == 0
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert main(_sweep_argv(ckpt, ref, out, "--format", "csv", "--wandb", "reglue-test")) == 0
@@ -209,4 +211,4 @@ def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ck
     if importlib.util.find_spec("wandb"):
         assert len(list((out / "wandb").glob("offline-run-*/*.wandb"))) == 1
     assert main(_sweep_argv(ckpt, ref, out, "--seed", "1")) == 2  # another sweep's points: refused
-    assert "other seed" in capsys.readouterr().err
+    assert "sampling.settings.seed (0 -> 1)" in capsys.readouterr().err

@@ -51,7 +51,9 @@ class TrainOptions:
     progress: bool = True
     device: str | None = None
     echo: Callable[[str], None] = field(default=tqdm.write)
-    # called on every rank after each step and once before the first (the CLI wires evaluation in this way)
+    # called on every rank after each step and once before the first (the CLI wires evaluation in this way); a
+    # callback with a ``launch(config, run)`` method is first asked, once the run directory is locked and before
+    # anything is built or written, whether the run may start (it raises a UserError when not)
     callbacks: tuple[Callable[["Trainer"], None], ...] = ()
 
 
@@ -114,8 +116,12 @@ def build_trainer(config: DiffusionRun, options: TrainOptions) -> Trainer:
 
 
 def _build(config: DiffusionRun, options: TrainOptions, dist, run, dataset) -> Trainer:
-    """The Trainer of a checked run directory and dataset, resumed; then the run directory is written."""
+    """The Trainer of a checked run directory and dataset, resumed, its loggers open; then the run directory is
+    written (a launch that fails before leaves nothing that blocks the corrected command)."""
     dataset.check_for(config.data, config.model.num_classes)
+    for callback in options.callbacks:
+        if hasattr(callback, "launch"):
+            callback.launch(config, run)
     torch.manual_seed(config.train.seed)
     model = build(config).to(dist.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -126,7 +132,12 @@ def _build(config: DiffusionRun, options: TrainOptions, dist, run, dataset) -> T
         guard=NonFiniteGuard(options.max_nonfinite),
     )
     trainer.resume()
-    run.begin(config, dataset.identity(), trainer.step, dist.is_main)
+    _open_loggers(trainer)
+    try:
+        run.begin(config, dataset.identity(), trainer.step, dist.is_main)
+    except BaseException:
+        _close_loggers(trainer)
+        raise
     barrier()
     if config.train.tf32 and dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -231,6 +242,22 @@ def _open_wandb(trainer: Trainer):
                         trainer.run.root)
 
 
+def _open_loggers(trainer: Trainer) -> None:
+    """Rank 0: TensorBoard and W&B as asked for, before the run directory is written (their failures leave it as
+    it was)."""
+    options, main = trainer.options, trainer.dist.is_main
+    trainer.board = open_tensorboard(trainer.run) if options.tensorboard and main else None
+    trainer.tracker = _open_wandb(trainer) if options.wandb_project and main else None
+
+
+def _close_loggers(trainer: Trainer) -> None:
+    """Close TensorBoard and finish the W&B run, if open."""
+    if trainer.board is not None:
+        trainer.board.close()
+    if trainer.tracker is not None:
+        trainer.tracker.finish()
+
+
 def _sample_grid(trainer: Trainer, vae) -> None:
     from reglue.training.grid import save_sample_grid
 
@@ -246,8 +273,7 @@ def train_diffusion(config: DiffusionRun, options: TrainOptions) -> Trainer:
     try:
         return _train(trainer, config, options)
     finally:
-        if trainer.tracker is not None:
-            trainer.tracker.finish()
+        _close_loggers(trainer)
         trainer.run.release()
 
 
@@ -260,8 +286,6 @@ def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Tra
                         if model_cfg.projector else (True, True))
     net, main = _make_net(trainer), trainer.dist.is_main
     vae = load_vae(config.data.vae_decoder)[0].to(trainer.dist.device) if main and tc.sample_every else None
-    trainer.board = open_tensorboard(trainer.run) if options.tensorboard and main else None
-    trainer.tracker = _open_wandb(trainer) if options.wandb_project and main else None
     bar = tqdm(total=tc.max_steps, initial=trainer.step, disable=not (options.progress and main), unit="step",
                dynamic_ncols=True, desc="train")
     batches = iter(_loader(trainer, split))

@@ -88,10 +88,19 @@ class RunDir:
         return resuming
 
     def _read_yaml(self, path: Path) -> dict:
+        """The mapping a run file holds; RunError (one line naming the file) when it is unreadable or not a mapping."""
         try:
-            return yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise RunError(f"{path}: unreadable ({exc.problem})") from None
+            raise RunError(f"{path}: unreadable ({getattr(exc, 'problem', None) or exc})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RunError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise RunError(f"{path}: holds a YAML {type(data).__name__}, not the mapping reglue writes; restore it, or "
+                           "use a new --outdir")
+        return data
 
     def begin(self, config, data: dict, step: int, is_main: bool) -> None:
         """Once every input has been checked and the state resumed: write config.yaml and data.yaml, and cut
