@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.environment import environment
 from evaluation.fid import frechet_distance
 from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world, side_by_side
 from evaluation.fileio import abandon_h5, write_error
@@ -154,6 +155,7 @@ def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha
         "fid_backend": options.fid_backend, "pr_precision": options.pr_precision, "feature_chunk": options.feature_chunk,
         "resize": "TF1 bilinear to 299 (torch-fidelity inception-v3-compat)",
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
+        "environment": environment(device),  # the features: strict fp32 (no_tf32), one thread per call on a CPU
         "sample_info": sample_provenance(samples) if on_disk else images.provenance(),
     }
     if set(options.families) & {"clean_fid", "kid"}:
@@ -249,8 +251,9 @@ def sample_provenance(path) -> dict:
         return {}
     keys = ("preset", "step", "decoder", "quantisation", "checkpoint", "num_classes")
     info = {k: attrs[k] for k in keys if k in attrs}
-    if "settings" in attrs:
-        info["settings"] = json.loads(attrs["settings"])
+    for key in ("settings", "environment"):  # samples written before the environment was recorded lack it
+        if key in attrs:
+            info[key] = json.loads(attrs[key])
     return info
 
 

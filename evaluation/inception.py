@@ -10,7 +10,6 @@ torch-fidelity's release URL (cached by torch.hub); offline without a file, it f
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from evaluation.environment import float32_matmuls
 from evaluation.errors import InputError
 from evaluation.images import file_sha256
 
@@ -105,15 +105,9 @@ def resolve_weights(path: str | None) -> str:
             f"and pass --inception-weights FILE or set {WEIGHTS_ENV}=FILE (or place it at {cached})") from None
 
 
-@contextlib.contextmanager
 def no_tf32():
-    """TF32 off for matmuls and convolutions inside, restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """Strict fp32 matmuls and convolutions inside (ADM's features are float32), restored afterwards."""
+    return float32_matmuls(False)
 
 
 class InceptionFeatures(torch.nn.Module):

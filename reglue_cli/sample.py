@@ -28,7 +28,7 @@ from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, chunk,
-           batch_size, balanced, classes, weights, vae, grid, overwrite, device, quiet) -> None:
+           batch_size, balanced, classes, weights, tf32, vae, grid, overwrite, device, quiet) -> None:
     """Sample N images from CKPT into OUT/samples.h5 and OUT/samples.npz (arr_0: uint8 N x H x W x 3).
 
     \b
@@ -44,7 +44,7 @@ def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, r
           --out samples/b2 --num-samples 50000
     """
     request = make_request(n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, chunk,
-                           balanced, classes, weights, vae)
+                           balanced, classes, weights, vae, tf32)
     dist = init_distributed(device)
     try:
         summary = sample_to_dir(ckpt, out, request, batch_size, dist, overwrite, progress=not quiet)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from evaluation.environment import environment, float32_matmuls
 from evaluation.extract import chunk_ranges, deterministic_kernels
 from reglue.checkpoints import load_model
 from reglue.config.sections import SamplingConfig
@@ -50,6 +51,7 @@ class SampleSettings:
     weights: str = "ema"
     vae: str | None = None  # default: the config's data.vae_decoder (sd-vae-ft-ema)
     chunk: int = DEFAULT_CHUNK  # samples per model/decoder call: part of what decides the pixels (see above)
+    tf32: bool = False  # TF32 matmuls on a GPU: faster, other last bits than the strict fp32 default
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -66,6 +68,8 @@ class SampleSettings:
         """Plain-data form for attributes and the run id."""
         data = asdict(self)
         data["guidance"] = {**asdict(self.guidance), "cls_scale": self.guidance.effective_cls_scale}
+        if not self.tf32:  # strict fp32, the default: recorded by its absence, so runs made before keep their ids
+            del data["tf32"]
         return data
 
 
@@ -88,6 +92,7 @@ class SampleRequest:
     weights: str = "ema"
     vae: str | None = None
     chunk: int = DEFAULT_CHUNK
+    tf32: bool = False
 
     def resolve(self, sampling: SamplingConfig) -> tuple[SampleSettings, list[str]]:
         """(settings, names of the settings taken from ``sampling``)."""
@@ -105,7 +110,7 @@ class SampleRequest:
         settings = SampleSettings(n=self.n, sampler=pick(self.sampler, sampling.sampler),
                                   steps=pick(self.steps, sampling.steps), guidance=guidance, seed=self.seed,
                                   balanced=self.balanced, classes=self.classes, weights=self.weights, vae=self.vae,
-                                  chunk=self.chunk)
+                                  chunk=self.chunk, tf32=self.tf32)
         return settings, taken
 
 
@@ -151,11 +156,13 @@ def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.T
 
 def sample_chunk(model, vae, settings: SampleSettings, indices: range, labels: torch.Tensor, device,
                  path: InterpolantPath, latent_scale: float) -> dict:
-    """One chunk, integrated and decoded in single calls: the rows a part file receives."""
+    """One chunk, integrated and decoded in single calls, in the float32 precision its settings name (strict fp32
+    unless ``tf32``, whatever the process set): the rows a part file receives."""
     batch = list(indices)
     seeds = [sample_seed(settings.seed, i) for i in batch]
-    x, _ = integrate(model, settings, seeds, labels[batch], device, path)
-    images = decode_latents(vae, x[:, : model.config.latent_channels].float(), latent_scale).numpy()
+    with float32_matmuls(settings.tf32):
+        x, _ = integrate(model, settings, seeds, labels[batch], device, path)
+        images = decode_latents(vae, x[:, : model.config.latent_channels].float(), latent_scale).numpy()
     return {"index": np.array(batch), "images": images, "labels": labels[batch].numpy(), "seeds": np.array(seeds)}
 
 
@@ -227,12 +234,14 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
     path = get_path(config.transport.path)
     vae_id = settings.vae or config.data.vae_decoder
     sha = file_sha256(ckpt) if ckpt is not None and Path(ckpt).is_file() else ""  # "": an in-memory model
+    with float32_matmuls(settings.tf32):  # the switches in force while these samples are made
+        env = environment(device)
     attrs = {"checkpoint": str(ckpt), "checkpoint_sha256": sha, "preset": config.preset,
              "step": int((config.origin or {}).get("step", 0)), "decoder": vae_id, "path": path.name,
              "num_classes": cfg.num_classes, "null_class": -1 if model.null_class is None else model.null_class,
              "quantisation": SAMPLE_QUANTISATION,
              "latent_scale": config.data.latent_scale, "settings": json.dumps(settings.describe()),
-             "settings_from_checkpoint": json.dumps(taken)}
+             "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env)}
     return Prepared(model, config, settings, taken, path, vae_id, attrs)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evaluation.environment import float32_matmuls
 from reglue.config.sections import SamplingConfig
 from reglue.encoders.vae import decode_latents
 from reglue.fileio import atomic_path
@@ -42,11 +43,12 @@ def save_sample_grid(model, vae, path: Path, sampling: SamplingConfig, latent_sc
     was_training = model.training
     model.eval()
     try:
-        x, _ = integrate(model, settings, [sample_seed(GRID_SEED, i) for i in range(count)], labels, device,
-                         get_path(interpolant))
+        with float32_matmuls(settings.tf32):  # as `reglue sample`, not the training step's TF32
+            x, _ = integrate(model, settings, [sample_seed(GRID_SEED, i) for i in range(count)], labels, device,
+                             get_path(interpolant))
+            images = decode_latents(vae, x[:, : cfg.latent_channels].float(), latent_scale).numpy()
     finally:
         model.train(was_training)
-    images = decode_latents(vae, x[:, : cfg.latent_channels].float(), latent_scale).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(tile(images, columns)).save(tmp, format="PNG")
     return path
