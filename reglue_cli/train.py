@@ -13,6 +13,7 @@ from reglue import config as run_config
 from reglue import presets
 from reglue.distributed import shutdown
 from reglue.models import count_compressor_parameters, count_parameters
+from reglue.models.flops import forward_gflops
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
 from reglue_cli.errors import check_device, fail
@@ -56,8 +57,10 @@ def parameter_counts(config: run_config.RunConfig) -> dict[str, int]:
 def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json: bool) -> None:
     """The resolved config and parameter counts, as YAML-like text or as JSON."""
     data = {k: v for k, v in run_config.to_dict(config).items() if k != "origin"}
+    gflops = forward_gflops(config) if config.kind == "diffusion" else None
     if as_json:
-        click.echo(json.dumps({"preset": config.preset, "config": data, "parameters": counts}, indent=2))
+        click.echo(json.dumps({"preset": config.preset, "config": data, "parameters": counts,
+                               "gflops_forward": gflops}, indent=2))
         return
     click.echo(f"# preset {config.preset}: {config.description}")
     click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=None).rstrip())
@@ -69,6 +72,8 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
         grid = m.input_size // m.patch_size
         click.echo(f"# tokens: {grid * grid} latent ({grid}x{grid} patches of the {m.input_size}x{m.input_size} latents)"
                    f"{' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
+        click.echo(f"# forward: {gflops:.2f} GFLOPs per image (a multiply-add counted once, as the DiT paper; "
+                   "the frozen VAE and VFM not included)")
 
 
 def _evaluator(config, every: int, n: int, ref: str | None, inception_weights: str | None, feature_chunk: int,

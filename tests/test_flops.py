@@ -34,3 +34,26 @@ def test_reglue_counts_its_cls_token_and_semantic_channels():
     counted = forward_gflops(config)
     assert counted == pytest.approx(expected, rel=0.005)  # the [CLS] embedder/head are a few MFLOPs
     assert counted > forward_gflops(presets.load("sit-b2"))
+
+
+@pytest.mark.parametrize("preset, published", [("sit-b2", 23.0), ("sit-xl2", 118.6)])
+def test_train_dry_run_json_shows_the_forward_gflops(preset, published, capsys):
+    import json
+
+    from reglue_cli.main import main
+
+    assert main(["train", "--preset", preset, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gflops_forward"] == pytest.approx(published, rel=0.01)
+
+
+def test_mfu_uses_the_datasheet_peak_of_the_gpu_and_precision():
+    from reglue.training.throughput import peak_tflops, training_figures
+
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16", True) == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16", True) == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", True) == 156.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", False) is None  # strict fp32: no tensor-core peak listed
+    assert peak_tflops("Some Future GPU", "bf16", True) is None
+    figures = training_figures(1000.0, 23.0, 989.4)
+    assert figures["tflops_per_s"] == pytest.approx(1000 * 23.0 * 2 * 3 / 1e3)
+    assert figures["mfu"] == pytest.approx(figures["tflops_per_s"] / 989.4)

@@ -21,6 +21,7 @@ from reglue import checkpoints, presets
 from reglue.data.encode import EncodeOptions, encode_dataset
 from reglue.data.sources import open_source
 from reglue.encoders.vae import load_vae
+from reglue.models.flops import forward_gflops
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
 from reglue_cli.main import main
@@ -76,9 +77,15 @@ def _assert_bit_identical(a, b):
 def test_loss_decreases_over_50_steps(data, tmp_path):
     config = _config("tiny-sit", train__max_steps=50, train__global_batch=16, optim__lr=1e-3)
     train_diffusion(config, _options(data, tmp_path / "run"))
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
     assert len(losses) == 50
     assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    # throughput: the transformer's hardware FLOPs (2 per multiply-add, 3 forwards a step) at the logged rate
+    gflops = forward_gflops(config)
+    for r in records:
+        assert r["tflops_per_s"] == pytest.approx(r["images_per_s"] * gflops * 2 * 3 / 1e3, rel=1e-9)
+        assert "mfu" not in r and "max_mem_gib" not in r  # a CPU: no known peak, no CUDA memory
 
 
 def test_resume_is_bit_exact(data, compressor, tmp_path):

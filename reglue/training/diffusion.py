@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +21,7 @@ from reglue.training.order import StepSampler, flip_rows, make_split, step_noise
 from reglue.training.rundir import RunDir, RunError, open_run
 from reglue.training.semantics import build_semantic_encoder
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step, update_ema
+from reglue.training.throughput import speedometer
 from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.transport import JointLoss, sample_time
 
@@ -206,15 +206,23 @@ def _loader(trainer: Trainer, split) -> DataLoader:
                       persistent_workers=False)
 
 
-def _status(trainer: Trainer, logged: dict, rate: float) -> str:
+def _peak_memory(trainer: Trainer) -> dict:
+    """{"max_mem_gib": peak allocated GPU memory} on CUDA, {} elsewhere."""
+    if trainer.dist.device.type != "cuda":
+        return {}
+    return {"max_mem_gib": torch.cuda.max_memory_allocated(trainer.dist.device) / 2**30}
+
+
+def _status(trainer: Trainer, logged: dict, figures: dict) -> str:
     if logged["skipped"]:
         return (f"step {trainer.step}: non-finite loss or gradients, step skipped "
                 f"({trainer.guard.in_a_row} in a row, {trainer.guard.total} in total)")
-    mem = torch.cuda.max_memory_allocated() / 2**30 if trainer.dist.device.type == "cuda" else 0.0
     terms = " ".join(f"{k} {logged[k]:.4f}" for k in TERMS)
+    speed = f"{figures['images_per_s']:.1f} img/s {figures['tflops_per_s']:.2f} TFLOP/s" + (
+        f" MFU {figures['mfu']:.1%}" if "mfu" in figures else "")
+    memory = f" mem {figures['max_mem_gib']:.1f} GiB" if "max_mem_gib" in figures else ""
     return (f"step {trainer.step} (epoch {trainer.epoch:.2f}): {terms} "
-            f"grad_norm {logged.get('grad_norm', float('nan')):.3f} {rate:.1f} img/s mem {mem:.1f} GiB "
-            f"skipped {trainer.guard.total}")
+            f"grad_norm {logged.get('grad_norm', float('nan')):.3f} {speed}{memory} skipped {trainer.guard.total}")
 
 
 def _make_net(trainer: Trainer):
@@ -289,21 +297,22 @@ def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Tra
     bar = tqdm(total=tc.max_steps, initial=trainer.step, disable=not (options.progress and main), unit="step",
                dynamic_ncols=True, desc="train")
     batches = iter(_loader(trainer, split))
-    started, images_done = time.time(), 0
+    speed = speedometer(config, trainer.dist.device)
     for callback in options.callbacks:  # e.g. an evaluation of the resumed step that a kill interrupted
         callback(trainer)
     with bar:
         while trainer.step < tc.max_steps:
             logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split)
             trainer.step += 1
-            images_done += split.global_batch
+            figures = speed.add(split.global_batch)
             stop = trainer.guard.record(not logged["skipped"])
-            rate = images_done / max(time.time() - started, 1e-9)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)  # shown by update
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}",
+                            tflops=f"{figures['tflops_per_s']:.2f}", refresh=False)  # shown by update
             bar.update(1)
             if main and (trainer.step % tc.log_every == 0 or logged["skipped"]):
-                trainer.run.log(_status(trainer, logged, rate), options.echo)
-                trainer.report({**logged, "epoch": trainer.epoch, "images_per_s": rate,
+                figures.update(_peak_memory(trainer))
+                trainer.run.log(_status(trainer, logged, figures), options.echo)
+                trainer.report({**logged, "epoch": trainer.epoch, **figures,
                                 "lam": loss_fn.weights.semantic_at(trainer.step - 1)}, "train")
             if stop:
                 raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
