@@ -142,6 +142,13 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def all_sum_tensor(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of a small tensor over ranks, on its own device (no host synchronisation)."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
 def from_main(make: Callable[[], T], info: DistInfo) -> T:
     """``make()`` run on rank 0 only, its result sent to every rank; an exception there is raised on every rank."""
     if info.world == 1 or not dist.is_initialized():

@@ -261,3 +261,42 @@ def test_pca_basis_equals_a_float64_eigendecomposition_with_fixed_signs():
     top = top * np.sign(top[np.abs(top).argmax(axis=0), np.arange(5)])  # largest entry of each direction positive
     np.testing.assert_allclose(fit_pca(local.float(), 5).numpy(), top, atol=1e-4)
     assert torch.equal(fit_pca(local.float(), 5), fit_pca(-local.float(), 5))  # same directions, same signs
+
+
+def test_a_training_step_reads_the_host_once(data, tmp_path, monkeypatch):
+    """The step's own code (train_step, the update, the optimiser step, the EMA) reads device values once: the loss
+    terms, the non-finite flag and the gradient norm in one transfer (on a GPU, every other read would stall it)."""
+    import traceback
+
+    import reglue.training.diffusion as diffusion
+
+    ours = {"train_step", "_apply_update", "optimiser_step", "update_ema", "_joint_state"}
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            stack = traceback.extract_stack(limit=16)[:-1]
+            callers = {frame.name for frame in stack}
+            in_optimizer = any("torch/optim" in frame.filename for frame in stack)  # AdamW's step counters live on
+            if callers & ours and not in_optimizer:  # the host (no device read); on a GPU the fused kernel's don't
+                reads.append((name, sorted(callers & ours)))
+            return original(self, *args, **kwargs)
+        return read
+
+    step = diffusion.train_step
+    per_step = []
+
+    def counted_step(*args, **kwargs):
+        reads.clear()
+        result = step(*args, **kwargs)
+        per_step.append(list(reads))
+        return result
+
+    for name in ("tolist", "item", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(diffusion, "train_step", counted_step)
+    config = _config("tiny-sit", train__max_steps=2, train__global_batch=8, optim__grad_clip=1.0)
+    train_diffusion(config, _options(data, tmp_path / "run", batch_gpu=4))  # 2 micro-batches a step
+    assert per_step == [[("tolist", ["_apply_update", "train_step"])]] * 2

@@ -39,3 +39,17 @@ def test_a_checkpoint_records_the_environment_that_decided_its_bits(tmp_path):
     assert env["torch"] == str(torch.__version__) and env["device_type"] == "cpu"
     assert env["matmul_allow_tf32"] == torch.backends.cuda.matmul.allow_tf32
     assert env["cpu_threads"] == torch.get_num_threads()
+
+
+def test_noise_drawn_ahead_in_a_thread_is_the_noise_of_its_step():
+    from reglue.training.order import NoiseAhead, step_noise
+
+    draw = lambda step: step_noise(step, 3, 8, 6, 4, 4, 5, 0.1, lambda n, g: torch.rand(n, generator=g))  # noqa
+    ahead = NoiseAhead(draw)
+    try:
+        for step in (0, 1, 2, 7, 8):  # 7: a jump (a resume) is drawn on demand, then ahead again
+            got, expected = ahead(step), draw(step)
+            for name in ("t", "drop", "posterior", "noise", "cls_noise"):
+                assert torch.equal(getattr(got, name), getattr(expected, name)), (step, name)
+    finally:
+        ahead.close()

@@ -42,9 +42,10 @@ def check_ours(path, state) -> dict:
     return state
 
 
-def load_checkpoint(path) -> dict:
-    """Read one of our checkpoints (weights only); CheckpointError when missing, truncated or foreign."""
-    return check_ours(path, read(path))
+def load_checkpoint(path, mmap: bool = False) -> dict:
+    """Read one of our checkpoints (weights only); CheckpointError when missing, truncated or foreign. ``mmap``: the
+    tensors stay in the page cache, shared by the processes of a node, instead of a copy per rank in host RAM."""
+    return check_ours(path, read(path, mmap=mmap))
 
 
 def find_latest_checkpoint(directory) -> Path | None:

@@ -31,7 +31,7 @@ class Checkpointer:
         path = checkpoints.find_latest_checkpoint(self.run.checkpoints)
         if path is None:
             return 0, {}
-        state = checkpoints.load_checkpoint(path)
+        state = checkpoints.load_checkpoint(path, mmap=True)  # copied into the parts as they load
         check_same_model(path, state.get("config", {}), self.config)
         for name, part in self.parts.items():
             if state.get(name) is not None:  # a scaler that was never enabled stores an empty state

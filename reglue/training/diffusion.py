@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,14 +14,15 @@ from tqdm import tqdm
 
 from reglue import checkpoints
 from reglue.data.dataset import EncodedDataset
-from reglue.distributed import DistInfo, all_sum, barrier
+from reglue.distributed import DistInfo, all_sum_tensor, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.training.checkpointing import Checkpointer
-from reglue.training.order import StepSampler, flip_rows, make_split, step_noise
+from reglue.training.order import NoiseAhead, StepSampler, flip_rows, make_split, step_noise
 from reglue.training.rundir import RunDir, RunError, open_run
 from reglue.training.semantics import build_semantic_encoder
-from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step, update_ema
+from reglue.training.state import (NonFiniteGuard, autocast, grad_norm, make_optimizer, make_scaler, optimiser_step,
+                                   update_ema)
 from reglue.training.throughput import speedometer
 from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.transport import JointLoss, sample_time
@@ -159,42 +161,55 @@ def _joint_state(trainer: Trainer, images, moments, noise) -> tuple:
     return x0, cls0, (sem.repa_target if cfg.projector is not None else None)
 
 
-def train_step(trainer: Trainer, net, loss_fn: JointLoss, batches, split) -> dict:
-    """One optimiser step over this rank's micro-batches; returns the logged numbers (averaged over ranks)."""
-    cfg, tc, device = trainer.model.config, trainer.train_cfg, trainer.dist.device
-    transport = trainer.config.transport
-    sampler = lambda n, g: sample_time(n, transport.time_sampler, transport.path, generator=g)  # noqa
-    noise_all = step_noise(trainer.step, tc.seed, split.global_batch, cfg.in_channels, cfg.latent_channels,
-                           cfg.input_size, cfg.cls_dim if cfg.cls_token else None, cfg.class_dropout, sampler,
-                           flip=trainer.config.data.flip)
-    totals = torch.zeros(len(TERMS), dtype=torch.float64)
+def noise_source(trainer: Trainer, split) -> NoiseAhead:
+    """Every random draw of a step (order.step_noise), made one step ahead in a background thread."""
+    cfg, tc, transport = trainer.model.config, trainer.train_cfg, trainer.config.transport
+    sampler = lambda n, g: sample_time(n, transport.time_sampler, transport.path, generator=g)  # noqa: E731
+    draw = lambda step: step_noise(step, tc.seed, split.global_batch, cfg.in_channels,  # noqa: E731
+                                   cfg.latent_channels, cfg.input_size, cfg.cls_dim if cfg.cls_token else None,
+                                   cfg.class_dropout, sampler, flip=trainer.config.data.flip)
+    return NoiseAhead(draw, pin=trainer.dist.device.type == "cuda")
+
+
+def train_step(trainer: Trainer, net, loss_fn: JointLoss, batches, split, noise_all) -> dict:
+    """One optimiser step over this rank's micro-batches (``noise_all``: the step's draws for the whole global
+    batch); returns the logged numbers (averaged over ranks). The loss terms stay on the device: the step reads the
+    host once (_apply_update)."""
+    tc, device = trainer.train_cfg, trainer.dist.device
+    ddp = getattr(net, "_orig_mod", net)  # torch.compile wraps the DDP module: no_sync is the wrapped one's
+    totals = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
     parts = split.micro_slices(trainer.dist.rank)
     for k, ((images, moments, labels), part) in enumerate(zip(batches, parts)):
         noise = noise_all.take(part, device)
-        images, moments, labels = images.to(device), moments.to(device), labels.to(device)
+        images, moments, labels = (x.to(device, non_blocking=True) for x in (images, moments, labels))
         x0, cls0, repa = _joint_state(trainer, images, moments, noise)
-        sync = k == len(parts) - 1 or not isinstance(net, DistributedDataParallel)
-        with (torch.enable_grad() if sync else net.no_sync()):
+        sync = k == len(parts) - 1 or not isinstance(ddp, DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else ddp.no_sync()):
             with autocast(device, tc.precision):
                 terms = loss_fn(net, x0, labels, cls0=cls0, repa_target=repa, step=trainer.step, t=noise.t,
                                 noise=noise.noise, cls_noise=noise.cls_noise, drop_mask=noise.drop)
             weight = labels.shape[0] / split.per_rank
             trainer.scaler.scale(terms.total * weight).backward()
-        totals += torch.tensor([float(v.detach()) for v in terms], dtype=torch.float64) * weight
+        totals += torch.stack([v.detach().double() for v in terms]) * weight
     return _apply_update(trainer, totals)
 
 
 def _apply_update(trainer: Trainer, totals: torch.Tensor) -> dict:
-    """Skip on a non-finite loss (any rank), else unscale, clip, step, update the scaler and the EMA."""
-    world = trainer.dist.world
-    summed = all_sum([*totals.tolist(), float(not torch.isfinite(totals).all())])
-    logged = dict(zip(TERMS, (v / world for v in summed[: len(TERMS)])))
+    """Skip on a non-finite loss (any rank), else unscale, clip, step, update the scaler and the EMA. The loss
+    terms (summed over ranks on the device), the non-finite flag and the gradient norm reach the host in one read."""
+    world, model, scaler = trainer.dist.world, trainer.model, trainer.scaler
+    nonfinite = (~torch.isfinite(totals)).any().to(totals.dtype).reshape(1)
+    summed = all_sum_tensor(torch.cat([totals, nonfinite]))
+    norm = None if scaler.is_enabled() else grad_norm(model)  # fp16: the scaler unscales (and reads) first
+    host = torch.cat([summed, norm.reshape(1).to(summed)]).tolist() if norm is not None else summed.tolist()
+    logged = dict(zip(TERMS, (v / world for v in host[: len(TERMS)])))
     optim = trainer.config.optim
-    skipped, grad_norm = optimiser_step(trainer.model, trainer.optimizer, trainer.scaler, optim.grad_clip,
-                                        loss_finite=summed[-1] == 0)
+    skipped, norm_value = optimiser_step(model, trainer.optimizer, scaler, optim.grad_clip,
+                                         loss_finite=host[len(TERMS)] == 0,
+                                         norm=None if norm is None else (norm, host[-1]))
     if not skipped:
-        update_ema(trainer.ema, trainer.model, optim.ema_decay)
-        logged["grad_norm"] = grad_norm
+        update_ema(trainer.ema, model, optim.ema_decay)
+        logged["grad_norm"] = norm_value
     logged["skipped"] = bool(skipped)
     return logged
 
@@ -203,7 +218,7 @@ def _loader(trainer: Trainer, split) -> DataLoader:
     sampler = StepSampler(len(trainer.dataset), split, trainer.dist.rank, trainer.train_cfg.seed, trainer.step,
                           trainer.train_cfg.max_steps)
     return DataLoader(trainer.dataset, sampler=sampler, batch_size=None, num_workers=trainer.options.workers,
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=trainer.dist.device.type == "cuda")
 
 
 def _peak_memory(trainer: Trainer) -> dict:
@@ -285,6 +300,34 @@ def train_diffusion(config: DiffusionRun, options: TrainOptions) -> Trainer:
         trainer.run.release()
 
 
+def _record(trainer: Trainer, logged: dict, figures: dict, bar, loss_fn: JointLoss) -> None:
+    """Count the step (the non-finite guard), show it on the bar and, every log_every steps, log it (rank 0); stop
+    the run after too many non-finite steps in a row."""
+    stop = trainer.guard.record(not logged["skipped"])
+    bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}",
+                    tflops=f"{figures['tflops_per_s']:.2f}", refresh=False)  # shown by update
+    bar.update(1)
+    if trainer.dist.is_main and (trainer.step % trainer.train_cfg.log_every == 0 or logged["skipped"]):
+        figures.update(_peak_memory(trainer))
+        trainer.run.log(_status(trainer, logged, figures), trainer.options.echo)
+        trainer.report({**logged, "epoch": trainer.epoch, **figures,
+                        "lam": loss_fn.weights.semantic_at(trainer.step - 1)}, "train")
+    if stop:
+        raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
+                              f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
+
+
+def _after_step(trainer: Trainer, vae) -> None:
+    """Checkpoint, sample grid and callbacks (the evaluator) when due."""
+    tc = trainer.train_cfg
+    if trainer.step % tc.ckpt_every == 0 or trainer.step == tc.max_steps:
+        trainer.checkpoint()
+    if vae is not None and trainer.step % tc.sample_every == 0:
+        _sample_grid(trainer, vae)
+    for callback in trainer.options.callbacks:
+        callback(trainer)
+
+
 def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Trainer:
     """The training loop proper (see train_diffusion)."""
     tc, model_cfg = trainer.train_cfg, trainer.model.config
@@ -300,27 +343,11 @@ def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Tra
     speed = speedometer(config, trainer.dist.device)
     for callback in options.callbacks:  # e.g. an evaluation of the resumed step that a kill interrupted
         callback(trainer)
-    with bar:
+    with bar, contextlib.closing(noise_source(trainer, split)) as noise:
         while trainer.step < tc.max_steps:
-            logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split)
+            logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split,
+                                noise(trainer.step))
             trainer.step += 1
-            figures = speed.add(split.global_batch)
-            stop = trainer.guard.record(not logged["skipped"])
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}",
-                            tflops=f"{figures['tflops_per_s']:.2f}", refresh=False)  # shown by update
-            bar.update(1)
-            if main and (trainer.step % tc.log_every == 0 or logged["skipped"]):
-                figures.update(_peak_memory(trainer))
-                trainer.run.log(_status(trainer, logged, figures), options.echo)
-                trainer.report({**logged, "epoch": trainer.epoch, **figures,
-                                "lam": loss_fn.weights.semantic_at(trainer.step - 1)}, "train")
-            if stop:
-                raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
-                                      f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
-            if trainer.step % tc.ckpt_every == 0 or trainer.step == tc.max_steps:
-                trainer.checkpoint()
-            if vae is not None and trainer.step % tc.sample_every == 0:
-                _sample_grid(trainer, vae)
-            for callback in options.callbacks:
-                callback(trainer)
+            _record(trainer, logged, speed.add(split.global_batch), bar, loss_fn)
+            _after_step(trainer, vae)
     return trainer

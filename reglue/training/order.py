@@ -9,8 +9,10 @@ needs only the step.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch.utils.data import Sampler
@@ -98,10 +100,44 @@ class StepNoise:
     flip: torch.Tensor | None = None  # (B,) bool: read the mirrored image and moments (data.flip)
 
     def take(self, part: slice, device) -> "StepNoise":
-        """The slice for one micro-batch, on ``device``."""
-        pick = lambda x: None if x is None else x[part].to(device)  # noqa: E731
+        """The slice for one micro-batch, on ``device`` (an asynchronous copy from pinned memory to a GPU)."""
+        pick = lambda x: None if x is None else x[part].to(device, non_blocking=True)  # noqa: E731
         return StepNoise(pick(self.t), pick(self.drop), pick(self.posterior), pick(self.noise), pick(self.cls_noise),
                          pick(self.flip))
+
+    def pinned(self) -> "StepNoise":
+        """The same draws in page-locked host memory (what an asynchronous copy to a GPU needs)."""
+        pin = lambda x: None if x is None else x.pin_memory()  # noqa: E731
+        return StepNoise(pin(self.t), pin(self.drop), pin(self.posterior), pin(self.noise), pin(self.cls_noise),
+                         pin(self.flip))
+
+
+class NoiseAhead:
+    """``draw(step)`` made one step ahead in a background thread while the current step trains: the same bits as
+    drawing it in the step (a pure function of the step, its own generator), without the wait. ``pin``: in pinned
+    memory, for the GPU copy."""
+
+    def __init__(self, draw: Callable[[int], StepNoise], pin: bool = False):
+        self._draw, self._pin = draw, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reglue-noise")
+        self._ahead: tuple[int, Future] | None = None
+
+    def _make(self, step: int) -> StepNoise:
+        noise = self._draw(step)
+        return noise.pinned() if self._pin else noise
+
+    def __call__(self, step: int) -> StepNoise:
+        """The draws of ``step``; those of ``step + 1`` start now."""
+        if self._ahead is not None and self._ahead[0] == step:
+            future = self._ahead[1]
+        else:
+            future = self._pool.submit(self._make, step)
+        self._ahead = (step + 1, self._pool.submit(self._make, step + 1))
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the thread (a draw still running is finished and dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def flip_rows(images: torch.Tensor, moments: torch.Tensor, flip: torch.Tensor) -> tuple:

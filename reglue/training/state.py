@@ -37,27 +37,43 @@ def make_optimizer(model: torch.nn.Module, optim) -> torch.optim.Optimizer:
     raise ValueError(f"optim.name {optim.name!r}: choose adamw or adam")
 
 
+def grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The total L2 norm of the trainable parameters' gradients, as a 0-d tensor on their device (no host sync)."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads)
+
+
 def optimiser_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None,
-                   loss_finite: bool) -> tuple[bool, float]:
+                   loss_finite: bool, norm: tuple[torch.Tensor, float] | None = None) -> tuple[bool, float]:
     """The update both training loops share: skip on a non-finite loss; else unscale, clip to ``grad_clip`` (None:
-    no clipping, the norm is still measured), step and update the scaler. Returns (skipped, grad norm)."""
-    grad_norm = float("nan")
+    no clipping, the norm is still measured), step and update the scaler. Returns (skipped, grad norm).
+
+    ``norm``: the gradients' norm already measured (``grad_norm``: the tensor and its value, read in the step's one
+    host sync); only without a loss scaler, whose unscaling comes first. Clipping with it is clip_grad_norm_'s own
+    arithmetic (its norm, then its scaling), so the bits are those of measuring here."""
+    norm_value = float("nan")
     skipped = not loss_finite
     if not skipped:
         scale_before = scaler.get_scale()
         scaler.unscale_(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
+        if norm is None or scaler.is_enabled():
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm_value = float(total)
+        else:
+            total, norm_value = norm
+        if grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
         if scaler.is_enabled():
             scaler.step(optimizer)
             scaler.update()
             skipped = scaler.get_scale() < scale_before  # an fp16 overflow: the scaler skipped the step
-        elif math.isfinite(grad_norm):
+        elif math.isfinite(norm_value):
             optimizer.step()
         else:
             skipped = True
     optimizer.zero_grad(set_to_none=True)
-    return skipped, grad_norm
+    return skipped, norm_value
 
 
 @torch.no_grad()
