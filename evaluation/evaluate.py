@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.collectives import main_decides, main_phase
 from evaluation.environment import environment
 from evaluation.fid import frechet_distance
 from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world, side_by_side
@@ -58,7 +59,9 @@ def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, o
     cache_dir = Path(options.cache_dir or os.environ.get(FEATURE_CACHE_ENV) or default)
     cache = cache_dir / f"{ref_sha[:16]}-{extractor.weights_sha256[:16]}-c{options.feature_chunk}.h5"
     stored = images.statistics()
-    if cache.exists():
+    if main_decides(cache.exists()):  # rank 0's cache decides for every rank (nodes need not share a home)
+        if rank_world()[0] != 0:
+            return None, None, "cached on rank 0"  # only rank 0 scores
         with h5py.File(cache, "r") as f:
             pool = f["pool"][...]
             computed = {k: f[k][...] for k in ("mu", "sigma", "mu_s", "sigma_s")}
@@ -67,14 +70,15 @@ def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, o
                                                      options.progress, chunk=options.feature_chunk)
         (mu, sigma), (mu_s, sigma_s) = pool_stats.mean_cov(), spatial_stats.mean_cov()
         computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-        if rank_world()[0] == 0:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            with h5py.File(tmp, "w") as f:
-                f["pool"] = pool
-                for k, v in computed.items():
-                    f[k] = v
-            tmp.replace(cache)
+        with main_phase("reference-cache") as is_main:
+            if is_main:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".tmp{os.getpid()}")
+                with h5py.File(tmp, "w") as f:
+                    f["pool"] = pool
+                    for k, v in computed.items():
+                        f[k] = v
+                tmp.replace(cache)
     stats = stored if stored and all(k in stored for k in ("mu", "sigma", "mu_s", "sigma_s")) else computed
     return pool, stats, "stored in the reference file" if stats is stored else "computed from arr_0"
 
@@ -132,12 +136,22 @@ def features_partial(path) -> Path:
 
 def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options, partial,
            started) -> dict:
-    """Sample features, then every metric (rank 0); the features file, when asked, is renamed into place last."""
-    pool, logits, pool_stats, spatial_stats = extract(images, extractor, options.batch_size, "samples",
-                                                      options.progress, None if partial is None else str(partial),
-                                                      options.features_out, options.feature_chunk)
-    if rank_world()[0] != 0:
-        return {}  # under torchrun, rank 0 scores what every rank extracted
+    """Sample features, then every metric (rank 0, while the others wait through gloo: minutes for 50k samples and
+    the extra families); the features file, when asked, is renamed into place last. {} on the other ranks."""
+    extracted = extract(images, extractor, options.batch_size, "samples", options.progress,
+                        None if partial is None else str(partial), options.features_out, options.feature_chunk)
+    result = {}
+    with main_phase("evaluate-metrics") as is_main:
+        if is_main:  # under torchrun, rank 0 scores what every rank extracted
+            result = _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha,
+                             extractor, options, partial, started)
+    return result
+
+
+def _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options,
+            partial, started) -> dict:
+    """Rank 0: the metrics of the extracted features and their provenance (see _score)."""
+    pool, logits, pool_stats, spatial_stats = extracted
     on_disk = _on_disk(samples)
     _warn_about(len(images), _labels_of(samples) if on_disk else images.labels.numpy())
     device = next(extractor.parameters()).device

@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import os
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from reglue.errors import UserError
+from evaluation.collectives import (DEFAULT_TIMEOUT_S, DistributedSetupError, collective_timeout, main_decides,
+                                    main_phase, patient_barrier)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "DistInfo", "DistributedSetupError", "all_sum", "all_sum_tensor", "barrier",
+           "collective_timeout", "device_problem", "from_main", "init_distributed", "main_decides", "main_phase",
+           "patient_barrier", "pick_device", "shutdown"]
 
 T = TypeVar("T")
-
-# How long a collective may wait for the slowest rank before the job fails (NCCL's own default is 10 minutes).
-TIMEOUT_ENV = "REGLUE_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 1800
-# How long the other ranks wait while rank 0 alone does a long phase (merging rank parts, writing an XL checkpoint,
-# indexing a dataset): through a gloo group of its own, never through NCCL.
-MAIN_PHASE_WAIT_ENV = "REGLUE_MAIN_PHASE_WAIT"
-DEFAULT_MAIN_PHASE_WAIT_S = 24 * 3600
-SLOW_MAIN_PHASE_ENV = "REGLUE_SLOW_MAIN_PHASE"  # tests: 'NAME:SECONDS' makes rank 0 sleep inside phase NAME
-
-
-class DistributedSetupError(UserError, ValueError):
-    """A device or timeout setting that cannot work in this job."""
-
-
-def _seconds(env: str, default: int) -> datetime.timedelta:
-    text = os.environ.get(env)
-    try:
-        seconds = default if text in (None, "") else float(text)
-    except ValueError:
-        raise DistributedSetupError(f"${env}={text!r}: expected a number of seconds") from None
-    if not 0 < seconds < 10**7:
-        raise DistributedSetupError(f"${env}={text}: expected seconds between 0 and 10,000,000")
-    return datetime.timedelta(seconds=seconds)
-
-
-def collective_timeout() -> datetime.timedelta:
-    """The process group's timeout: ${REGLUE_DIST_TIMEOUT} seconds, default 30 minutes."""
-    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def pick_device(spec: str | None, world: int, local_rank: int, cuda_available: bool) -> torch.device:
@@ -92,44 +65,6 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_initialized():
         dist.barrier()
-
-
-_PHASE_GROUPS: dict = {}  # default process group -> its gloo group for main phases
-
-
-def _phase_group():
-    """The gloo group (long timeout) the other ranks wait in while rank 0 works alone; made on first use, in the
-    same order on every rank."""
-    key = id(dist.group.WORLD)
-    if key not in _PHASE_GROUPS:
-        _PHASE_GROUPS[key] = dist.new_group(backend="gloo", timeout=_seconds(MAIN_PHASE_WAIT_ENV,
-                                                                            DEFAULT_MAIN_PHASE_WAIT_S))
-    return _PHASE_GROUPS[key]
-
-
-def patient_barrier() -> None:
-    """Every rank waits here for the others through the gloo phase group (long timeout): after rank 0's long work
-    alone, or after shares of work that may finish far apart."""
-    if dist.is_initialized():
-        dist.barrier(group=_phase_group())
-
-
-@contextlib.contextmanager
-def main_phase(name: str) -> Iterator[bool]:
-    """``with main_phase("merge") as is_main:`` rank 0 does the work inside (the body runs on every rank and
-    yields whether this is rank 0); the other ranks then wait in ``patient_barrier``, not on an NCCL collective.
-    Phases: encode-merge, sample-merge, checkpoint, index, reference-cache, compressor-stats."""
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    yield is_main
-    if is_main:
-        _slow_down_for_tests(name)
-    patient_barrier()
-
-
-def _slow_down_for_tests(name: str) -> None:
-    phase, _, seconds = os.environ.get(SLOW_MAIN_PHASE_ENV, "").partition(":")
-    if phase == name and seconds:
-        time.sleep(float(seconds))
 
 
 def all_sum(values: list[float]) -> list[float]:

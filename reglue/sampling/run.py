@@ -26,7 +26,7 @@ from evaluation.extract import chunk_ranges, deterministic_kernels
 from reglue.checkpoints import load_model
 from reglue.config.sections import SamplingConfig
 from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
-from reglue.distributed import DistInfo, barrier
+from reglue.distributed import DistInfo, barrier, from_main, main_phase, patient_barrier
 from reglue.encoders.vae import decode_latents, load_vae
 from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNoise, make_labels, sample_seed
 from reglue.locks import directory_lock
@@ -263,7 +263,7 @@ def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_siz
     if dist.is_main:
         log_taken(prepared, log)
     run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe()]).encode()).hexdigest()
-    if check_out_dir(out, run_id, overwrite):
+    if from_main(lambda: check_out_dir(out, run_id, overwrite), dist):  # rank 0 alone deletes (--overwrite)
         return SampleSummary(out, settings.n, settings.n, time.time() - started, reused=True)
     out.mkdir(parents=True, exist_ok=True)
     labels = make_labels(settings.n, cfg.num_classes, settings.seed, settings.balanced, list(settings.classes or []))
@@ -287,10 +287,10 @@ def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_siz
     finally:
         part.close()
         bar.close()
-    barrier()
-    if dist.is_main:
-        merge(out, settings.n, resolution, run_id, attrs)
-    barrier()
+    patient_barrier()  # the ranks' shares may finish far apart
+    with main_phase("sample-merge") as is_main:  # minutes at 512 px: the others wait through gloo
+        if is_main:
+            merge(out, settings.n, resolution, run_id, attrs)
     return SampleSummary(out, settings.n, sum(map(len, todo)), time.time() - started)
 
 
