@@ -92,36 +92,88 @@ def _write_npz_member(zf, name: str, array_or_shape, blocks=None) -> None:
             member.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
 
 
-def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed: int = 0, batch_size: int = 64,
-                   progress: bool = True) -> dict:
-    """An ADM-format reference batch from any image reader: statistics over all images, ``arr_0`` a seeded subset.
+def chunked(batches, chunk: int):
+    """Re-cut a stream of image batches (any sizes) into batches of exactly ``chunk`` images (the last shorter)."""
+    import numpy as np
 
-    A reader may leave out images it cannot decode (``skipped``, counted in the result): the images counted are
-    those its first pass yields, and the subset is drawn from them (both passes skip the same ones)."""
-    import zipfile
+    pending, held = [], 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(batch)
+        while held >= chunk:
+            joined = np.concatenate(pending)
+            yield joined[:chunk]
+            pending, held = [joined[chunk:]], held - chunk
+    if held:
+        yield np.concatenate(pending)
 
+
+def streamed_statistics(images, extractor, batch_size: int, chunk: int, progress: bool):
+    """(pool, spatial RunningStats, images counted) of a reader too large to hold its features: the extractor sees
+    fixed zero-padded chunks of ``chunk`` images and the float64 statistics are updated over fixed STATS_BLOCK
+    rows in index order, as evaluation.extract does, so ``batch_size`` never changes a bit."""
     import numpy as np
     import torch
     from tqdm import tqdm
 
-    from evaluation.fileio import write_error
+    from evaluation.extract import STATS_BLOCK, _padded, deterministic_kernels, side_by_side
     from evaluation.stats import RunningStats
+
+    pool, spatial = RunningStats(2048), RunningStats(2023)
+    device = next(extractor.parameters()).device
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    pending: list = []
+    n = 0
+
+    def flush(final: bool) -> None:
+        """Update the statistics with every whole STATS_BLOCK of the pending rows (and, at the end, the rest)."""
+        while pending and (final or sum(len(p[0]) for p in pending) >= STATS_BLOCK):
+            rows = [np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending])]
+            pending.clear()
+            take = min(STATS_BLOCK, len(rows[0]))
+            pool.update(torch.from_numpy(rows[0][:take]))
+            spatial.update(torch.from_numpy(rows[1][:take]))
+            if take < len(rows[0]):
+                pending.append((rows[0][take:], rows[1][take:]))
+
+    chunk = max(1, min(chunk, len(images)))
+    with tqdm(total=len(images), desc="reference", unit="img", disable=not progress) as bar, \
+            deterministic_kernels(device):
+        group: list = []
+        for part in [*chunked(images.batches(batch_size), chunk), None]:  # None: the end, run what is grouped
+            if part is not None:
+                group.append(part)
+            if group and (part is None or len(group) == workers):
+                calls = [lambda g=g: extractor(_padded(g, chunk, device)) for g in group]
+                for g, features in zip(group, side_by_side(*calls, workers=workers)):
+                    pending.append((features.pool[: len(g)].cpu().numpy(), features.spatial[: len(g)].cpu().numpy()))
+                    n += len(g)
+                    bar.update(len(g))
+                group = []
+                flush(final=False)
+        flush(final=True)
+    return pool, spatial, n
+
+
+def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed: int = 0, batch_size: int = 64,
+                   progress: bool = True, chunk: int | None = None) -> dict:
+    """An ADM-format reference batch from any image reader: statistics over all images, ``arr_0`` a seeded subset.
+
+    The features come in fixed chunks of ``chunk`` images (default: evaluation.extract.FEATURE_CHUNK), so
+    ``batch_size`` (how many images are read at a time) never changes them. A reader may leave out images it cannot
+    decode (``skipped``, counted in the result): the images counted are those its first pass yields, and the
+    subset is drawn from them (both passes skip the same ones)."""
+    import zipfile
+
+    import numpy as np
+
+    from evaluation.extract import FEATURE_CHUNK
+    from evaluation.fileio import write_error
 
     out = Path(out)
     _check_count(len(images), 0)
     out.parent.mkdir(parents=True, exist_ok=True)  # before the features: a bad path fails at once
-    pool, spatial = RunningStats(2048), RunningStats(2023)
-    device = next(extractor.parameters()).device
-    n = 0
-    with tqdm(total=len(images), desc="reference", unit="img", disable=not progress) as bar:
-        for batch in images.batches(batch_size):
-            if not len(batch):
-                continue
-            feats = extractor(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device))
-            pool.update(feats.pool)
-            spatial.update(feats.spatial)
-            n += len(batch)
-            bar.update(len(batch))
+    pool, spatial, n = streamed_statistics(images, extractor, batch_size, chunk or FEATURE_CHUNK, progress)
     skipped = len(getattr(images, "skipped", ()))
     _check_count(n, skipped)
     keep = np.sort(np.random.default_rng(seed).permutation(n)[: min(subset, n)])

@@ -128,7 +128,7 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
       reglue eval --make-ref /data/ffhq --resolution 256 --out ffhq256_ref.npz
     """
     if make_ref:
-        _make_reference(make_ref, out, resolution, inception_weights, batch_size, device, quiet)
+        _make_reference(make_ref, out, resolution, inception_weights, batch_size, feature_chunk, device, quiet)
         return
     if samples is not None and ckpt:
         fail("give SAMPLES or --ckpt, not both")
@@ -223,8 +223,10 @@ def undecodable_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _make_reference(source, out, resolution, weights, batch_size, device, quiet) -> None:
-    """`--make-ref`: an encoded dataset's images as they are, or a folder through the ADM crop."""
+def _make_reference(source, out, resolution, weights, batch_size, feature_chunk, device, quiet) -> None:
+    """`--make-ref`: an encoded dataset's images as they are, or a folder through the ADM crop; on the GPU when there
+    is one, in fixed chunks of ``feature_chunk`` images (the same features as `reglue eval` computes)."""
+    import torch
 
     from evaluation.images import H5Images
     from evaluation.inception import InceptionFeatures
@@ -236,9 +238,9 @@ def _make_reference(source, out, resolution, weights, batch_size, device, quiet)
         images = H5Images(source)
     else:
         images = CroppedFolder(open_source(source), resolution)
-    extractor = InceptionFeatures(weights, device=device)
+    extractor = InceptionFeatures(weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet)
+        info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet, chunk=feature_chunk)
     except InputError as exc:
         fail(f"{source}: {exc}")
     skipped = f" ({info['skipped']:,} undecodable image(s) skipped)" if info.get("skipped") else ""

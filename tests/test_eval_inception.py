@@ -306,3 +306,28 @@ def test_torchrun_two_processes_give_the_same_metrics_bit_for_bit(weights, tmp_p
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert a[key] == b[key], key
 
+
+
+def test_make_reference_statistics_do_not_depend_on_the_batch_size_and_equal_the_evaluators(extractor, tmp_path,
+                                                                                            monkeypatch):
+    """--make-ref feeds Inception fixed zero-padded chunks and sums float64 statistics over fixed blocks, as the
+    evaluator's extract does: any --batch-size gives the same bytes, and the same as scoring those images."""
+    import evaluation.extract
+    from evaluation.extract import extract
+    from evaluation.reference import make_reference
+
+    monkeypatch.setattr(evaluation.extract, "STATS_BLOCK", 3)  # blocks that end inside chunks and reads
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "images.npz", arr_0=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    stats = []
+    for batch in (3, 7):
+        out = tmp_path / f"ref{batch}.npz"
+        make_reference(open_images(tmp_path / "images.npz"), extractor, out, batch_size=batch, progress=False, chunk=4)
+        with np.load(out) as ref:
+            stats.append({k: ref[k].copy() for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    for key in stats[0]:
+        assert np.array_equal(stats[0][key], stats[1][key]), key
+    scored = extract(open_images(tmp_path / "images.npz"), extractor, batch_size=5, progress=False, chunk=4)
+    (mu, sigma), (mu_s, sigma_s) = scored.pool_stats.mean_cov(), scored.spatial_stats.mean_cov()
+    for key, value in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
+        assert np.array_equal(stats[0][key], value), key
