@@ -76,11 +76,12 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def dinov2_batch(batch: np.ndarray, model: torch.nn.Module) -> np.ndarray:
+    """[CLS] features (b, D) of uint8 images (b, H, W, 3) (the model's pooled, final-normed token)."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(next(model.parameters()).device)
+    return model(preprocess(x)).float().cpu().numpy()
+
+
 def dinov2_features(images, model: torch.nn.Module, batch_size: int = 32) -> np.ndarray:
-    """[CLS] features (N, D) of every image of a reader (the model's pooled, final-normed token)."""
-    device = next(model.parameters()).device
-    parts = []
-    for batch in images.batches(batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
-        parts.append(model(preprocess(x)).float().cpu().numpy())
-    return np.concatenate(parts)
+    """[CLS] features (N, D) of every image of a reader."""
+    return np.concatenate([dinov2_batch(batch, model) for batch in images.batches(batch_size)])

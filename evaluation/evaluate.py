@@ -66,8 +66,8 @@ def reference_features(path: Path, ref_sha: str, extractor: InceptionFeatures, o
             pool = f["pool"][...]
             computed = {k: f[k][...] for k in ("mu", "sigma", "mu_s", "sigma_s")}
     else:
-        pool, _, pool_stats, spatial_stats = extract(images, extractor, options.batch_size, "reference",
-                                                     options.progress, chunk=options.feature_chunk)
+        pool, _, pool_stats, spatial_stats, _ = extract(images, extractor, options.batch_size, "reference",
+                                                        options.progress, chunk=options.feature_chunk)
         (mu, sigma), (mu_s, sigma_s) = pool_stats.mean_cov(), spatial_stats.mean_cov()
         computed = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
         with main_phase("reference-cache") as is_main:
@@ -138,20 +138,48 @@ def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha
            started) -> dict:
     """Sample features, then every metric (rank 0, while the others wait through gloo: minutes for 50k samples and
     the extra families); the features file, when asked, is renamed into place last. {} on the other ranks."""
+    dinov2 = _dinov2_model(options)
     extracted = extract(images, extractor, options.batch_size, "samples", options.progress,
-                        None if partial is None else str(partial), options.features_out, options.feature_chunk)
+                        None if partial is None else str(partial), options.features_out, options.feature_chunk,
+                        family_features(options, extractor, dinov2))
     result = {}
     with main_phase("evaluate-metrics") as is_main:
         if is_main:  # under torchrun, rank 0 scores what every rank extracted
             result = _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha,
-                             extractor, options, partial, started)
+                             extractor, options, partial, started, dinov2)
     return result
 
 
+CLEAN, DINOV2 = "clean", "dinov2"  # the extra features computed in the same pass as ADM's
+
+
+def _dinov2_model(options: EvalOptions):
+    """DINOv2-L/14 on the evaluation device when fd_dinov2 is asked for, else None."""
+    if "fd_dinov2" not in options.families:
+        return None
+    from evaluation.dinov2 import load_dinov2
+
+    return load_dinov2(options.dinov2_weights).to(options.device or "cpu")
+
+
+def family_features(options: EvalOptions, extractor: InceptionFeatures, dinov2) -> dict:
+    """The per-batch feature functions of the extra families asked for, run in the ADM pass over the samples: an
+    in-process reader generates its images once for every family."""
+    from evaluation.dinov2 import dinov2_batch
+    from evaluation.families import clean_batch
+
+    out = {}
+    if set(options.families) & {"clean_fid", "kid"}:
+        out[CLEAN] = lambda batch: clean_batch(batch, extractor)
+    if dinov2 is not None:
+        out[DINOV2] = lambda batch: dinov2_batch(batch, dinov2)
+    return out
+
+
 def _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options,
-            partial, started) -> dict:
+            partial, started, dinov2=None) -> dict:
     """Rank 0: the metrics of the extracted features and their provenance (see _score)."""
-    pool, logits, pool_stats, spatial_stats = extracted
+    pool, logits, pool_stats, spatial_stats = extracted[:4]
     on_disk = _on_disk(samples)
     _warn_about(len(images), _labels_of(samples) if on_disk else images.labels.numpy())
     device = next(extractor.parameters()).device
@@ -172,10 +200,11 @@ def _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_ori
         "environment": environment(device),  # the features: strict fp32 (no_tf32), one thread per call on a CPU
         "sample_info": sample_provenance(samples) if on_disk else images.provenance(),
     }
-    if set(options.families) & {"clean_fid", "kid"}:
-        result.setdefault("families", {})["clean-fid"] = other_families(images, ref_path, extractor, options)
-    if "fd_dinov2" in options.families:
-        result.setdefault("families", {})["dinov2"] = fd_dinov2(images, ref_path, options)
+    if CLEAN in extracted.extra:
+        result.setdefault("families", {})["clean-fid"] = other_families(extracted.extra[CLEAN], ref_path, extractor,
+                                                                        options)
+    if DINOV2 in extracted.extra:
+        result.setdefault("families", {})["dinov2"] = fd_dinov2(extracted.extra[DINOV2], ref_path, options, dinov2)
     result["seconds"] = time.time() - started
     if partial is not None and partial.exists():
         _finish_features(partial, options.features_out, result)
@@ -213,11 +242,11 @@ def _finish_features(partial: Path, final, result: dict) -> None:
     os.replace(partial, final)
 
 
-def other_families(images, ref_path: Path, extractor: InceptionFeatures, options: EvalOptions) -> dict:
-    """clean_fid and/or kid on clean-resized features of the samples and of the reference's arr_0."""
+def other_families(ours: np.ndarray, ref_path: Path, extractor: InceptionFeatures, options: EvalOptions) -> dict:
+    """clean_fid and/or kid on clean-resized features: ``ours`` (the samples', from the ADM pass) against the
+    reference's arr_0."""
     from evaluation.families import clean_features, kernel_inception_distance
 
-    ours = clean_features(images, extractor, options.batch_size)
     theirs = clean_features(open_images(ref_path, role="reference"), extractor, options.batch_size)
     out = {"reference": f"arr_0 of {ref_path} (not clean-fid's own statistics)", "resize": "clean (PIL bicubic, float)"}
     if "clean_fid" in options.families:
@@ -232,14 +261,13 @@ def other_families(images, ref_path: Path, extractor: InceptionFeatures, options
     return out
 
 
-def fd_dinov2(images, ref_path: Path, options: EvalOptions) -> dict:
-    """Frechet distance of DINOv2-L/14 [CLS] features, samples against the reference's arr_0."""
-    from evaluation.dinov2 import dinov2_features, load_dinov2
+def fd_dinov2(ours: np.ndarray, ref_path: Path, options: EvalOptions, model) -> dict:
+    """Frechet distance of DINOv2-L/14 [CLS] features: ``ours`` (the samples', from the ADM pass) against the
+    reference's arr_0."""
+    from evaluation.dinov2 import dinov2_features
 
-    model = load_dinov2(options.dinov2_weights).to(options.device or "cpu")
     stats = []
-    for reader in (images, open_images(ref_path, role="reference")):
-        feats = dinov2_features(reader, model, options.batch_size)
+    for feats in (ours, dinov2_features(open_images(ref_path, role="reference"), model, options.batch_size)):
         acc = RunningStats(feats.shape[1])
         acc.update(torch.from_numpy(feats))
         stats.append(acc.mean_cov())

@@ -53,6 +53,7 @@ class Extracted(NamedTuple):
     logits: np.ndarray  # (N, 1008)
     pool_stats: RunningStats
     spatial_stats: RunningStats
+    extra: dict[str, np.ndarray] = {}  # name -> (N, D): the other families' features, from the same images
 
 
 class FeatureSink:
@@ -173,9 +174,12 @@ def statistics(features: np.ndarray, device) -> RunningStats:
 
 def extract(images, extractor, batch_size: int = 64, desc: str = "features", progress: bool = True,
             features_out: str | None = None, features_display: str | None = None,
-            chunk: int = FEATURE_CHUNK) -> Extracted:
+            chunk: int = FEATURE_CHUNK, extra: dict | None = None) -> Extracted:
     """Features of every image of a reader (``len``, ``batches(batch, start, stop)``), ``chunk`` images per network
-    call; under torchrun each process takes a contiguous run of chunks and every process gets the joined result."""
+    call; under torchrun each process takes a contiguous run of chunks and every process gets the joined result.
+
+    ``extra``: name -> function of a uint8 (b, H, W, 3) batch giving (b, D) features, run on the same images in
+    the same pass (the other metric families: an in-process reader generates its images once for all)."""
     rank, world = rank_world()
     n = len(images)
     chunk = max(1, min(chunk, n))  # fewer images than a chunk: no padding (still the same for any split)
@@ -184,10 +188,12 @@ def extract(images, extractor, batch_size: int = 64, desc: str = "features", pro
     device = next(extractor.parameters()).device
     workers = torch.get_num_threads() if device.type == "cpu" else 1
     per_read = max(1, -(-batch_size // chunk), workers) * chunk  # whole chunks per read, one per CPU worker at least
-    row = 0
+    row, extra_rows = 0, {name: [] for name in extra or {}}
     with tqdm(total=n, desc=desc, unit="img", disable=not (progress and rank == 0), dynamic_ncols=True) as bar, \
             deterministic_kernels(device):
         for batch in images.batches(per_read, share.start, share.stop):
+            for name, features_of in (extra or {}).items():
+                extra_rows[name].append(np.asarray(features_of(batch), np.float32))
             parts = [batch[start : start + chunk] for start in range(0, len(batch), chunk)]
             calls = [lambda p=p: extractor(_padded(p, chunk, device)) for p in parts]
             for part, features in zip(parts, side_by_side(*calls, workers=workers)):
@@ -196,7 +202,10 @@ def extract(images, extractor, batch_size: int = 64, desc: str = "features", pro
             bar.update(len(batch) * world)
         counts = [len(rank_share(n, r, world, chunk)) for r in range(world)]
         joined = {name: _gather_rows(sink.rows[name], counts) for name, _ in FEATURE_NAMES}
+        empty = np.zeros((0, *images.shape[1:]), np.uint8)  # a rank without a share: (0, D) all the same
+        others = {name: _gather_rows(np.concatenate(rows) if rows else np.asarray(extra[name](empty), np.float32),
+                                     counts) for name, rows in extra_rows.items()}
         result = Extracted(joined["pool"], joined["logits"], statistics(joined["pool"], device),
-                           statistics(joined["spatial"], device))
+                           statistics(joined["spatial"], device), others)
     sink.close()
     return result

@@ -46,11 +46,14 @@ def pool_from_float(extractor: InceptionFeatures, x: torch.Tensor) -> torch.Tens
     return torch.flatten(x, 1).float()
 
 
+def clean_batch(batch: np.ndarray, extractor: InceptionFeatures) -> np.ndarray:
+    """Clean-resized pool features (b, 2048) of uint8 images (b, H, W, 3)."""
+    return pool_from_float(extractor, torch.from_numpy(clean_resize(batch))).cpu().numpy()
+
+
 def clean_features(images, extractor: InceptionFeatures, batch_size: int = 32) -> np.ndarray:
     """Clean-resized pool features (N, 2048) of every image of a reader."""
-    parts = [pool_from_float(extractor, torch.from_numpy(clean_resize(batch))).cpu().numpy()
-             for batch in images.batches(batch_size)]
-    return np.concatenate(parts)
+    return np.concatenate([clean_batch(batch, extractor) for batch in images.batches(batch_size)])
 
 
 def kernel_inception_distance(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,

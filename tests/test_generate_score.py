@@ -214,3 +214,22 @@ def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ck
         assert len(list((out / "wandb").glob("offline-run-*/*.wandb"))) == 1
     assert main(_sweep_argv(ckpt, ref, out, "--seed", "1")) == 2  # another sweep's points: refused
     assert "sampling.settings.seed (0 -> 1)" in capsys.readouterr().err
+
+
+def test_eval_ckpt_with_two_extra_families_generates_every_image_once(ckpt, ref, tmp_path, monkeypatch):
+    """clean_fid and kid take their features in the ADM pass: each chunk of samples is generated once, not once per
+    family; the families' numbers equal those of the same images scored from a file."""
+    import reglue.sampling.generate as generate
+
+    made = []
+    real = generate.sample_chunk
+    monkeypatch.setattr(generate, "sample_chunk", lambda *a, **k: made.append(list(a[3])) or real(*a, **k))
+    families = ["--metrics", "clean_fid,kid", "--batch-size", "3"]
+    assert main(["eval", "--ckpt", ckpt, "--n", "8", *SAMPLING, *_scoring(ref, *families), "--json",
+                 str(tmp_path / "b.json")]) == 0
+    assert sorted(i for chunk in made for i in chunk) == list(range(8))  # 3 chunks of 3, 3, 2: each made once
+    assert main(["sample", "--ckpt", ckpt, "--out", str(tmp_path / "s"), "--n", "8", *SAMPLING, "--quiet"]) == 0
+    assert main(["eval", str(tmp_path / "s" / "samples.npz"), *_scoring(ref, *families), "--json",
+                 str(tmp_path / "a.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text())["families"]["clean-fid"] for x in "ab")
+    assert a["clean_fid"] == b["clean_fid"] and a["kid"] == b["kid"]
