@@ -86,6 +86,8 @@ def test_loss_decreases_over_50_steps(data, tmp_path):
     for r in records:
         assert r["tflops_per_s"] == pytest.approx(r["images_per_s"] * gflops * 2 * 3 / 1e3, rel=1e-9)
         assert "mfu" not in r and "max_mem_gib" not in r  # a CPU: no known peak, no CUDA memory
+    assert records[0]["environment"]["torch"] == str(torch.__version__) and records[0]["environment"]["world"] == 1
+    assert not any("environment" in r for r in records[1:])  # once per launch
 
 
 def test_resume_is_bit_exact(data, compressor, tmp_path):

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from evaluation.environment import environment
 from reglue import checkpoints
 from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum_tensor, barrier
@@ -77,6 +78,7 @@ class Trainer:
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     board: object = None  # the TensorBoard SummaryWriter on rank 0 with --tensorboard
     tracker: object = None  # the W&B run on rank 0 with --wandb (reglue.tracking.WandbTracker)
+    environment_logged: bool = False  # the launch's first metrics.jsonl line carries the environment
 
     def report(self, record: dict, prefix: str, line: dict | None = None) -> None:
         """Rank 0: one line of metrics.jsonl (``line``, default {"step", **record}), TensorBoard scalars and W&B
@@ -310,11 +312,21 @@ def _record(trainer: Trainer, logged: dict, figures: dict, bar, loss_fn: JointLo
     if trainer.dist.is_main and (trainer.step % trainer.train_cfg.log_every == 0 or logged["skipped"]):
         figures.update(_peak_memory(trainer))
         trainer.run.log(_status(trainer, logged, figures), trainer.options.echo)
-        trainer.report({**logged, "epoch": trainer.epoch, **figures,
-                        "lam": loss_fn.weights.semantic_at(trainer.step - 1)}, "train")
+        record = {**logged, "epoch": trainer.epoch, **figures, "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
+        trainer.report(record, "train", line=_line(trainer, record))
     if stop:
         raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
                               f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
+
+
+def _line(trainer: Trainer, record: dict) -> dict | None:
+    """The first metrics.jsonl line of a launch also records the environment that decides the run's bits (torch,
+    CUDA, cuDNN, device, TF32 switches) and the process count; None (the default line) after it."""
+    if trainer.environment_logged:
+        return None
+    trainer.environment_logged = True
+    return {"step": trainer.step, **record,
+            "environment": {**environment(trainer.dist.device), "world": trainer.dist.world}}
 
 
 def _after_step(trainer: Trainer, vae) -> None:
