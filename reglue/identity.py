@@ -22,6 +22,7 @@ from evaluation.evaluate import EvalOptions
 from evaluation.images import file_sha256
 from evaluation.inception import resolve_weights
 from evaluation.reference import reference_for, resolve_reference
+from reglue.schema import flatten
 
 IDENTITY_KEY_LENGTH = 16  # hex digits of the sha256 that name a result file
 
@@ -49,17 +50,6 @@ def identity_key(identity: dict) -> str:
     """A short stable name of an identity (sha256 of its canonical JSON, ``NOT_COMPARED`` keys left out)."""
     text = json.dumps(_compared(flatten(identity)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:IDENTITY_KEY_LENGTH]
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    """Nested mappings as one mapping of dotted keys (lists are kept as values)."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def _compared(flat: dict) -> dict:

@@ -171,3 +171,14 @@ def describe(cls, defaults: dict, prefix: str = "") -> list[tuple[str, Any, str]
         else:
             rows.append((key, default, f.metadata.get("doc", "")))
     return rows
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested mappings as one mapping of dotted keys ('model.depth'); tuples become lists (as JSON reads them)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -49,3 +49,26 @@ def random_reglue_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "0000005.pt"
     checkpoints.save_checkpoint(path, config=config, step=5, model=model, ema=model)
     return path
+
+
+def random_reference(path, n: int, side: int = 64, seed: int = 0):
+    """A reference batch of ``n`` random ``side`` px images (arr_0 only) at ``path``; returns ``path``."""
+    import numpy as np
+
+    np.savez(path, arr_0=np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_encoded(tmp_path_factory):
+    """A toy folder (4 images a class) encoded at 64 px with the tiny VAE: data.h5 for tiny training runs."""
+    from reglue.data.encode import EncodeOptions, encode_dataset
+    from reglue.data.sources import open_source
+    from reglue.encoders.vae import load_vae
+    from test_encode import make_folder
+
+    root = tmp_path_factory.mktemp("toy_encoded")
+    images = make_folder(root / "images", per_class=4, seed=11, corrupt=False)
+    encode_dataset(open_source(images), root / "data.h5", *load_vae("tiny"), EncodeOptions(resolution=64, workers=0),
+                   progress=False, log=lambda m: None)
+    return root / "data.h5"

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import random_reference
 from reglue_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +29,7 @@ def ckpt(random_reglue_checkpoint):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "ref.npz"
-    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8))
-    return str(path)
+    return str(random_reference(tmp_path_factory.mktemp("ref") / "ref.npz", 10))
 
 
 def _scoring(ref, *extra):
@@ -109,17 +108,8 @@ def test_bad_requests_are_one_line_exit_2(argv, message, capsys):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from reglue.data.encode import EncodeOptions, encode_dataset
-    from reglue.data.sources import open_source
-    from reglue.encoders.vae import load_vae
-    from test_encode import make_folder
-
-    root = tmp_path_factory.mktemp("data")
-    images = make_folder(root / "images", per_class=4, seed=11, corrupt=False)
-    encode_dataset(open_source(images), root / "data.h5", *load_vae("tiny"), EncodeOptions(resolution=64, workers=0),
-                   progress=False, log=lambda m: None)
-    return str(root / "data.h5")
+def data(toy_encoded):
+    return str(toy_encoded)
 
 
 def _train(data, run, ref, steps, *extra):

@@ -2,7 +2,6 @@
 precision its settings name, strict fp32 by default, whatever a training process switched on for its own steps
 (train.tf32). On a CPU the switches change no arithmetic, so these tests read the switches the model sees."""
 
-import contextlib
 import json
 
 import pytest
@@ -17,15 +16,13 @@ from reglue.training.grid import save_sample_grid
 from reglue.transport.path import get_path
 
 
-@contextlib.contextmanager
-def training_switched_tf32_on():
-    """What `reglue train` does on a GPU when train.tf32 is true (the process-wide legacy switches)."""
+@pytest.fixture
+def training_tf32():
+    """What `reglue train` does on a GPU when train.tf32 is true: the process-wide legacy switches on."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def spying_model():
@@ -43,22 +40,20 @@ def spying_model():
 
 
 @pytest.mark.parametrize("tf32", [False, True])
-def test_a_sample_chunk_runs_in_the_precision_of_its_settings_whatever_training_set(tf32):
+def test_a_sample_chunk_runs_in_the_precision_of_its_settings_whatever_training_set(tf32, training_tf32):
     model, seen = spying_model()
     settings = SampleRequest(n=2, steps=2, tf32=tf32).resolve(presets.load("tiny-sit").sampling)[0]
-    with training_switched_tf32_on():
-        with torch.no_grad():
-            sample_chunk(model, load_vae("tiny")[0], settings, range(2), torch.zeros(2, dtype=torch.long), "cpu",
-                         get_path("linear"), 0.18215)
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored after
+    with torch.no_grad():
+        sample_chunk(model, load_vae("tiny")[0], settings, range(2), torch.zeros(2, dtype=torch.long), "cpu",
+                     get_path("linear"), 0.18215)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored after
     assert seen and set(seen) == {(tf32, tf32)}
 
 
-def test_the_training_grid_samples_in_strict_fp32_under_training_tf32(tmp_path):
+def test_the_training_grid_samples_in_strict_fp32_under_training_tf32(tmp_path, training_tf32):
     model, seen = spying_model()
     config = presets.load("tiny-sit")
-    with training_switched_tf32_on():
-        save_sample_grid(model, load_vae("tiny")[0], tmp_path / "grid.png", config.sampling, 0.18215, count=2)
+    save_sample_grid(model, load_vae("tiny")[0], tmp_path / "grid.png", config.sampling, 0.18215, count=2)
     assert seen and set(seen) == {(False, False)}
 
 
@@ -70,20 +65,18 @@ def test_tf32_is_recorded_only_when_asked_for_so_earlier_runs_keep_their_ids():
     assert {k: v for k, v in fast.items() if k != "tf32"} == strict
 
 
-def test_the_switches_are_restored_after_an_error():
-    with training_switched_tf32_on(), pytest.raises(RuntimeError):
+def test_the_switches_are_restored_after_an_error(training_tf32):
+    with pytest.raises(RuntimeError):
         with float32_matmuls(False):
             assert not torch.backends.cuda.matmul.allow_tf32
             raise RuntimeError("boom")
-    assert not torch.backends.cuda.matmul.allow_tf32  # back to the process default after both
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # as training left them
 
 
-def test_samples_record_the_switches_in_force_while_they_are_made(random_reglue_checkpoint):
-
+def test_samples_record_the_switches_in_force_while_they_are_made(random_reglue_checkpoint, training_tf32):
     from reglue.sampling.run import prepare
 
-    with training_switched_tf32_on():
-        attrs = prepare(random_reglue_checkpoint, SampleRequest(n=2), "cpu").attrs
+    attrs = prepare(random_reglue_checkpoint, SampleRequest(n=2), "cpu").attrs
     env = json.loads(attrs["environment"])
     assert env["torch"] == str(torch.__version__) and env["device_type"] == "cpu"
     assert env["matmul_allow_tf32"] is False and env["cudnn_allow_tf32"] is False  # strict, as sampled

@@ -7,11 +7,11 @@ import json
 import shutil
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import reglue.sweep
+from conftest import random_reference
 from reglue.identity import differences
 from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS, SweepError, grid, parse_values
 from reglue_cli.main import main
@@ -24,9 +24,7 @@ def ckpt(random_reglue_checkpoint):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ref") / "ref.npz"
-    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
-    return path
+    return random_reference(tmp_path_factory.mktemp("ref") / "ref.npz", 8)
 
 
 def _argv(ckpt, ref, out, *extra, cfg="1.5", weights="random"):
@@ -93,7 +91,7 @@ def _replaced_reference(ref, tmp_path):
     shutil.copy(ref, copy)
 
     def replace():
-        np.savez(copy, arr_0=np.random.default_rng(1).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
+        random_reference(copy, 8, seed=1)
     return copy, replace
 
 

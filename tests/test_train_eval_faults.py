@@ -14,17 +14,8 @@ WRITTEN = ("config.yaml", "data.yaml", "wandb_id.txt")  # what a failed launch m
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from reglue.data.encode import EncodeOptions, encode_dataset
-    from reglue.data.sources import open_source
-    from reglue.encoders.vae import load_vae
-    from test_encode import make_folder
-
-    root = tmp_path_factory.mktemp("data")
-    images = make_folder(root / "images", per_class=4, seed=11, corrupt=False)
-    encode_dataset(open_source(images), root / "data.h5", *load_vae("tiny"), EncodeOptions(resolution=64, workers=0),
-                   progress=False, log=lambda m: None)
-    return root / "data.h5"
+def data(toy_encoded):
+    return toy_encoded
 
 
 def _reference(path, seed):

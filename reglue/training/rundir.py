@@ -14,6 +14,7 @@ from reglue import config as run_config
 from reglue.checkpoints import CHECKPOINT_NAME
 from reglue.config.checks import unread_sections
 from reglue.fileio import atomic_write_text
+from reglue.schema import flatten
 
 # Keys that may change between the first launch and a resume (how long and how often, not what is trained).
 RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs"}
@@ -22,16 +23,6 @@ IGNORED_PREFIXES = ("sources.", "description", "sampling.")  # provenance and sa
 
 class RunError(UserError, ValueError):
     """The run directory cannot be used for this command."""
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _normalised(config) -> dict:
@@ -48,7 +39,7 @@ def _normalised(config) -> dict:
 def _changes(old, new) -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) of every difference that matters on a resume (not RESUMABLE_KEYS,
     provenance or the sampling defaults)."""
-    a, b = _flatten(_normalised(old)), _flatten(_normalised(new))
+    a, b = flatten(_normalised(old)), flatten(_normalised(new))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith(IGNORED_PREFIXES)]
 
