@@ -72,9 +72,9 @@ def patient_barrier() -> None:
 
 @contextlib.contextmanager
 def main_phase(name: str) -> Iterator[bool]:
-    """``with main_phase("sample-merge") as is_main:`` the body runs on every rank and is told whether it is rank 0,
-    which does the work; then every rank waits in ``patient_barrier``, not on an NCCL collective (PHASES names
-    the phases)."""
+    """``with main_phase("sample-merge") as is_main:`` the body runs on every rank and is told whether it is rank 0
+    of the process group (callers with their own notion of rank 0, e.g. a DistInfo, test that instead), which does
+    the work; then every rank waits in ``patient_barrier``, not on an NCCL collective (PHASES names the phases)."""
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     try:
         yield is_main

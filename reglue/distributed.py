@@ -89,8 +89,8 @@ def from_main(make: Callable[[], T], info: DistInfo) -> T:
     if info.world == 1 or not dist.is_initialized():
         return make()
     payload: list = [None]
-    with main_phase("from-main") as is_main:  # e.g. indexing a million files: the others wait through gloo
-        if is_main:
+    with main_phase("from-main"):  # e.g. indexing a million files: the others wait through gloo
+        if info.is_main:
             try:
                 payload = [(True, make())]
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below

@@ -282,8 +282,8 @@ def _encode(source: ImageSource, out: Path, vae, vae_info: dict, options: Encode
             _, skipped = encode_unit(source, unit, vae, vae_info, options, dist, log, bar)
             summary.skipped += skipped
     patient_barrier()  # uneven shares finish far apart
-    with main_phase("encode-merge") as is_main:
-        if not options.shard_size and dist.world > 1 and is_main:
+    with main_phase("encode-merge"):
+        if not options.shard_size and dist.world > 1 and dist.is_main:
             merge_parts([u.path for u in units], out)
     if dist.is_main:
         summary.written, summary.skipped_total = _totals(finals)

@@ -288,8 +288,8 @@ def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_siz
         part.close()
         bar.close()
     patient_barrier()  # the ranks' shares may finish far apart
-    with main_phase("sample-merge") as is_main:  # minutes at 512 px: the others wait through gloo
-        if is_main:
+    with main_phase("sample-merge"):  # minutes at 512 px: the others wait through gloo
+        if dist.is_main:
             merge(out, settings.n, resolution, run_id, attrs)
     return SampleSummary(out, settings.n, sum(map(len, todo)), time.time() - started)
 
