@@ -367,3 +367,20 @@ def test_a_compressed_tar_of_tars_is_refused_in_one_line(folder, tmp_path):
         outer.add(tmp_path / "n01.tar", arcname="n01.tar")
     with pytest.raises(SourceError, match="uncompressed tar of per-class tars"):
         open_source(tmp_path / "outer.tar.gz")
+
+
+def test_rank_parts_merge_block_by_block_into_the_one_process_dataset(folder, tiny_vae, tmp_path, monkeypatch):
+    """Two ranks' parts (ranks run one after the other in this process, rank 0 last: it merges) copied 3 rows at a
+    time give the dataset of one process: a part is never read whole into memory."""
+    import reglue.data.encode as encode
+    from reglue.distributed import DistInfo
+
+    monkeypatch.setattr(encode, "MERGE_BLOCK", 3)
+    opts = EncodeOptions(resolution=64, batch_size=4, workers=0)
+    encode_dataset(open_source(folder), tmp_path / "one.h5", *tiny_vae, opts, progress=False, log=lambda m: None)
+    for rank in (1, 0):
+        encode_dataset(open_source(folder), tmp_path / "two.h5", *tiny_vae, opts, DistInfo(rank=rank, world=2),
+                       progress=False, log=lambda m: None)
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
+        assert a.attrs["content_sha256"] == b.attrs["content_sha256"]
+        assert np.array_equal(a["moments"][...], b["moments"][...]) and np.array_equal(a["labels"][...], b["labels"][...])

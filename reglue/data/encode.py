@@ -218,6 +218,9 @@ def _read_attrs(path: Path) -> tuple[dict, dict]:
         return dict(f.attrs), {name: (ds.shape, ds.dtype, ds.chunks) for name, ds in f.items()}
 
 
+MERGE_BLOCK = 4096  # rows copied at a time when rank parts are merged (bounded memory)
+
+
 def merge_parts(parts: list[Path], out: Path) -> None:
     """Concatenate rank parts, in order, into ``out`` (through ``out.partial``), then delete the parts."""
     infos = [_read_attrs(p) for p in parts]
@@ -234,8 +237,11 @@ def merge_parts(parts: list[Path], out: Path) -> None:
                 for name in layout:
                     if name == fmt.CLASS_NAMES:
                         dst[name][...] = src[name][...]
-                    elif n:
-                        dst[name][row : row + n] = src[name][...]
+                    else:  # block by block: a part of an ImageNet encode is tens of GB
+                        for start in range(0, n, MERGE_BLOCK):
+                            stop = min(start + MERGE_BLOCK, n)
+                            dst[name][row + start : row + stop] = src[name][start:stop]
+                        dst.check()  # a full disk stops the merge here
             row += n
         attrs.update(source_start=infos[0][0]["source_start"], source_end=infos[-1][0]["source_end"],
                      skipped=sum(int(info[0]["skipped"]) for info in infos))

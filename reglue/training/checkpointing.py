@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from reglue import checkpoints
-from reglue.distributed import main_phase
+from reglue.distributed import main_decides, main_phase
 from reglue.training.order import data_position
 from reglue.training.rundir import RunDir, check_same_model
 
@@ -28,7 +28,7 @@ class Checkpointer:
 
     def resume(self) -> tuple[int, dict]:
         """(step, extra) of the newest loadable checkpoint, its state loaded into ``parts``; (0, {}) when none."""
-        path = checkpoints.find_latest_checkpoint(self.run.checkpoints)
+        path = main_decides(checkpoints.find_latest_checkpoint(self.run.checkpoints))  # rank 0's: every rank agrees
         if path is None:
             return 0, {}
         state = checkpoints.load_checkpoint(path, mmap=True)  # copied into the parts as they load
