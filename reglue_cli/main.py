@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
+from evaluation.collectives import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from reglue.errors import UserError
 from reglue_cli.errors import EXIT_USAGE, report
 from reglue_cli.encode import encode
@@ -25,8 +27,19 @@ class PipelineGroup(click.Group):
         return list(self.commands)
 
 
+def _set_dist_timeout(ctx, param, value):
+    """--dist-timeout SECONDS: the process group's timeout for the command that follows (REGLUE_DIST_TIMEOUT)."""
+    if value is not None:
+        os.environ[TIMEOUT_ENV] = str(value)
+    return value
+
+
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="reglue")
+@click.option("--dist-timeout", type=click.IntRange(min=1, max=10**7 - 1), metavar="SECONDS", expose_value=False,
+              is_eager=True, callback=_set_dist_timeout,
+              help=f"Under torchrun: how long a collective waits for the slowest rank [default: ${TIMEOUT_ENV} or "
+                   f"{DEFAULT_TIMEOUT_S} s]. Rank-0-only phases (merges, checkpoints) never count against it.")
 def cli() -> None:
     """Train, sample and evaluate REGLUE latent diffusion models and their baselines (SiT, REPA, ReDi, REG).
 

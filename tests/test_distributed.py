@@ -110,3 +110,57 @@ def test_the_collective_timeout_is_a_setting(monkeypatch):
     monkeypatch.setenv("REGLUE_DIST_TIMEOUT", "ten")
     with pytest.raises(DistributedSetupError, match="REGLUE_DIST_TIMEOUT"):
         collective_timeout()
+
+
+def test_dist_timeout_is_a_flag_of_every_command(monkeypatch, capsys):
+    from evaluation.collectives import collective_timeout
+    from reglue_cli.main import main
+
+    monkeypatch.setenv("REGLUE_DIST_TIMEOUT", "1800")  # restored (to unset) after the test
+    assert main(["--dist-timeout", "5400", "train", "--preset", "tiny-sit", "--dry-run"]) == 0
+    assert collective_timeout().total_seconds() == 5400
+    assert main(["--dist-timeout", "0", "train", "--preset", "tiny-sit", "--dry-run"]) == 2
+    assert "--dist-timeout" in capsys.readouterr().err
+
+
+def _cache_worker(rank: int, root: str, ref: str, weights: str) -> None:
+    import datetime
+    from pathlib import Path
+
+    from evaluation.evaluate import EvalOptions, reference_features
+    from evaluation.images import file_sha256
+    from evaluation.inception import InceptionFeatures
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    options = EvalOptions(progress=False, cache_dir=f"{root}/cache{rank}", feature_chunk=4)  # rank 1: no cache
+    try:
+        pool, _, origin = reference_features(Path(ref), file_sha256(ref), InceptionFeatures(weights), options)
+        result = f"{'features' if pool is not None else 'none'} {origin}"
+    except RuntimeError as exc:
+        result = f"failed {type(exc).__name__}"
+    with open(os.path.join(root, f"result-{rank}"), "w") as f:
+        f.write(result)
+    dist.destroy_process_group()
+
+
+def test_rank_zero_decides_whether_the_reference_cache_exists(tmp_path):
+    """Nodes without a shared home: rank 0 has the reference-feature cache, rank 1 has none. Rank 1 follows rank 0
+    (only rank 0 reads it) instead of starting an extraction whose collectives rank 0 never joins."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from conftest import random_reference
+    from evaluation.evaluate import EvalOptions, reference_features
+    from evaluation.images import file_sha256
+    from evaluation.inception import InceptionFeatures, random_weights_file
+
+    ref, weights = str(random_reference(tmp_path / "ref.npz", 6, side=32)), random_weights_file()
+    options = EvalOptions(progress=False, cache_dir=str(tmp_path / "cache0"), feature_chunk=4)
+    first = reference_features(Path(ref), file_sha256(ref), InceptionFeatures(weights), options)[0]  # fills cache0
+    assert np.asarray(first).shape == (6, 2048)
+    mp.spawn(_cache_worker, args=(str(tmp_path), ref, weights), nprocs=2, join=True)
+    assert (tmp_path / "result-0").read_text().startswith("features")
+    assert (tmp_path / "result-1").read_text() == "none cached on rank 0"
+    assert not (tmp_path / "cache1").exists()
