@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from reglue.distributed import init_distributed, shutdown
-from reglue.sampling.run import sample_to_dir, write_grid
+from reglue.sampling.grid import write_grid
+from reglue.sampling.run import sample_to_dir
 from reglue_cli.errors import check_device
 from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_request, with_options
 

@@ -12,7 +12,7 @@ from reglue import presets
 from reglue.encoders.vae import load_vae
 from reglue.models import build
 from reglue.sampling.run import SampleRequest, sample_chunk
-from reglue.training.grid import save_sample_grid
+from reglue.sampling.grid import save_sample_grid
 from reglue.transport.path import get_path
 
 

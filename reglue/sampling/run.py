@@ -30,7 +30,7 @@ from reglue.distributed import DistInfo, barrier, from_main, main_phase, patient
 from reglue.encoders.vae import decode_latents, load_vae
 from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNoise, make_labels, sample_seed
 from reglue.locks import directory_lock
-from reglue.sampling.store import SAMPLES_H5, SampleStoreError, check_out_dir, done_indices, merge, open_part
+from reglue.sampling.store import SampleStoreError, check_out_dir, done_indices, merge, open_part
 from reglue.transport.path import Path as InterpolantPath, get_path
 from reglue.transport.samplers import SAMPLERS, Guidance, guided_velocity, sample_ode, sample_sde, time_grid
 
@@ -299,18 +299,3 @@ def _shown(settings: SampleSettings) -> dict:
     g = settings.guidance
     return {"sampler": settings.sampler, "steps": settings.steps, "cfg": g.scale, "cls_cfg": g.effective_cls_scale,
             "interval": ",".join(f"{v:g}" for v in g.interval), "channels": g.channels}
-
-
-def write_grid(out: Path, png: Path, count: int = 64, columns: int = 8) -> Path:
-    """A PNG of the first ``count`` samples of ``out/samples.h5``."""
-    import h5py
-    from PIL import Image
-
-    from reglue.fileio import atomic_path
-    from reglue.training.grid import tile
-
-    with h5py.File(out / SAMPLES_H5, "r") as f:
-        images = f["images"][: min(count, f["images"].shape[0])]
-    with atomic_path(png) as tmp:
-        Image.fromarray(tile(images, columns)).save(tmp, format="PNG")
-    return png

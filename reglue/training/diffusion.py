@@ -18,6 +18,7 @@ from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum_tensor, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
+from reglue.sampling.grid import save_sample_grid
 from reglue.training.checkpointing import Checkpointer
 from reglue.training.order import NoiseAhead, StepSampler, flip_rows, make_split, step_noise
 from reglue.training.rundir import RunDir, RunError, open_run
@@ -284,7 +285,6 @@ def _close_loggers(trainer: Trainer) -> None:
 
 
 def _sample_grid(trainer: Trainer, vae) -> None:
-    from reglue.training.grid import save_sample_grid
 
     path = trainer.run.samples / f"{trainer.step:07d}.png"
     save_sample_grid(trainer.ema, vae, path, trainer.config.sampling, trainer.config.data.latent_scale,

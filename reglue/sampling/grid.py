@@ -1,4 +1,5 @@
-"""Sample grids during training: EMA weights, fixed seeds, the run's sampling settings, the VAE decoder, one PNG."""
+"""Sample grids as one PNG: the first samples of a samples.h5 (`reglue sample --grid`), and the grids of training
+(EMA weights, fixed seeds, the run's sampling settings, the VAE decoder)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+import h5py
+
 from evaluation.environment import float32_matmuls
 from reglue.config.sections import SamplingConfig
 from reglue.encoders.vae import decode_latents
 from reglue.fileio import atomic_path
+from reglue.sampling.run import SampleRequest, integrate
 from reglue.sampling.seeds import sample_seed
+from reglue.sampling.store import SAMPLES_H5
+from reglue.transport.path import get_path
 
 GRID_SEED = 0
 
@@ -33,9 +39,6 @@ def save_sample_grid(model, vae, path: Path, sampling: SamplingConfig, latent_sc
                      interpolant: str = "linear", count: int = 16, columns: int = 8) -> Path:
     """Sample ``count`` images (labels 0, 1, 2 ...; seeds 0..count-1) with the run's sampling settings as
     `reglue sample` would, and write them as a PNG grid."""
-    from reglue.sampling.run import SampleRequest, integrate
-    from reglue.transport.path import get_path
-
     cfg = model.config
     device = next(model.parameters()).device
     settings, _ = SampleRequest(n=count, seed=GRID_SEED).resolve(sampling)
@@ -52,3 +55,12 @@ def save_sample_grid(model, vae, path: Path, sampling: SamplingConfig, latent_sc
     with atomic_path(path) as tmp:
         Image.fromarray(tile(images, columns)).save(tmp, format="PNG")
     return path
+
+
+def write_grid(out: Path, png: Path, count: int = 64, columns: int = 8) -> Path:
+    """A PNG of the first ``count`` samples of ``out/samples.h5``."""
+    with h5py.File(out / SAMPLES_H5, "r") as f:
+        images = f["images"][: min(count, f["images"].shape[0])]
+    with atomic_path(png) as tmp:
+        Image.fromarray(tile(images, columns)).save(tmp, format="PNG")
+    return png

@@ -1,0 +1,86 @@
+"""The layout's rules, checked on the source: no import cycle among the project's modules (imports inside
+functions counted), and evaluation never imports reglue (it stays usable alone)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("evaluation", "reglue", "reglue_cli")
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages."""
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(path: Path, known: dict) -> set[str]:
+    """The project modules a file imports, anywhere in it (a name imported from a package counts as its module
+    when it is one, else as the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                     for alias in node.names]
+        found.update(name for name in names if name in known)
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def graph_of_modules() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (a package's own modules importing the package's __init__ are left
+    out: Python initialises the package first, so that edge cannot form a cycle at import)."""
+    known = modules()
+    return {m: {t for t in imports(p, known) if t != m and not m.startswith(t + ".")} for m, p in known.items()}
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    assert cycles(graph_of_modules()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_evaluation_never_imports_reglue():
+    graph = graph_of_modules()
+    leaks = {m: sorted(t for t in targets if not t.startswith("evaluation"))
+             for m, targets in graph.items() if m.startswith("evaluation")}
+    assert {m: t for m, t in leaks.items() if t} == {}
