@@ -21,7 +21,8 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.sampling.store import OtherRunError
 from reglue_cli.errors import check_device, fail
-from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_request, with_options
+from reglue_cli.sampling_options import (DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request,
+                                         with_options)
 
 ROWS = (("FID", "fid", "{:.4f}"), ("sFID", "sfid", "{:.4f}"), ("Inception Score", "inception_score", "{:.2f}"),
         ("Precision", "precision", "{:.4f}"), ("Recall", "recall", "{:.4f}"))
@@ -108,7 +109,7 @@ def format_table(result: dict) -> str:
               help="With --ckpt: score K disjoint seed sets (--seed, --seed + 1, ...) and report mean and std.")
 @click.option("--save-samples", type=click.Path(file_okay=False),
               help="With --ckpt: also keep the images, as `reglue sample --out DIR` writes them (resumable).")
-@with_options(SAMPLER_OPTIONS[:2] + GUIDANCE_OPTIONS + SAMPLER_OPTIONS[2:])
+@with_options(SAMPLER, GUIDANCE_SCALES, GUIDANCE_CHANNELS, DRAWS, SELECTION)
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(samples, ref, json_out, features, inception_weights, batch_size, feature_chunk, pr_precision, fid_backend, make_ref, out,

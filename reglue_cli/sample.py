@@ -10,7 +10,8 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.sampling.grid import write_grid
 from reglue.sampling.run import sample_to_dir
 from reglue_cli.errors import check_device
-from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_request, with_options
+from reglue_cli.sampling_options import (DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request,
+                                         with_options)
 
 
 @click.command(short_help="Generate samples (ADM .npz + HDF5) from any checkpoint, on any number of GPUs.")
@@ -19,11 +20,11 @@ from reglue_cli.sampling_options import GUIDANCE_OPTIONS, SAMPLER_OPTIONS, make_
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--n", "--num-samples", "n", type=click.IntRange(min=1), default=50_000, show_default=True,
               help="Number of samples (under torchrun write --num-samples: torchrun mistakes --n for its own options).")
-@with_options(SAMPLER_OPTIONS[:2] + GUIDANCE_OPTIONS + SAMPLER_OPTIONS[2:6])
+@with_options(SAMPLER, GUIDANCE_SCALES, GUIDANCE_CHANNELS, DRAWS)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Samples per process and pass, rounded up to whole chunks: how often finished samples are saved. "
                    "Never changes a pixel.")
-@with_options(SAMPLER_OPTIONS[6:])
+@with_options(SELECTION)
 @click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid of the first 64 samples.")
 @click.option("--overwrite", is_flag=True, help="Replace samples of another run in --out.")
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")

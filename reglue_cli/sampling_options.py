@@ -23,7 +23,9 @@ def parse_interval(text: str) -> tuple[float, float]:
     return low, high
 
 
-GUIDANCE_OPTIONS = [
+# Named groups of options, used by `reglue sample`, `reglue eval --ckpt` and `reglue sweep` in the order they list
+# them (never sliced by position: a new option joins its group by name).
+GUIDANCE_SCALES = [
     click.option("--cfg", type=click.FloatRange(min=0), default=None,
                  help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model "
                       "[default: the checkpoint's sampling.cfg_scale: 1, or 2.8 for sit-xl2-reglue]."),
@@ -35,23 +37,32 @@ GUIDANCE_OPTIONS = [
                       "[default: the checkpoint's sampling.guidance_interval, 0,0.9]."),
 ]
 
-SAMPLER_OPTIONS = [
+SAMPLER = [
     click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
                  help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid "
                       "[default: the checkpoint's sampling.sampler, sde for every preset]."),
     click.option("--steps", type=click.IntRange(min=1), default=None,
                  help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets]."),
+]
+
+GUIDANCE_CHANNELS = [
     click.option("--cfg-channels", type=click.Choice(["all", "latents"]), default=None,
                  help="Guide every channel (REGLUE) or only the 4 VAE channels [default: the checkpoint's, all]."),
     click.option("--reference-vae-cfg", is_flag=True,
                  help="With --cfg-channels latents and --sampler sde: the official --vae_cfg true, d_c + S (d_c - "
                       "d_u) on the latents (scale S + 1), standard CFG on every channel at the last step."),
+]
+
+DRAWS = [
     click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
                  help="Global seed; sample i's noise and label depend only on (seed, i)."),
     click.option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
                  help="Samples per model and decoder call (2x rows while guided). Part of the settings, like "
                       "--seed: a kernel may pick its algorithm by batch size, so a different chunk may move the "
                       "last bits."),
+]
+
+SELECTION = [
     click.option("--balanced", is_flag=True, help="Exactly N/K samples of each class, in a seeded random order."),
     click.option("--class", "classes", type=click.IntRange(min=0), multiple=True,
                  help="Only these class ids (repeatable)."),
@@ -66,8 +77,10 @@ SAMPLER_OPTIONS = [
 ]
 
 
-def with_options(options: list):
-    """Decorate a click command with ``options`` in the order listed."""
+def with_options(*groups: list):
+    """Decorate a click command with the options of ``groups``, in the order listed."""
+    options = [option for group in groups for option in group]
+
     def decorate(command):
         for option in reversed(options):
             command = option(command)

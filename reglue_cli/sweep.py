@@ -13,7 +13,8 @@ from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
 from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
 from reglue_cli.errors import check_device, fail
-from reglue_cli.sampling_options import SAMPLER_OPTIONS, make_request, parse_interval, with_options
+from reglue_cli.sampling_options import (DRAWS, GUIDANCE_CHANNELS, SAMPLER, SELECTION, make_request, parse_interval,
+                                         with_options)
 
 FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
 
@@ -36,7 +37,7 @@ FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
               help="Disjoint seed sets per point (--seed, --seed + 1, ...): mean and std of every metric.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table", show_default=True,
               help="The table printed and written to OUT/sweep.{txt,md,csv,json}.")
-@with_options(SAMPLER_OPTIONS)
+@with_options(SAMPLER, GUIDANCE_CHANNELS, DRAWS, SELECTION)  # the scales and intervals are the grid's own
 @click.option("--inception-weights", type=click.Path(dir_okay=False),
               help="torch-fidelity's InceptionV3 weights [default: $REGLUE_INCEPTION_WEIGHTS or download].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
