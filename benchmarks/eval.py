@@ -43,7 +43,8 @@ def bench_features(weights: str, n: int, batch: int, device) -> None:
             torch.cuda.synchronize()
         rates[name] = n / (time.perf_counter() - start)
     print(f"features ({n} images 256px, batch {batch}): torch-fidelity {rates['torch-fidelity']:.1f} img/s, ours "
-          f"{rates['ours']:.1f} img/s (ours also yields the sFID features), ratio {rates['ours'] / rates['torch-fidelity']:.2f}x")
+          f"{rates['ours']:.1f} img/s (ours also yields the sFID features), "
+          f"ratio {rates['ours'] / rates['torch-fidelity']:.2f}x")
 
 
 def bench_trace(dim: int) -> None:

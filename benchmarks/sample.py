@@ -55,8 +55,8 @@ def ours(model, batch: int, steps: int, scale: float, device) -> torch.Tensor:
     """Our sampler with the reference's guidance interval [0, 0.9]."""
     cfg = model.config
     seeds = [sample_seed(0, i) for i in range(batch)]
-    noise = SampleNoise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size), cfg.cls_dim if cfg.cls_token else None,
-                        device)
+    noise = SampleNoise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size),
+                        cfg.cls_dim if cfg.cls_token else None, device)
     x, cls = noise.initial()
     y = torch.randint(0, 1000, (batch,), device=device)
     velocity = guided_velocity(model, Guidance(scale=scale, interval=(0.0, 0.9)))

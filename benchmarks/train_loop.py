@@ -22,15 +22,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from test_encode import make_folder  # noqa: E402
+
 from reglue import presets  # noqa: E402
 from reglue.data.encode import EncodeOptions, encode_dataset  # noqa: E402
 from reglue.data.sources import open_source  # noqa: E402
 from reglue.encoders.vae import load_vae  # noqa: E402
-from reglue.training.diffusion import (TrainOptions, _loader, _make_net, build_trainer, noise_source,  # noqa: E402
-                                       train_diffusion, train_step)
+from reglue.training.diffusion import (  # noqa: E402
+    TrainOptions,
+    _loader,
+    _make_net,
+    build_trainer,
+    noise_source,
+    train_diffusion,
+    train_step,
+)
 from reglue.training.order import make_split  # noqa: E402
 from reglue.transport import JointLoss  # noqa: E402
-from test_encode import make_folder  # noqa: E402
 
 
 def toy_dataset(root: Path, resolution: int) -> Path:
@@ -45,7 +53,8 @@ def toy_dataset(root: Path, resolution: int) -> Path:
 def loop_seconds(config, options: TrainOptions) -> list[float]:
     """Seconds between consecutive steps of the real loop (the first, warm-up, interval dropped)."""
     marks: list[float] = []
-    train_diffusion(config, TrainOptions(**{**options.__dict__, "callbacks": (lambda t: marks.append(time.perf_counter()),)}))
+    timer = (lambda trainer: marks.append(time.perf_counter()),)
+    train_diffusion(config, TrainOptions(**{**options.__dict__, "callbacks": timer}))
     return [b - a for a, b in zip(marks[2:], marks[3:])]  # marks[0]: the callback before the first step
 
 

@@ -2,7 +2,8 @@
 
 Both are SiT-B/2 + REGLUE sized (20 input channels, [CLS] token, projector after block 4) and run the same
 step: forward, the joint loss, backward, AdamW. Prints images/s for each and the ratio, per precision.
-On a GPU it also reports model FLOPs utilisation. Run: python benchmarks/train_step.py [--batch 8] [--steps 7] [--compile]
+On a GPU it also reports model FLOPs utilisation.
+Run: python benchmarks/train_step.py [--batch 8] [--steps 7] [--compile]
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def _row_from_metrics(path: Path, label: str, m: dict | None = None) -> dict:
         cfg = {"scale": guidance["scale"], "cls_scale": guidance.get("cls_scale"), "channels": guidance["channels"],
                "interval": guidance.get("interval")}
     sampler = settings.get("sampler", "unknown")
-    sampler = f"SDE Euler-Maruyama {settings.get('steps')}" if sampler == "sde" else f"{sampler} {settings.get('steps')}"
+    steps = settings.get("steps")
+    sampler = f"SDE Euler-Maruyama {steps}" if sampler == "sde" else f"{sampler} {steps}"
     stand_in = info.get("decoder") == "tiny" or str(info.get("preset", "")).startswith("tiny") or \
         not is_published_weights(m.get("inception_weights_sha256", ""))
     unconditional = info.get("num_classes") == 0 or str(info.get("preset", "")).endswith(UNCOND_PRESET_SUFFIX)
@@ -142,7 +143,8 @@ def method_label(row: dict) -> str:
 
 
 def decoder_name(decoder: str) -> str:
-    """The decoder as the baselines name it: 'stabilityai/sd-vae-ft-ema' or a folder .../sd-vae-ft-ema -> 'sd-vae-ft-ema'."""
+    """The decoder as the baselines name it: 'stabilityai/sd-vae-ft-ema' or a folder .../sd-vae-ft-ema ->
+    'sd-vae-ft-ema'."""
     return str(decoder).rstrip("/").rsplit("/", 1)[-1] or str(decoder)
 
 

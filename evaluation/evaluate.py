@@ -13,8 +13,8 @@ import torch
 
 from evaluation.collectives import main_decides, main_phase
 from evaluation.environment import environment
-from evaluation.fid import frechet_distance
 from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world, side_by_side
+from evaluation.fid import frechet_distance
 from evaluation.fileio import abandon_h5, write_error
 from evaluation.images import ImageInputError, file_sha256, open_images
 from evaluation.inception import InceptionFeatures
@@ -194,7 +194,8 @@ def _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_ori
         "samples_sha256": file_sha256(samples) if on_disk else None,
         "reference": str(ref_path), "reference_sha256": ref_sha, "reference_statistics": stats_origin,
         "inception_weights": extractor.weights_path, "inception_weights_sha256": extractor.weights_sha256,
-        "fid_backend": options.fid_backend, "pr_precision": options.pr_precision, "feature_chunk": options.feature_chunk,
+        "fid_backend": options.fid_backend, "pr_precision": options.pr_precision,
+        "feature_chunk": options.feature_chunk,
         "resize": "TF1 bilinear to 299 (torch-fidelity inception-v3-compat)",
         "torch_fidelity_version": torch_fidelity.__version__, "device": str(device), "tf32": False,
         "environment": environment(device),  # the features: strict fp32 (no_tf32), one thread per call on a CPU

@@ -24,7 +24,8 @@ CLEAN_SIZE = 299
 
 
 def clean_resize(images: np.ndarray, size: int = CLEAN_SIZE) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, size, size): PIL bicubic per channel in float ('F') mode, clipped to 0..255."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, size, size): PIL bicubic per channel in float ('F') mode, clipped to
+    0..255."""
     out = np.empty((images.shape[0], 3, size, size), np.float32)
     for i, image in enumerate(images):
         for c in range(3):

@@ -9,8 +9,14 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from evaluation.collectives import (DEFAULT_TIMEOUT_S, DistributedSetupError, collective_timeout, main_decides,
-                                    main_phase, patient_barrier)
+from evaluation.collectives import (
+    DEFAULT_TIMEOUT_S,
+    DistributedSetupError,
+    collective_timeout,
+    main_decides,
+    main_phase,
+    patient_barrier,
+)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DistInfo", "DistributedSetupError", "all_sum", "all_sum_tensor", "barrier",
            "collective_timeout", "device_problem", "from_main", "init_distributed", "main_decides", "main_phase",

@@ -40,7 +40,8 @@ def _summary_line(summary, source_size: int) -> str:
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Write data-00000.h5, data-00001.h5 ... holding this many source images each.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made from another source or with other options.")
-@click.option("--device", default=None, callback=check_device, help="cpu, cuda, cuda:1 ... [default: cuda when available]")
+@click.option("--device", default=None, callback=check_device,
+              help="cpu, cuda, cuda:1 ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch_size, workers, shard_size,
            overwrite, device, quiet) -> None:

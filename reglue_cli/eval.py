@@ -21,8 +21,15 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.sampling.store import OtherRunError
 from reglue_cli.errors import check_device, fail
-from reglue_cli.sampling_options import (DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request,
-                                         with_options)
+from reglue_cli.sampling_options import (
+    DRAWS,
+    GUIDANCE_CHANNELS,
+    GUIDANCE_SCALES,
+    SAMPLER,
+    SELECTION,
+    make_request,
+    with_options,
+)
 
 ROWS = (("FID", "fid", "{:.4f}"), ("sFID", "sfid", "{:.4f}"), ("Inception Score", "inception_score", "{:.2f}"),
         ("Precision", "precision", "{:.4f}"), ("Recall", "recall", "{:.4f}"))
@@ -78,7 +85,8 @@ def format_table(result: dict) -> str:
               help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz [default: the ImageNet "
                    "batch at the samples' resolution: imagenet256, or imagenet512 for 512 px samples].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here.")
-@click.option("--features", type=click.Path(dir_okay=False), help="Also store pool, spatial and logits features (HDF5).")
+@click.option("--features", type=click.Path(dir_okay=False),
+              help="Also store pool, spatial and logits features (HDF5).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False),
               help="torch-fidelity's InceptionV3 weights file, or 'random' for a seeded stand-in (tests, demo) "
                    "[default: $REGLUE_INCEPTION_WEIGHTS or download].")
@@ -112,8 +120,9 @@ def format_table(result: dict) -> str:
 @with_options(SAMPLER, GUIDANCE_SCALES, GUIDANCE_CHANNELS, DRAWS, SELECTION)
 @click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_(samples, ref, json_out, features, inception_weights, batch_size, feature_chunk, pr_precision, fid_backend, make_ref, out,
-          resolution, families, dinov2_weights, ckpt, n, repeats, save_samples, device, quiet, **sampling) -> None:
+def eval_(samples, ref, json_out, features, inception_weights, batch_size, feature_chunk, pr_precision, fid_backend,
+          make_ref, out, resolution, families, dinov2_weights, ckpt, n, repeats, save_samples, device, quiet,
+          **sampling) -> None:
     """Score SAMPLES (an ADM .npz with arr_0 uint8 N x H x W x 3, a samples.h5, or a folder of images).
 
     \b

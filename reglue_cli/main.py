@@ -9,10 +9,10 @@ import click
 
 from evaluation.collectives import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from reglue.errors import UserError
-from reglue_cli.errors import EXIT_USAGE, report
-from reglue_cli.encode import encode
-from reglue_cli.eval import eval_
 from reglue_cli.compare import compare
+from reglue_cli.encode import encode
+from reglue_cli.errors import EXIT_USAGE, report
+from reglue_cli.eval import eval_
 from reglue_cli.sample import sample
 from reglue_cli.sweep import sweep
 from reglue_cli.train import train

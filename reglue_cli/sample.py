@@ -10,8 +10,15 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.sampling.grid import write_grid
 from reglue.sampling.run import sample_to_dir
 from reglue_cli.errors import check_device
-from reglue_cli.sampling_options import (DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request,
-                                         with_options)
+from reglue_cli.sampling_options import (
+    DRAWS,
+    GUIDANCE_CHANNELS,
+    GUIDANCE_SCALES,
+    SAMPLER,
+    SELECTION,
+    make_request,
+    with_options,
+)
 
 
 @click.command(short_help="Generate samples (ADM .npz + HDF5) from any checkpoint, on any number of GPUs.")

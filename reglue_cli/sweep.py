@@ -13,8 +13,15 @@ from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
 from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
 from reglue_cli.errors import check_device, fail
-from reglue_cli.sampling_options import (DRAWS, GUIDANCE_CHANNELS, SAMPLER, SELECTION, make_request, parse_interval,
-                                         with_options)
+from reglue_cli.sampling_options import (
+    DRAWS,
+    GUIDANCE_CHANNELS,
+    SAMPLER,
+    SELECTION,
+    make_request,
+    parse_interval,
+    with_options,
+)
 
 FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
 
@@ -45,7 +52,8 @@ FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
 @click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
               help="Images per Inception call (zero-padded), as `reglue eval`.")
 @click.option("--wandb", "wandb_project", metavar="PROJECT",
-              help="Also log every point to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured).")
+              help="Also log every point to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline "
+                   "honoured).")
 @click.option("--new-set", is_flag=True,
               help="--out holds a sweep with other settings: start a new set beside its points (kept, never mixed in).")
 @click.option("--overwrite", is_flag=True, help="Discard every point in --out and start afresh.")
@@ -67,8 +75,18 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
           --n 10000 --ref imagenet256 --out sweeps/b2
     Under torchrun every point is generated on all GPUs.
     """
-    from reglue.sweep import (SweepError, best, check_repeats, exact, format_table, grid, parse_values, plan_sweep,
-                              plot, run_plan)
+    from reglue.sweep import (
+        SweepError,
+        best,
+        check_repeats,
+        exact,
+        format_table,
+        grid,
+        parse_values,
+        plan_sweep,
+        plot,
+        run_plan,
+    )
 
     try:  # the grammar, the grid's size and the seed range: before anything is loaded
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,

@@ -70,8 +70,8 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
     if config.kind == "diffusion":
         m, v = config.model, config.vfm
         grid = m.input_size // m.patch_size
-        click.echo(f"# tokens: {grid * grid} latent ({grid}x{grid} patches of the {m.input_size}x{m.input_size} latents)"
-                   f"{' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
+        click.echo(f"# tokens: {grid * grid} latent ({grid}x{grid} patches of the {m.input_size}x{m.input_size} "
+                   f"latents){' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
         click.echo(f"# forward: {gflops:.2f} GFLOPs per image (a multiply-add counted once, as the DiT paper; "
                    "the frozen VAE and VFM not included)")
 
@@ -124,11 +124,13 @@ def _check_wandb(project: str, outdir: str) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
               show_default="4 or the CPU count if fewer", help="Data-loading processes per GPU.")
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep.")
-@click.option("--keep-every", type=click.IntRange(min=1), help="Also keep every checkpoint whose step is a multiple of N.")
+@click.option("--keep-every", type=click.IntRange(min=1),
+              help="Also keep every checkpoint whose step is a multiple of N.")
 @click.option("--allow-other-data", is_flag=True,
               help="Resume this run on another dataset than the one run/data.yaml records (refused otherwise).")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
-@click.option("--tensorboard", is_flag=True, help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
 @click.option("--eval-every", type=click.IntRange(min=1), metavar="N",
               help="Every N steps and at the end: generate --eval-n samples from the EMA weights with the preset's "
                    "sampling settings and score them in process (run/eval/STEP.json, metrics.jsonl, TensorBoard).")
@@ -183,7 +185,8 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
     if wandb_project:
         _check_wandb(wandb_project, outdir)
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,
-                               keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights, tensorboard=tensorboard,
+                               keep_last=keep_last, keep_every=keep_every, vfm_weights=vfm_weights,
+                               tensorboard=tensorboard,
                                progress=not quiet, device=device, allow_other_data=allow_other_data,
                                callbacks=callbacks, wandb_project=wandb_project)
     run = train_compressor if config.kind == "compressor" else train_diffusion

@@ -62,10 +62,11 @@ def random_reference(path, n: int, side: int = 64, seed: int = 0):
 @pytest.fixture(scope="session")
 def toy_encoded(tmp_path_factory):
     """A toy folder (4 images a class) encoded at 64 px with the tiny VAE: data.h5 for tiny training runs."""
+    from test_encode import make_folder
+
     from reglue.data.encode import EncodeOptions, encode_dataset
     from reglue.data.sources import open_source
     from reglue.encoders.vae import load_vae
-    from test_encode import make_folder
 
     root = tmp_path_factory.mktemp("toy_encoded")
     images = make_folder(root / "images", per_class=4, seed=11, corrupt=False)

@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_, tiny_config
 from official_layout import OfficialEncoderDecoder, OfficialSiT, numpy_stats, randomize, rename_pickle_global
+
 from reglue import checkpoints, presets
 from reglue.checkpoints import CheckpointError
 from reglue.config import DiffusionRun, to_dict

@@ -4,14 +4,20 @@ import json
 import warnings
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
-
-from evaluation.compare import BASELINES, caveats, features_distance, format_rows, load_baselines, load_ours, \
-    validate_baselines
-from reglue_cli.main import main
 from test_eval_inception import _npz, weights  # noqa: F401,F811  (the random-weights Inception fixture)
+
+from evaluation.compare import (
+    BASELINES,
+    caveats,
+    features_distance,
+    format_rows,
+    load_baselines,
+    load_ours,
+    validate_baselines,
+)
+from reglue_cli.main import main
 
 
 def test_baselines_file_is_valid_and_every_row_has_a_source():

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_encode import make_folder
 
 from reglue import config as run_config
 from reglue import presets
@@ -23,7 +24,6 @@ from reglue.schema import describe
 from reglue.training.diffusion import TrainOptions, build_trainer
 from reglue.training.order import flip_rows
 from reglue_cli.main import main
-from test_encode import make_folder
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "presets.md"
 

@@ -30,7 +30,8 @@ def _worker(rank: int, root: str, fail: bool) -> None:
 def test_rank_zero_makes_it_once_and_every_rank_gets_it(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path), False), nprocs=2, join=True)
     assert sorted(p.name for p in tmp_path.glob("made-by-*")) == ["made-by-0"]
-    assert (tmp_path / "result-0").read_text() == (tmp_path / "result-1").read_text() == "{'keys': ('a', 'b'), 'from': 0}"
+    expected = "{'keys': ('a', 'b'), 'from': 0}"
+    assert (tmp_path / "result-0").read_text() == (tmp_path / "result-1").read_text() == expected
 
 
 def test_an_error_on_rank_zero_is_raised_on_every_rank(tmp_path):
@@ -150,8 +151,8 @@ def test_rank_zero_decides_whether_the_reference_cache_exists(tmp_path):
     from pathlib import Path
 
     import numpy as np
-
     from conftest import random_reference
+
     from evaluation.evaluate import EvalOptions, reference_features
     from evaluation.images import file_sha256
     from evaluation.inception import InceptionFeatures, random_weights_file

@@ -383,4 +383,5 @@ def test_rank_parts_merge_block_by_block_into_the_one_process_dataset(folder, ti
                        progress=False, log=lambda m: None)
     with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
         assert a.attrs["content_sha256"] == b.attrs["content_sha256"]
-        assert np.array_equal(a["moments"][...], b["moments"][...]) and np.array_equal(a["labels"][...], b["labels"][...])
+        assert np.array_equal(a["moments"][...], b["moments"][...])
+        assert np.array_equal(a["labels"][...], b["labels"][...])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval_inception import _npz, weights  # noqa: F401,F811
 
 from evaluation.families import clean_resize, kernel_inception_distance, pool_from_float
 from evaluation.inception import InceptionFeatures
 from reglue_cli.main import main
-from test_eval_inception import _npz, weights  # noqa: F401,F811
 
 
 def test_clean_resize_is_pil_bicubic_per_float_channel():

@@ -12,7 +12,6 @@ from evaluation.inception_score import inception_score
 from evaluation.precision_recall import manifold_radii, precision_recall
 from evaluation.stats import RunningStats
 
-
 # ------------------------------------------------------------------------------------------------ the oracle
 
 def oracle_fid(mu1, s1, mu2, s2, eps=1e-6):

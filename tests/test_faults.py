@@ -15,12 +15,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_
+from test_encode import make_folder
+
 from reglue import checkpoints, presets
 from reglue.fileio import atomic_path, sweep_temps
 from reglue.models import build
-from test_encode import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import random_reference
+
 from reglue_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,8 @@ def test_eval_ckpt_equals_sample_then_eval_exactly_for_any_batch_size(ckpt, ref,
 
 
 def test_eval_ckpt_under_torchrun_equals_one_process(ckpt, ref, in_process, tmp_path):
-    common = ["reglue_cli", "eval", "--ckpt", ckpt, "--num-samples", "8", *SAMPLING, *_scoring(ref)]  # not --n: torchrun's
+    # --num-samples, not --n: torchrun's own parser takes --n
+    common = ["reglue_cli", "eval", "--ckpt", ckpt, "--num-samples", "8", *SAMPLING, *_scoring(ref)]
     # rank 0's reference cache and metrics made slower (6 s each) than the collective timeout (10 s in all)
     env = {**os.environ, "REGLUE_FEATURE_CACHE": str(tmp_path / "cache"), "REGLUE_DIST_TIMEOUT": "10",
            "REGLUE_SLOW_MAIN_PHASE": "reference-cache:6,evaluate-metrics:12"}
@@ -141,7 +142,8 @@ def test_eval_every_writes_each_step_once_and_compare_plots_them(data, ref, tmp_
     assert _train(data, run, ref, 8) == 0 and calls == [8]
     assert (run / "eval" / "0000004.json").stat().st_mtime_ns == stamp
 
-    assert main(["compare", str(run), "--baselines", "none", "--format", "json", "--plot", str(tmp_path / "f.png")]) == 0
+    assert main(["compare", str(run), "--baselines", "none", "--format", "json", "--plot",
+                 str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 

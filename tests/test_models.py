@@ -5,12 +5,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_, tiny_config
+
 from reglue import presets
 from reglue.constants import NULL_CLASS
 from reglue.models import (
-    ConfigError, ModelConfig, SemanticCompressor, SiT, build, count_compressor_parameters, count_parameters,
+    ConfigError,
+    ModelConfig,
+    SemanticCompressor,
+    SiT,
+    build,
+    count_compressor_parameters,
+    count_parameters,
 )
 from reglue.models.sit import sincos_2d_embedding, timestep_frequencies
 

@@ -11,8 +11,8 @@ from evaluation.environment import float32_matmuls
 from reglue import presets
 from reglue.encoders.vae import load_vae
 from reglue.models import build
-from reglue.sampling.run import SampleRequest, sample_chunk
 from reglue.sampling.grid import save_sample_grid
+from reglue.sampling.run import SampleRequest, sample_chunk
 from reglue.transport.path import get_path
 
 

@@ -68,7 +68,8 @@ def runnable(command: str, tmp: Path) -> list[str]:
 
 
 def make_stand_in_weights(root: Path) -> dict:
-    """SD-VAE and DINOv2-B/14-reg at their real sizes with random weights, in their real formats; the env to use them."""
+    """SD-VAE and DINOv2-B/14-reg at their real sizes with random weights, in their real formats; the env to use
+    them."""
     import timm
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file

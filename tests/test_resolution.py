@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from test_encode import make_folder
 
 from evaluation.reference import ReferenceStatsError, reference_for
 from reglue import presets
 from reglue.encoders.registry import VFM_REGISTRY
 from reglue_cli.main import main
-from test_encode import make_folder
 
 
 def test_the_512_presets_have_64x64_latents_and_a_448_px_vfm(capsys):

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_
+
 from reglue import checkpoints, presets
 from reglue.distributed import DistInfo
 from reglue.models import ModelOutput, build

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from conftest import random_reference
 
 import reglue.sweep
-from conftest import random_reference
 from reglue.identity import differences
 from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS, SweepError, grid, parse_values
 from reglue_cli.main import main

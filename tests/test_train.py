@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_encode import make_folder
 
 from reglue import checkpoints, presets
 from reglue.data.encode import EncodeOptions, encode_dataset
@@ -25,7 +26,6 @@ from reglue.models.flops import forward_gflops
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
 from reglue_cli.main import main
-from test_encode import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,9 +222,12 @@ def test_compressor_is_found_from_its_run_directory_or_any_checkpoint(compressor
 def test_cli_errors_are_one_line(data, tmp_path, capsys):
     cases = [
         (["--preset", "tiny-sit", "--outdir", str(tmp_path / "r")], "--data and --outdir are required"),
-        (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r2")], "needs a trained compressor"),
-        (["--preset", "tiny-sit", "--data", str(tmp_path / "none.h5"), "--outdir", str(tmp_path / "r3")], "no such dataset"),
-        (["--preset", "sit-b2", "--data", str(data), "--outdir", str(tmp_path / "r4")], "encoded with resolution 64, the run's data.resolution is 256"),
+        (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r2")],
+         "needs a trained compressor"),
+        (["--preset", "tiny-sit", "--data", str(tmp_path / "none.h5"), "--outdir", str(tmp_path / "r3")],
+         "no such dataset"),
+        (["--preset", "sit-b2", "--data", str(data), "--outdir", str(tmp_path / "r4")],
+         "encoded with resolution 64, the run's data.resolution is 256"),
         (["--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "r5"), "--compressor",
           str(data)], "cannot be read safely"),
     ]

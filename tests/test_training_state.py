@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-
 from conftest import randomize_, tiny_config
+
 from reglue.config.sections import OptimConfig
 from reglue.models.sit import SiT
 from reglue.training.state import make_optimizer, update_ema

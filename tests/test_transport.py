@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_, tiny_config
+
 from reglue import presets
 from reglue.config import to_dict
 from reglue.models import SiT
@@ -15,7 +15,8 @@ def test_linear_path_is_x_t_equals_one_minus_t_x0_plus_t_eps():
     x0, eps, t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.tensor([0.0, 0.3, 0.7, 1.0])
     path = LinearPath()
     tt = t.numpy()[:, None, None, None]
-    np.testing.assert_allclose(path.interpolate(x0, eps, t).numpy(), (1 - tt) * x0.numpy() + tt * eps.numpy(), atol=1e-6)
+    expected = (1 - tt) * x0.numpy() + tt * eps.numpy()
+    np.testing.assert_allclose(path.interpolate(x0, eps, t).numpy(), expected, atol=1e-6)
     np.testing.assert_allclose(path.velocity(x0, eps, t).numpy(), eps.numpy() - x0.numpy(), atol=1e-6)
     assert torch.equal(path.interpolate(x0, eps, torch.ones(4)), eps)  # t = 1 is noise
     assert torch.equal(path.interpolate(x0, eps, torch.zeros(4)), x0)  # t = 0 is data

@@ -18,11 +18,16 @@ import torch.nn as nn
 from reference_resize import antialiased_bicubic_matrix, bicubic_matrix, resize_grid
 
 from reglue.encoders.loading import ModelLoadError
-from reglue.encoders.registry import (POSITIONS_ANTIALIAS, POSITIONS_BICUBIC, POSITIONS_OFFSET, POSITIONS_ROPE,
-                                      VFM_REGISTRY, VFMEntry)
+from reglue.encoders.registry import (
+    POSITIONS_ANTIALIAS,
+    POSITIONS_BICUBIC,
+    POSITIONS_OFFSET,
+    POSITIONS_ROPE,
+    VFM_REGISTRY,
+    VFMEntry,
+)
 from reglue.encoders.vfm import VisionFoundationModel, load_vfm
 from reglue.encoders.weights import read_weights, resize_positions, unwrap_release, vit_from_state
-
 
 # --- the families' release layouts, from timm's keys (each the inverse of what timm's converter undoes) ---
 
@@ -63,7 +68,8 @@ def dinov3_hub(state: dict) -> dict:
 
 def openai_clip(state: dict) -> dict:
     """OpenAI CLIP's state: visual.* with conv1, ln_pre/ln_post, resblocks, in_proj; text tower beside it."""
-    swaps = [("patch_embed.proj", "conv1"), ("pos_embed", "positional_embedding"), ("blocks.", "transformer.resblocks."),
+    swaps = [("patch_embed.proj", "conv1"), ("pos_embed", "positional_embedding"),
+             ("blocks.", "transformer.resblocks."),
              ("norm_pre", "ln_pre"), ("qkv.", "in_proj_"), ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
              ("mlp.fc2", "mlp.c_proj"), ("norm1", "ln_1"), ("norm2", "ln_2")]
     out = {}

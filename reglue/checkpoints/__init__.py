@@ -12,8 +12,14 @@ reference's files), model (load_model: either), compressor (compressor files).
 from reglue.checkpoints.compressor import COMPRESSOR_FORMAT, load_compressor, load_norm_stats, save_compressor
 from reglue.checkpoints.model import load_model
 from reglue.checkpoints.official import STANDARD_SIZES, infer_official_config, map_official_keys
-from reglue.checkpoints.ours import (CHECKPOINT_NAME, FORMAT, VERSION, find_latest_checkpoint, load_checkpoint,
-                                     save_checkpoint)
+from reglue.checkpoints.ours import (
+                                     CHECKPOINT_NAME,
+                                     FORMAT,
+                                     VERSION,
+                                     find_latest_checkpoint,
+                                     load_checkpoint,
+                                     save_checkpoint,
+)
 from reglue.checkpoints.reading import CheckpointError
 from reglue.checkpoints.rng import capture_rng_state, restore_rng_state
 

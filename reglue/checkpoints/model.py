@@ -7,11 +7,11 @@ import dataclasses
 from pathlib import Path
 
 from reglue import config as run_config
-from reglue.config.sections import DiffusionRun
-from reglue.errors import ConfigError
 from reglue.checkpoints.official import load_official
 from reglue.checkpoints.ours import FORMAT, check_ours
 from reglue.checkpoints.reading import CheckpointError, built_and_loaded, read, strip_module
+from reglue.config.sections import DiffusionRun
+from reglue.errors import ConfigError
 from reglue.models import SiT, build
 
 

@@ -7,10 +7,17 @@ not fit each other, so every problem is one line at ``--dry-run`` time. Sections
 from __future__ import annotations
 
 from reglue.config.checks import check_compressor, check_diffusion
-from reglue.schema import describe, parse, plain
-from reglue.config.sections import (KINDS, CompressorRun, DiffusionRun, LatentData, RunConfig, SamplingConfig,
-                                    TransportConfig)
+from reglue.config.sections import (
+    KINDS,
+    CompressorRun,
+    DiffusionRun,
+    LatentData,
+    RunConfig,
+    SamplingConfig,
+    TransportConfig,
+)
 from reglue.errors import ConfigError
+from reglue.schema import describe, parse, plain
 
 __all__ = ["KINDS", "CompressorRun", "ConfigError", "DiffusionRun", "LatentData", "RunConfig", "SamplingConfig",
            "TransportConfig", "defaults", "describe", "from_dict", "plain", "to_dict"]

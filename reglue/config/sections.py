@@ -9,10 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from reglue.schema import (BETAS, FRACTION, INTERVAL, MAX_BATCH, MAX_EPOCHS, MAX_IMAGES, MAX_PIXELS, MAX_RUN_SEED,
-                           MAX_SAMPLING_STEPS, MAX_STEPS, MAX_WIDTH, NON_NEGATIVE, POSITIVE, count, knob, optional)
 from reglue.constants import CFG_CHANNELS, LATENT_SCALE
 from reglue.models.config import ModelConfig
+from reglue.schema import (
+    BETAS,
+    FRACTION,
+    INTERVAL,
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_IMAGES,
+    MAX_PIXELS,
+    MAX_RUN_SEED,
+    MAX_SAMPLING_STEPS,
+    MAX_STEPS,
+    MAX_WIDTH,
+    NON_NEGATIVE,
+    POSITIVE,
+    count,
+    knob,
+    optional,
+)
 from reglue.transport.loss import LossWeights
 
 Precision = Literal["fp32", "bf16", "fp16"]

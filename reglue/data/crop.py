@@ -25,7 +25,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM centre crop: BOX-halve while the short side >= 2 * size, BICUBIC to short side = size, crop (H, W, 3) uint8."""
+    """ADM centre crop: BOX-halve while the short side >= 2 * size, BICUBIC to short side = size, crop (H, W, 3)
+    uint8."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
     scale = size / min(image.size)

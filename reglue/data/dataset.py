@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from reglue.errors import UserError
 from reglue.data import h5format as fmt
+from reglue.errors import UserError
 
 
 class DatasetError(UserError, ValueError):

@@ -16,18 +16,18 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from reglue.errors import UserError
 from reglue import __version__
 from reglue.constants import LATENT_CHANNELS, VAE_DOWNSAMPLE
 from reglue.data import h5format as fmt
+from reglue.data.append import ATTR_WRITTEN
 from reglue.data.crop import adm_center_crop, decode_image
 from reglue.data.sources import ImageSource
-from reglue.data.append import ATTR_WRITTEN
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
-from reglue.fileio import new_h5
-from reglue.locks import file_lock
 from reglue.distributed import DistInfo, main_phase, patient_barrier
 from reglue.encoders.vae import posterior_moments
+from reglue.errors import UserError
+from reglue.fileio import new_h5
+from reglue.locks import file_lock
 
 MOMENTS_DTYPES = ("float32", "float16")
 

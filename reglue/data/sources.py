@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reglue.errors import UserError
 from reglue.data.crop import IMAGE_EXTENSIONS
+from reglue.errors import UserError
 
 
 class SourceError(UserError, ValueError):
@@ -29,7 +29,8 @@ class ImageSource:
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
     kind: str  # "folder", "tar" or "nested-tar"
-    spans: np.ndarray | None = field(default=None, compare=False)  # nested-tar: (N, 2) int64 byte offset and size of each image in the outer file
+    # nested-tar: (N, 2) int64 byte offset and size of each image in the outer file
+    spans: np.ndarray | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)

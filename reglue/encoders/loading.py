@@ -14,7 +14,8 @@ class ModelLoadError(UserError, RuntimeError):
 
 def offline() -> bool:
     """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

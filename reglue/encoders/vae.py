@@ -47,7 +47,8 @@ def _from_pretrained(source: str, **kwargs) -> torch.nn.Module:
 
 def _how_to_fetch(name: str) -> str:
     env = f" or set {LOCAL_COPY_ENV[name]}=DIR" if name in LOCAL_COPY_ENV else ""
-    return f"fetch it on a machine with network (`hf download {name} --local-dir DIR`), copy DIR here and pass --vae DIR{env}"
+    return (f"fetch it on a machine with network (`hf download {name} --local-dir DIR`), copy DIR here and pass "
+            f"--vae DIR{env}")
 
 
 def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reglue.schema import (FRACTION, MAX_CLASSES, MAX_DEPTH, MAX_GRID, MAX_HEADS, MAX_PATCH, MAX_WIDTH, count, knob,
-                           optional, parse, plain)
 from reglue.constants import LATENT_CHANNELS, NUM_CLASSES
 from reglue.errors import ConfigError
+from reglue.schema import (
+    FRACTION,
+    MAX_CLASSES,
+    MAX_DEPTH,
+    MAX_GRID,
+    MAX_HEADS,
+    MAX_PATCH,
+    MAX_WIDTH,
+    count,
+    knob,
+    optional,
+    parse,
+    plain,
+)
 
 __all__ = ["ConfigError", "ModelConfig", "ProjectorConfig", "SEMANTIC_SOURCES"]
 
@@ -102,10 +114,12 @@ class ModelConfig:
         if self.input_size % self.patch_size:
             raise ConfigError(f"model.input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.semantic_source not in SEMANTIC_SOURCES:
-            raise ConfigError(f"model.semantic_source {self.semantic_source!r}: choose one of {', '.join(SEMANTIC_SOURCES)}")
+            raise ConfigError(f"model.semantic_source {self.semantic_source!r}: choose one of "
+                              f"{', '.join(SEMANTIC_SOURCES)}")
         if (self.semantic_channels > 0) != (self.semantic_source != "none"):
             raise ConfigError(
-                f"model.semantic_channels={self.semantic_channels} and semantic_source={self.semantic_source!r} disagree"
+                f"model.semantic_channels={self.semantic_channels} and semantic_source={self.semantic_source!r} "
+                "disagree"
             )
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"model.class_dropout {self.class_dropout} must lie in [0, 1)")

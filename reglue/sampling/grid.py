@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
-
-import h5py
 
 from evaluation.environment import float32_matmuls
 from reglue.config.sections import SamplingConfig

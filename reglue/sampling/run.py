@@ -28,10 +28,11 @@ from reglue.config.sections import SamplingConfig
 from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
 from reglue.distributed import DistInfo, barrier, from_main, main_phase, patient_barrier
 from reglue.encoders.vae import decode_latents, load_vae
-from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNoise, make_labels, sample_seed
 from reglue.locks import directory_lock
+from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNoise, make_labels, sample_seed
 from reglue.sampling.store import SampleStoreError, check_out_dir, done_indices, merge, open_part
-from reglue.transport.path import Path as InterpolantPath, get_path
+from reglue.transport.path import Path as InterpolantPath
+from reglue.transport.path import get_path
 from reglue.transport.samplers import SAMPLERS, Guidance, guided_velocity, sample_ode, sample_sde, time_grid
 
 DEFAULT_CHUNK = 32  # samples per model and decoder call (the reference's per-GPU batch in generate.py)

@@ -15,8 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from reglue.errors import UserError
 from reglue.data.append import ATTR_RUN_ID, AppendFile
+from reglue.errors import UserError
 from reglue.fileio import atomic_path, new_h5
 
 SAMPLES_H5 = "samples.h5"

@@ -13,19 +13,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reglue import checkpoints
-from reglue.distributed import DistInfo, all_sum, barrier
-from reglue.encoders.vfm import load_vfm
-from reglue.models import SemanticCompressor
 from reglue.checkpoints.compressor import COMPRESSOR_FILE
 from reglue.config.sections import CompressorOptim
 from reglue.config.sections import CompressorRun as CompressorRunConfig
-from reglue.training.diffusion import TrainingStopped, TrainOptions
+from reglue.distributed import DistInfo, all_sum, barrier
+from reglue.encoders.vfm import load_vfm
+from reglue.models import SemanticCompressor
 from reglue.training.checkpointing import Checkpointer
+from reglue.training.diffusion import TrainingStopped, TrainOptions
 from reglue.training.order import StepSampler, make_split
 from reglue.training.rundir import RunError, open_run
 from reglue.training.semantics import RunningMoments, standardise
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step
-
 
 
 @dataclass
@@ -59,7 +58,8 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 17))[:samples]
     mine = order[dist.rank :: dist.world].tolist()
     moments = RunningMoments(vfm.embed_dim * len(layers))
-    for start in tqdm(range(0, len(mine), batch), desc="norm stats", disable=not (progress and dist.is_main), leave=False):
+    quiet = not (progress and dist.is_main)
+    for start in tqdm(range(0, len(mine), batch), desc="norm stats", disable=quiet, leave=False):
         images = dataset.read_batch(mine[start : start + batch])[0].to(dist.device)
         moments.update(vfm(images, layers).local.float())
     c = moments.sum.numel()
@@ -118,7 +118,8 @@ def _train(config: CompressorRunConfig, options: TrainOptions, dist, run, datase
     batches, started, first_step = iter(loader), time.time(), step
     guard = NonFiniteGuard(options.max_nonfinite)
 
-    bar = tqdm(total=max_steps, initial=step, desc="compressor", unit="step", disable=not (options.progress and dist.is_main))
+    bar = tqdm(total=max_steps, initial=step, desc="compressor", unit="step",
+               disable=not (options.progress and dist.is_main))
     with bar:
         while step < max_steps:
             epoch = step // per_epoch

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from evaluation.environment import environment
 from reglue import checkpoints
+from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum_tensor, barrier
 from reglue.encoders.vae import load_vae, sample_latents
@@ -23,10 +24,16 @@ from reglue.training.checkpointing import Checkpointer
 from reglue.training.order import NoiseAhead, StepSampler, flip_rows, make_split, step_noise
 from reglue.training.rundir import RunDir, RunError, open_run
 from reglue.training.semantics import build_semantic_encoder
-from reglue.training.state import (NonFiniteGuard, autocast, grad_norm, make_optimizer, make_scaler, optimiser_step,
-                                   update_ema)
+from reglue.training.state import (
+    NonFiniteGuard,
+    autocast,
+    grad_norm,
+    make_optimizer,
+    make_scaler,
+    optimiser_step,
+    update_ema,
+)
 from reglue.training.throughput import speedometer
-from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.transport import JointLoss, sample_time
 
 TERMS = ("loss", "latent", "semantic", "cls", "repa")

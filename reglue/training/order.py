@@ -73,7 +73,8 @@ def make_split(global_batch: int, world: int, batch_gpu: int | None) -> Split:
 
 
 class StepSampler(Sampler):
-    """Yields this rank's micro-batches (lists of rows) for steps start..stop-1, for a DataLoader with batch_size=None."""
+    """Yields this rank's micro-batches (lists of rows) for steps start..stop-1, for a DataLoader with
+    batch_size=None."""
 
     def __init__(self, n: int, split: Split, rank: int, seed: int, start: int, stop: int):
         self.n, self.split, self.rank, self.seed, self.start, self.stop = n, split, rank, seed, start, stop

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from reglue.errors import UserError
 from reglue import config as run_config
 from reglue.checkpoints import CHECKPOINT_NAME
 from reglue.config.checks import unread_sections
+from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
 from reglue.schema import flatten
 
@@ -74,7 +74,8 @@ class RunDir:
             old = self._read_yaml(self.data_path)
             if (old.get("rows"), old.get("content_sha256")) != (data["rows"], data["content_sha256"]):
                 raise RunError(f"{self.root} trains on {old.get('path')} ({old.get('rows')} rows, content "
-                               f"{str(old.get('content_sha256'))[:12]}), --data is {data['path']} ({data['rows']} rows, "
+                               f"{str(old.get('content_sha256'))[:12]}), --data is {data['path']} "
+                               f"({data['rows']} rows, "
                                f"content {data['content_sha256'][:12]}); pass --allow-other-data to go on with it")
         return resuming
 

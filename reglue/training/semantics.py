@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reglue.errors import UserError
 from reglue.distributed import main_phase
 from reglue.encoders.vfm import VisionFoundationModel
+from reglue.errors import UserError
 from reglue.fileio import atomic_path, save_torch
 from reglue.models.compressor import SemanticCompressor
 

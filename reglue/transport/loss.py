@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from reglue.schema import NON_NEGATIVE, SCHEDULE, knob, parse
 from reglue.constants import LATENT_CHANNELS
+from reglue.schema import NON_NEGATIVE, SCHEDULE, knob, parse
 from reglue.transport.path import Path, get_path
 from reglue.transport.timesteps import sample_time
 
