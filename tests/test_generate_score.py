@@ -72,9 +72,10 @@ def test_eval_ckpt_equals_sample_then_eval_exactly_for_any_batch_size(ckpt, ref,
 def test_eval_ckpt_under_torchrun_equals_one_process(ckpt, ref, in_process, tmp_path):
     # --num-samples, not --n: torchrun's own parser takes --n
     common = ["reglue_cli", "eval", "--ckpt", ckpt, "--num-samples", "8", *SAMPLING, *_scoring(ref)]
-    # rank 0's reference cache and metrics made slower (6 s each) than the collective timeout (10 s in all)
-    env = {**os.environ, "REGLUE_FEATURE_CACHE": str(tmp_path / "cache"), "REGLUE_DIST_TIMEOUT": "10",
-           "REGLUE_SLOW_MAIN_PHASE": "reference-cache:6,evaluate-metrics:12"}
+    # rank 0's reference-cache write made slower (5 s) than the collective timeout (3 s): the sample features'
+    # all-gather that follows would time out on rank 1 if it had waited on a collective
+    env = {**os.environ, "REGLUE_FEATURE_CACHE": str(tmp_path / "cache"), "REGLUE_DIST_TIMEOUT": "3",
+           "REGLUE_SLOW_MAIN_PHASE": "reference-cache:5"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29571", "-m", *common, "--batch-size", "5", "--json", str(tmp_path / "two.json")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -154,10 +154,10 @@ def test_torchrun_two_processes_match_one(data, compressor, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m",
            "reglue_cli", "train", "--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "two"),
            "--compressor", str(compressor), "--workers", "0", "--quiet", "--sample-every", "0", "--set",
-           "train.global_batch=8", "--max-steps", "3", "--batch-gpu", "2", "--ckpt-every", "1"]
-    # every checkpoint save made slower (6 s on rank 0) than the collective timeout (4 s): the next step's
-    # all-reduce would time out on rank 1 if it waited for the save on a collective
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REGLUE_DIST_TIMEOUT": "4", "REGLUE_SLOW_MAIN_PHASE": "checkpoint:6"}
+           "train.global_batch=8", "--max-steps", "3", "--batch-gpu", "2", "--ckpt-every", "2"]
+    # the checkpoint saves (steps 2 and 3) made slower (5 s on rank 0) than the collective timeout (3 s): step 3's
+    # all-reduce would time out on rank 1 if it had waited for the save on a collective
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REGLUE_DIST_TIMEOUT": "3", "REGLUE_SLOW_MAIN_PHASE": "checkpoint:5"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (checkpoints.load_checkpoint(tmp_path / f"{r}/checkpoints/0000003.pt") for r in ("one", "two"))
