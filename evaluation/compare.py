@@ -318,7 +318,8 @@ def features_distance(a, b, pr_precision: str = "fp32") -> dict:
     import numpy as np
     import torch
 
-    from evaluation.extract import deterministic_kernels, side_by_side, statistics
+    from evaluation.determinism import deterministic_kernels, side_by_side
+    from evaluation.extract import statistics
     from evaluation.fid import frechet_distance
     from evaluation.precision_recall import precision_recall
 

@@ -6,26 +6,10 @@ GPU model or library version may pick other kernels and move the last bits. This
 
 from __future__ import annotations
 
-import contextlib
 import platform
-from typing import Iterator
 
 import numpy as np
 import torch
-
-
-@contextlib.contextmanager
-def float32_matmuls(tf32: bool) -> Iterator[None]:
-    """Inside: float32 matmuls and convolutions on a GPU in TF32 (``tf32``) or strict IEEE fp32, whatever the
-    process set before (a training process turns TF32 on for its steps); restored afterwards. The one place the
-    project sets these flags outside training, through torch's legacy switches only (mixing them with the newer
-    ``fp32_precision`` switches is an error in torch)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def precision_flags() -> dict:

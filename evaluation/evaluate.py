@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from evaluation.collectives import main_decides, main_phase
+from evaluation.determinism import deterministic_kernels, side_by_side
 from evaluation.environment import environment
-from evaluation.extract import FEATURE_CHUNK, POOL_DIM, deterministic_kernels, extract, rank_world, side_by_side
+from evaluation.extract import FEATURE_CHUNK, POOL_DIM, extract, rank_world
 from evaluation.fid import frechet_distance
 from evaluation.fileio import abandon_h5, write_error
 from evaluation.images import ImageInputError, file_sha256, open_images

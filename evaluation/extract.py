@@ -13,14 +13,13 @@ call (the chunk is min(FEATURE_CHUNK, N), a function of N alone).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from evaluation.determinism import deterministic_kernels, side_by_side
 from evaluation.fileio import abandon_h5, write_error
 from evaluation.stats import RunningStats
 
@@ -29,21 +28,6 @@ FEATURE_CHUNK = 32  # default images per Inception call (padded): decides the fe
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
 STATS_BLOCK = 1024  # rows per float64 statistics update, over the joined features: fixed, so any split sums alike
 FEATURE_NAMES = (("pool", POOL_DIM), ("spatial", SPATIAL_DIM), ("logits", LOGITS_DIM))
-
-
-@contextmanager
-def deterministic_kernels(device: torch.device):
-    """No cuDNN autotuning and deterministic cuDNN algorithms; on a CPU one intra-op thread. Restored after."""
-    cudnn = torch.backends.cudnn
-    saved = cudnn.benchmark, cudnn.deterministic, torch.get_num_threads()
-    cudnn.benchmark, cudnn.deterministic = False, True
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.deterministic = saved[:2]
-        torch.set_num_threads(saved[2])
 
 
 class Extracted(NamedTuple):
@@ -130,24 +114,6 @@ def _padded(batch: np.ndarray, chunk: int, device) -> torch.Tensor:
     x = torch.zeros((chunk, *batch.shape[1:]), dtype=torch.uint8)
     x[: len(batch)] = torch.from_numpy(np.ascontiguousarray(batch))
     return x.permute(0, 3, 1, 2).to(device)
-
-
-def side_by_side(*calls, workers: int | None = None):
-    """The results of ``calls`` (functions of no argument), run in ``workers`` parallel threads (default: one per
-    call), each on one intra-op thread: the same bits as one after the other on one thread, in less time on a CPU
-    with several cores."""
-    def single(call):
-        torch.set_num_threads(1)  # per OS thread: a pool thread starts with the process default
-        return call()
-
-    if (workers or len(calls)) <= 1:  # in the caller's thread: a GPU's calls stay on the thread that set its device
-        saved = torch.get_num_threads()
-        try:
-            return [single(call) for call in calls]
-        finally:
-            torch.set_num_threads(saved)
-    with ThreadPoolExecutor(workers or len(calls)) as pool:
-        return list(pool.map(single, calls))
 
 
 def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:

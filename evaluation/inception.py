@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from evaluation.environment import float32_matmuls
+from evaluation.determinism import float32_matmuls
 from evaluation.errors import InputError
 from evaluation.images import file_sha256
 

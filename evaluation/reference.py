@@ -116,7 +116,8 @@ def streamed_statistics(images, extractor, batch_size: int, chunk: int, progress
     import torch
     from tqdm import tqdm
 
-    from evaluation.extract import STATS_BLOCK, _padded, deterministic_kernels, side_by_side
+    from evaluation.determinism import deterministic_kernels, side_by_side
+    from evaluation.extract import STATS_BLOCK, _padded
     from evaluation.stats import RunningStats
 
     pool, spatial = RunningStats(2048), RunningStats(2023)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from evaluation.environment import float32_matmuls
+from evaluation.determinism import float32_matmuls
 from reglue import presets
 from reglue.encoders.vae import load_vae
 from reglue.models import build

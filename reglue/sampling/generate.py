@@ -13,7 +13,7 @@ import json
 import numpy as np
 import torch
 
-from evaluation.extract import deterministic_kernels, side_by_side
+from evaluation.determinism import deterministic_kernels, side_by_side
 from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
 from reglue.sampling.run import Prepared, sample_chunk

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.environment import float32_matmuls
+from evaluation.determinism import float32_matmuls
 from reglue.config.sections import SamplingConfig
 from reglue.encoders.vae import decode_latents
 from reglue.fileio import atomic_path

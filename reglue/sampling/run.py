@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluation.environment import environment, float32_matmuls
-from evaluation.extract import chunk_ranges, deterministic_kernels
+from evaluation.determinism import deterministic_kernels, float32_matmuls
+from evaluation.environment import environment
+from evaluation.extract import chunk_ranges
 from reglue.checkpoints import load_model
 from reglue.config.sections import SamplingConfig
 from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
