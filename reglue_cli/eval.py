@@ -15,7 +15,7 @@ from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
 from evaluation.inception import is_published_weights
 from evaluation.precision_recall import PR_PRECISIONS
-from reglue.data.crop import adm_center_crop, decode_image
+from reglue.data.crop import crop_or_reason
 from reglue.data.sources import open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
@@ -204,14 +204,12 @@ class CroppedFolder:
 
     def _decode(self, reader, index: int):
         """The cropped image, or None (noted) when the file does not decode."""
-        try:
-            return adm_center_crop(decode_image(reader.read(index)), self.resolution)
-        except Exception as exc:  # noqa: BLE001 - an undecodable file is skipped, never fatal (as encode)
-            path = str(Path(self.source.root) / self.source.keys[index])
-            if path not in self.skipped:
-                self.skipped[path] = undecodable_reason(exc)
-                self.log(f"skipped {path}: {self.skipped[path]}")
-            return None
+        image, reason = crop_or_reason(lambda: reader.read(index), self.resolution)
+        path = str(Path(self.source.root) / self.source.keys[index])
+        if image is None and path not in self.skipped:
+            self.skipped[path] = reason
+            self.log(f"skipped {path}: {reason}")
+        return image
 
     def batches(self, batch: int):
         """uint8 (B, H, W, 3) batches of the images that decode (fewer than ``batch`` where some did not)."""
@@ -222,15 +220,6 @@ class CroppedFolder:
             images = [self._decode(reader, i) for i in range(start, min(start + batch, len(self)))]
             images = [image for image in images if image is not None]
             yield np.stack(images) if images else np.zeros((0, *self.shape[1:]), np.uint8)
-
-
-def undecodable_reason(exc: Exception) -> str:
-    """Why an image file did not decode, in encode's words."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "not a recognised image format"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _make_reference(source, out, resolution, weights, batch_size, feature_chunk, device, quiet) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -35,3 +35,14 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
     return np.ascontiguousarray(arr[top : top + size, left : left + size])
+
+
+def crop_or_reason(data_of, size: int) -> tuple[np.ndarray | None, str]:
+    """(the ADM-cropped image of the bytes ``data_of()`` returns, "") or (None, why it cannot be read): an
+    undecodable file is skipped with this reason by `reglue encode` and `reglue eval --make-ref`, never fatal."""
+    try:
+        return adm_center_crop(decode_image(data_of()), size), ""
+    except UnidentifiedImageError:
+        return None, "not a recognised image format"
+    except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped, never fatal
+        return None, f"{type(exc).__name__}: {exc}"

@@ -12,7 +12,6 @@ from typing import Callable
 import h5py
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -20,7 +19,7 @@ from reglue import __version__
 from reglue.constants import LATENT_CHANNELS, VAE_DOWNSAMPLE
 from reglue.data import h5format as fmt
 from reglue.data.append import ATTR_WRITTEN
-from reglue.data.crop import adm_center_crop, decode_image
+from reglue.data.crop import crop_or_reason
 from reglue.data.sources import ImageSource
 from reglue.data.writer import EncodedWriter, content_hashes, partial_path
 from reglue.distributed import DistInfo, main_phase, patient_barrier
@@ -88,13 +87,8 @@ class CroppedImages(Dataset):
     def __getitem__(self, i: int):
         index = self.indices[i]
         self._reader = self._reader or self.source.reader()  # opened in the worker, after the fork
-        try:
-            image = adm_center_crop(decode_image(self._reader.read(index)), self.resolution)
-            return index, image, ""
-        except UnidentifiedImageError:
-            return index, self._blank(), "not a recognised image format"
-        except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped, never fatal
-            return index, self._blank(), f"{type(exc).__name__}: {exc}"
+        image, reason = crop_or_reason(lambda: self._reader.read(index), self.resolution)
+        return index, self._blank() if image is None else image, reason
 
     def _blank(self) -> np.ndarray:
         return np.zeros((self.resolution, self.resolution, 3), np.uint8)
