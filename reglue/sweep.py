@@ -29,7 +29,7 @@ from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
 from reglue.identity import describe_differences, differences, evaluator_identity, identity_key, sampling_identity
 from reglue.sampling.run import Prepared, SampleRequest, check_settings, prepare
-from reglue.sampling.seeds import MAX_SEED
+from reglue.sampling.seeds import check_repeats
 from reglue.scoring import METRICS, check_reference, score_repeats
 
 MANIFEST = "sweep.json"  # the identity every point of the current set shares: a rerun must match it
@@ -90,14 +90,6 @@ def parse_values(text: str, flag: str) -> list[float]:
     if any(v < 0 for v in values):
         raise SweepError(f"{flag} {text}: guidance scales are >= 0")
     return list(dict.fromkeys(v + 0.0 for v in values))  # 1.5,1.5 is one point (1.5,1.5000001 two); -0 is 0
-
-
-def check_repeats(seed: int, repeats: int) -> None:
-    """SweepError unless seeds seed .. seed + repeats - 1 all exist (checked before anything is sampled)."""
-    if repeats < 1 or seed + repeats - 1 > MAX_SEED:
-        most = MAX_SEED - seed + 1
-        raise SweepError(f"--repeats {repeats} from --seed {seed}: repeat k samples with seed {seed} + k and seeds go "
-                         f"up to {MAX_SEED} (reglue.sampling.seeds); use --repeats 1..{most}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from reglue.data.crop import crop_or_reason
 from reglue.data.sources import open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
+from reglue.sampling.seeds import check_repeats
 from reglue.sampling.store import OtherRunError
 from reglue_cli.errors import check_device, fail
 from reglue_cli.sampling_options import (
@@ -50,16 +51,6 @@ def generate_and_score(ckpt, request, ref, inception_weights, options, repeats, 
     if save_samples:
         return score_saved(ckpt, request, save_samples, ref, inception_weights, options, repeats, dist)
     return score_checkpoint(ckpt, request, ref, inception_weights, options, repeats)
-
-
-def _check_repeats(seed: int, repeats: int) -> None:
-    """Every seed of --repeats exists (seed .. seed + repeats - 1), checked before anything is sampled."""
-    from reglue.sweep import SweepError, check_repeats
-
-    try:
-        check_repeats(seed, repeats)
-    except SweepError as exc:
-        fail(str(exc))
 
 
 def format_table(result: dict) -> str:
@@ -147,7 +138,7 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
     if not ckpt and (repeats != 1 or save_samples):
         fail("--repeats and --save-samples go with --ckpt")
     if ckpt:
-        _check_repeats(sampling["seed"], repeats)
+        check_repeats(sampling["seed"], repeats)  # before anything is loaded: one line, exit 2
     request = make_request(n, **sampling) if ckpt else None
     dist = init_distributed(device)
     if features and dist.world > 1:

@@ -11,6 +11,7 @@ from evaluation.extract import FEATURE_CHUNK
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
+from reglue.sampling.seeds import SampleError, check_repeats
 from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
 from reglue_cli.errors import check_device, fail
 from reglue_cli.sampling_options import (
@@ -78,7 +79,6 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
     from reglue.sweep import (
         SweepError,
         best,
-        check_repeats,
         exact,
         format_table,
         grid,
@@ -92,7 +92,7 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
                       [parse_interval(i) for i in intervals] or [None], many_points)
         check_repeats(sampling["seed"], repeats)
-    except SweepError as exc:
+    except (SweepError, SampleError) as exc:
         fail(str(exc))
     if wandb_project:
         from reglue.tracking import check_wandb

@@ -23,6 +23,15 @@ class SampleError(UserError, ValueError):
     """Settings that cannot sample this model (guidance without labels, a class out of range ...)."""
 
 
+def check_repeats(seed: int, repeats: int) -> None:
+    """SampleError unless seeds seed .. seed + repeats - 1 all exist (`--repeats` of eval --ckpt and sweep, checked
+    before anything is sampled; an absurd count allocates nothing)."""
+    if repeats < 1 or seed + repeats - 1 > MAX_SEED:
+        most = MAX_SEED - seed + 1
+        raise SampleError(f"--repeats {repeats} from --seed {seed}: repeat k samples with seed {seed} + k and seeds go "
+                          f"up to {MAX_SEED} (reglue.sampling.seeds); use --repeats 1..{most}")
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The generator seed of sample ``index`` of run seed ``seed`` (distinct for every pair; see SEED_STRIDE)."""
     if not (0 <= seed <= MAX_SEED and 0 <= index < MAX_SAMPLES):

@@ -58,7 +58,7 @@ def optimiser_step(model: torch.nn.Module, optimizer, scaler: torch.amp.GradScal
         scaler.unscale_(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
         if norm is None or scaler.is_enabled():
-            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            total = grad_norm(model)
             norm_value = float(total)
         else:
             total, norm_value = norm
