@@ -53,6 +53,17 @@ def resolve_reference(ref: str, download: bool = True) -> Path:
     return _download(entry, target, ref)
 
 
+def check_reference(path) -> None:
+    """InputError unless ``path`` opens as the evaluator opens a reference: arr_0 uint8 (N, H, W, 3) with N >= 2 and
+    well-formed stored statistics, if any (a bad file fails before any sampling)."""
+    from evaluation.images import ImageInputError, open_images
+
+    images = open_images(path, role="reference")
+    if len(images) < 2:
+        raise ImageInputError(f"{path}: {len(images)} reference image(s); the metrics need at least 2")
+    images.statistics()
+
+
 def _download(entry: dict, target: Path, name: str) -> Path:
 
     import torch

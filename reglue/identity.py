@@ -21,15 +21,17 @@ import json
 from evaluation.evaluate import EvalOptions
 from evaluation.images import file_sha256
 from evaluation.inception import resolve_weights
-from evaluation.reference import reference_for, resolve_reference
+from evaluation.reference import check_reference, reference_for, resolve_reference
 from reglue.schema import flatten
 
 IDENTITY_KEY_LENGTH = 16  # hex digits of the sha256 that name a result file
 
 
 def evaluator_identity(ref: str | None, inception_weights: str | None, options: EvalOptions, side: int) -> dict:
-    """What decides the features and the metrics of ``side`` px samples: reference and weights by content."""
+    """What decides the features and the metrics of ``side`` px samples: reference and weights by content. The
+    reference is opened as the evaluator will open it (check_reference), so a bad one fails here, before sampling."""
     ref_path = resolve_reference(ref or reference_for(side))
+    check_reference(ref_path)
     weights = resolve_weights(inception_weights)
     return {"reference": str(ref_path), "reference_sha256": file_sha256(ref_path),
             "inception_weights_sha256": file_sha256(weights), "feature_chunk": options.feature_chunk,

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.evaluate import EvalOptions, evaluate
-from evaluation.images import open_images
-from evaluation.inception import resolve_weights
-from evaluation.reference import reference_for, resolve_reference
+from evaluation.inception import InceptionError
 from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
@@ -116,15 +114,6 @@ def _with_flag(flag: str, exc: Exception) -> EvaluationError:
     return EvaluationError(f"{flag}: {exc}")
 
 
-def check_reference(path) -> None:
-    """InputError unless ``path`` opens as the evaluator opens a reference: arr_0 uint8 (N, H, W, 3) with N >= 2 and
-    well-formed stored statistics, if any."""
-    images = open_images(path, role="reference")
-    if len(images) < 2:
-        raise EvaluationError(f"{path}: {len(images)} reference image(s); the metrics need at least 2")
-    images.statistics()
-
-
 def describe_failure(exc: Exception) -> str:
     """One line for an exception raised by an evaluation: the message of a user error, else type and message."""
     if isinstance(exc, OSError) and exc.filename:
@@ -193,17 +182,13 @@ class TrainingEvaluator:
         except UserError as exc:
             raise EvaluationError(f"--eval-every: the run's sampling section cannot sample this model ({exc}); "
                                   "change it with --set sampling.KEY=VALUE") from None
-        side = config.model.input_size * VAE_DOWNSAMPLE
-        try:
-            ref_path = resolve_reference(self.ref or reference_for(side))
-            check_reference(ref_path)
+        try:  # the reference resolved and opened, the weights resolved, both hashed: once
+            evaluator = evaluator_identity(self.ref, self.inception_weights, self.options,
+                                           config.model.input_size * VAE_DOWNSAMPLE)
+        except InceptionError as exc:
+            raise _with_flag("--inception-weights", exc) from None
         except UserError as exc:
             raise _with_flag("--eval-ref", exc) from None
-        try:
-            resolve_weights(self.inception_weights)
-        except UserError as exc:
-            raise _with_flag("--inception-weights", exc) from None
-        evaluator = evaluator_identity(str(ref_path), self.inception_weights, self.options, side)
         self.identity = {"evaluator": evaluator, "n": self.n,
                          "sampling": {"decoder": settings.vae or config.data.vae_decoder,
                                       "settings": settings.describe()}}

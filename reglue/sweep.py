@@ -30,7 +30,7 @@ from reglue.fileio import atomic_write_text
 from reglue.identity import describe_differences, differences, evaluator_identity, identity_key, sampling_identity
 from reglue.sampling.run import Prepared, SampleRequest, check_settings, prepare
 from reglue.sampling.seeds import check_repeats
-from reglue.scoring import METRICS, check_reference, score_repeats
+from reglue.scoring import METRICS, score_repeats
 
 MANIFEST = "sweep.json"  # the identity every point of the current set shares: a rerun must match it
 POINTS = "points"  # one `reglue eval --json` result per point, named by its identity
@@ -173,8 +173,7 @@ def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, incepti
     resolved = [dataclasses.replace(p, interval=p.interval or default_interval) for p in points]
     guided = [_guided(prepared, p) for p in resolved]  # every point checked before the first is scored
     side = prepared.model.config.input_size * VAE_DOWNSAMPLE
-    evaluator = evaluator_identity(ref, inception_weights, options, side)
-    check_reference(evaluator["reference"])  # opens as the evaluator will: a bad file fails before any sampling
+    evaluator = evaluator_identity(ref, inception_weights, options, side)  # opens the reference: fails before sampling
     unique: dict[str, tuple] = {}
     for point, settings in zip(resolved, guided):
         identity = _plain({"sampling": sampling_identity(settings), "evaluator": evaluator, "n": base.n,
