@@ -22,7 +22,7 @@ from evaluation.evaluate import EvalOptions
 from evaluation.images import file_sha256
 from evaluation.inception import resolve_weights
 from evaluation.reference import check_reference, reference_for, resolve_reference
-from reglue.schema import flatten
+from reglue.config.schema import flatten
 
 IDENTITY_KEY_LENGTH = 16  # hex digits of the sha256 that name a result file
 

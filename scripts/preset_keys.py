@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from reglue import config as run_config
-from reglue.schema import describe
+from reglue.config.schema import describe
 
 
 def key_table(kind: str) -> str:

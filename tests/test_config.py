@@ -16,11 +16,11 @@ from test_encode import make_folder
 
 from reglue import config as run_config
 from reglue import presets
+from reglue.config.schema import describe
 from reglue.data.encode import EncodeOptions, encode_dataset
 from reglue.data.sources import open_source
 from reglue.encoders.vae import load_vae
 from reglue.encoders.vfm import build_tiny_vfm
-from reglue.schema import describe
 from reglue.training.diffusion import TrainOptions, build_trainer
 from reglue.training.order import flip_rows
 from reglue_cli.main import main

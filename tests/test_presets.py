@@ -4,8 +4,8 @@ import pytest
 
 from reglue import presets
 from reglue.config import CompressorRun, DiffusionRun, TransportConfig, from_dict, to_dict
+from reglue.config.model import ProjectorConfig
 from reglue.models import ConfigError, ModelConfig, count_parameters
-from reglue.models.config import ProjectorConfig
 from reglue.presets import PresetError
 from reglue.transport import LossWeights
 

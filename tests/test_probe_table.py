@@ -180,7 +180,7 @@ def test_bad_input_is_one_line(row, tmp_path, request):
 # ---------------------------------------------------------------------------------- beyond the table
 
 def test_every_preset_is_inside_the_bounds_of_its_keys():
-    """The bounds on counts (reglue.schema MAX_*) refuse no shipped preset."""
+    """The bounds on counts (reglue.config.schema MAX_*) refuse no shipped preset."""
     from reglue import presets
 
     for name in presets.available():

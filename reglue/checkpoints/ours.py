@@ -9,8 +9,8 @@ from pathlib import Path
 
 from evaluation.environment import environment
 from reglue.checkpoints.reading import CheckpointError, read
+from reglue.config.schema import plain
 from reglue.fileio import atomic_path, save_torch
-from reglue.schema import plain
 
 FORMAT = "reglue-checkpoint"
 VERSION = 1

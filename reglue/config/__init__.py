@@ -7,6 +7,7 @@ not fit each other, so every problem is one line at ``--dry-run`` time. Sections
 from __future__ import annotations
 
 from reglue.config.checks import check_compressor, check_diffusion
+from reglue.config.schema import describe, parse, plain
 from reglue.config.sections import (
     KINDS,
     CompressorRun,
@@ -17,7 +18,6 @@ from reglue.config.sections import (
     TransportConfig,
 )
 from reglue.errors import ConfigError
-from reglue.schema import describe, parse, plain
 
 __all__ = ["KINDS", "CompressorRun", "ConfigError", "DiffusionRun", "LatentData", "RunConfig", "SamplingConfig",
            "TransportConfig", "defaults", "describe", "from_dict", "plain", "to_dict"]

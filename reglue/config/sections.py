@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from reglue.constants import CFG_CHANNELS, LATENT_SCALE
-from reglue.models.config import ModelConfig
-from reglue.schema import (
+from reglue.config.model import ModelConfig
+from reglue.config.schema import (
     BETAS,
     FRACTION,
     INTERVAL,
@@ -25,11 +24,13 @@ from reglue.schema import (
     MAX_WIDTH,
     NON_NEGATIVE,
     POSITIVE,
+    SCHEDULE,
     count,
     knob,
     optional,
+    parse,
 )
-from reglue.transport.loss import LossWeights
+from reglue.constants import CFG_CHANNELS, LATENT_SCALE
 
 Precision = Literal["fp32", "bf16", "fp16"]
 BATCH = count(MAX_BATCH)
@@ -39,6 +40,34 @@ CHANNELS = (lambda v: len(v) >= 2 and all(1 <= c <= MAX_WIDTH for c in v),
 
 
 # ----------------------------------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Named weights of the joint loss (the ``loss`` section of a run configuration; docs/method.md 5)."""
+
+    latent: float = knob(1.0, "weight of the latent-channel MSE", NON_NEGATIVE)
+    semantic: float = knob(1.0, "lam: weight of the semantic-channel MSE", NON_NEGATIVE)
+    cls: float = knob(0.03, "weight of the [CLS] MSE (the official --cls 0.03)", NON_NEGATIVE)
+    repa: float = knob(0.5, "weight of the REPA term (the official --proj-coeff 0.5)", NON_NEGATIVE)
+    semantic_schedule: tuple[tuple[int, float], ...] = knob(
+        (), "[[step, lam], ...]: lam takes each value from that optimiser step on", SCHEDULE)
+
+    def __post_init__(self):
+        object.__setattr__(self, "semantic_schedule", tuple(sorted(self.semantic_schedule)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LossWeights":
+        """Build from a preset's ``loss`` section."""
+        return parse(cls, data, "loss")
+
+    def semantic_at(self, step: int) -> float:
+        """lam in force at optimiser step ``step`` (the last schedule entry whose step <= step)."""
+        lam = self.semantic
+        for start, value in self.semantic_schedule:
+            if step >= start:
+                lam = value
+        return lam
+
 
 @dataclass(frozen=True)
 class ImageData:

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from reglue.config.model import ConfigError, ModelConfig, ProjectorConfig
 from reglue.models.compressor import SemanticCompressor
-from reglue.models.config import ConfigError, ModelConfig, ProjectorConfig
 from reglue.models.projector import ReprProjector
 from reglue.models.sit import ModelOutput, SiT
 

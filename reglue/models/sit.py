@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue.config.model import ModelConfig
 from reglue.constants import LAYER_NORM_EPS, TIME_FREQUENCY_DIM, TIME_MAX_PERIOD
-from reglue.models.config import ModelConfig
 from reglue.models.projector import ReprProjector
 
 

@@ -12,9 +12,9 @@ import yaml
 from reglue import config as run_config
 from reglue.checkpoints import CHECKPOINT_NAME
 from reglue.config.checks import unread_sections
+from reglue.config.schema import flatten
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
-from reglue.schema import flatten
 
 # Keys that may change between the first launch and a resume (how long and how often, not what is trained).
 RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs"}

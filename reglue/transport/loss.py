@@ -7,44 +7,15 @@ always computed in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from reglue.config.sections import LossWeights
 from reglue.constants import LATENT_CHANNELS
-from reglue.schema import NON_NEGATIVE, SCHEDULE, knob, parse
 from reglue.transport.path import Path, get_path
 from reglue.transport.timesteps import sample_time
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Named weights of the joint loss (the ``loss`` section of a run configuration; docs/method.md 5)."""
-
-    latent: float = knob(1.0, "weight of the latent-channel MSE", NON_NEGATIVE)
-    semantic: float = knob(1.0, "lam: weight of the semantic-channel MSE", NON_NEGATIVE)
-    cls: float = knob(0.03, "weight of the [CLS] MSE (the official --cls 0.03)", NON_NEGATIVE)
-    repa: float = knob(0.5, "weight of the REPA term (the official --proj-coeff 0.5)", NON_NEGATIVE)
-    semantic_schedule: tuple[tuple[int, float], ...] = knob(
-        (), "[[step, lam], ...]: lam takes each value from that optimiser step on", SCHEDULE)
-
-    def __post_init__(self):
-        object.__setattr__(self, "semantic_schedule", tuple(sorted(self.semantic_schedule)))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LossWeights":
-        """Build from a preset's ``loss`` section."""
-        return parse(cls, data, "loss")
-
-    def semantic_at(self, step: int) -> float:
-        """lam in force at optimiser step ``step`` (the last schedule entry whose step <= step)."""
-        lam = self.semantic
-        for start, value in self.semantic_schedule:
-            if step >= start:
-                lam = value
-        return lam
 
 
 class LossTerms(NamedTuple):

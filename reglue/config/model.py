@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reglue.constants import LATENT_CHANNELS, NUM_CLASSES
-from reglue.errors import ConfigError
-from reglue.schema import (
+from reglue.config.schema import (
     FRACTION,
     MAX_CLASSES,
     MAX_DEPTH,
@@ -20,6 +18,8 @@ from reglue.schema import (
     parse,
     plain,
 )
+from reglue.constants import LATENT_CHANNELS, NUM_CLASSES
+from reglue.errors import ConfigError
 
 __all__ = ["ConfigError", "ModelConfig", "ProjectorConfig", "SEMANTIC_SOURCES"]
 
