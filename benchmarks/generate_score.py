@@ -26,7 +26,7 @@ from evaluation.evaluate import EvalOptions, evaluate  # noqa: E402
 from reglue import checkpoints, presets  # noqa: E402
 from reglue.models import build  # noqa: E402
 from reglue.sampling.run import SampleSettings, sample_to_dir  # noqa: E402
-from reglue.scoring import score_checkpoint  # noqa: E402
+from reglue.scoring.generate_and_score import score_checkpoint  # noqa: E402
 from reglue.transport.samplers import Guidance  # noqa: E402
 
 

@@ -106,7 +106,7 @@ class WandbTracker:
 
     def log_point(self, point, result: dict) -> None:
         """A sweep point: its guidance and its metrics, and a row of the run's sweep table."""
-        from reglue.scoring import METRICS
+        from reglue.scoring.generate_and_score import METRICS
 
         self.run.log({"cfg": point.cfg, "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg,
                       "interval_low": point.interval[0], "interval_high": point.interval[1],

@@ -46,7 +46,7 @@ def format_spread(spread: dict) -> str:
 
 def generate_and_score(ckpt, request, ref, inception_weights, options, repeats, save_samples, dist) -> dict:
     """`eval --ckpt`: in process, or through `reglue sample`'s directory when the images are to be kept."""
-    from reglue.scoring import score_checkpoint, score_saved
+    from reglue.scoring.generate_and_score import score_checkpoint, score_saved
 
     if save_samples:
         return score_saved(ckpt, request, save_samples, ref, inception_weights, options, repeats, dist)

@@ -12,7 +12,7 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
 from reglue.sampling.seeds import SampleError, check_repeats
-from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
+from reglue.scoring.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
 from reglue_cli.errors import check_device, fail
 from reglue_cli.sampling_options import (
     DRAWS,
@@ -76,7 +76,7 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
           --n 10000 --ref imagenet256 --out sweeps/b2
     Under torchrun every point is generated on all GPUs.
     """
-    from reglue.sweep import (
+    from reglue.scoring.sweep import (
         SweepError,
         best,
         exact,

@@ -81,7 +81,7 @@ def _evaluator(config, every: int, n: int, ref: str | None, inception_weights: s
     """The in-process evaluation callback of --eval-every, every setting checked against ``config`` now (before
     anything is written; reglue.scoring imports the evaluation suite)."""
     from evaluation.evaluate import EvalOptions
-    from reglue.scoring import TrainingEvaluator
+    from reglue.scoring.during_training import TrainingEvaluator
 
     evaluator = TrainingEvaluator(every=every, n=n, ref=ref, inception_weights=inception_weights,
                                   options=EvalOptions(feature_chunk=feature_chunk), failure=failure)

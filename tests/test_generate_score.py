@@ -121,7 +121,7 @@ def _train(data, run, ref, steps, *extra):
 
 
 def test_eval_every_writes_each_step_once_and_compare_plots_them(data, ref, tmp_path, monkeypatch):
-    import reglue.scoring
+    import reglue.scoring.generate_and_score as scoring
 
     run = tmp_path / "run"
     assert _train(data, run, ref, 8) == 0
@@ -135,8 +135,8 @@ def test_eval_every_writes_each_step_once_and_compare_plots_them(data, ref, tmp_
         (run / "eval" / "0000008.json").read_text())["fid"]]
 
     calls = []
-    real = reglue.scoring.score
-    monkeypatch.setattr(reglue.scoring, "score", lambda *a, **k: calls.append(a[0].attrs["step"]) or real(*a, **k))
+    real = scoring.score
+    monkeypatch.setattr(scoring, "score", lambda *a, **k: calls.append(a[0].attrs["step"]) or real(*a, **k))
     stamp = (run / "eval" / "0000004.json").stat().st_mtime_ns
     assert _train(data, run, ref, 8) == 0 and calls == []  # resumed: nothing recomputed
     (run / "eval" / "0000008.json").unlink()  # as if killed while scoring step 8, after its checkpoint
@@ -167,7 +167,7 @@ def _sweep_argv(ckpt, ref, out, *extra):
 
 def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ckpt, ref, tmp_path, monkeypatch,
                                                                            capsys):
-    import reglue.scoring
+    import reglue.scoring.generate_and_score as scoring
 
     out = tmp_path / "sweep"
     env = {**os.environ, "REGLUE_FEATURE_CACHE": os.environ["REGLUE_FEATURE_CACHE"]}
@@ -182,8 +182,8 @@ def test_sweep_writes_table_and_plot_and_resumes_after_sigkill_point_by_point(ck
     assert 1 <= len(finished) < 3, "the kill should land between points"
 
     scored = []
-    real = reglue.scoring.score  # every point is scored through it
-    monkeypatch.setattr(reglue.scoring, "score", lambda p, *a, **k: scored.append(p.settings.guidance.scale) or
+    real = scoring.score  # every point is scored through it
+    monkeypatch.setattr(scoring, "score", lambda p, *a, **k: scored.append(p.settings.guidance.scale) or
                         real(p, *a, **k))
     assert main(_sweep_argv(ckpt, ref, out)) == 0
     assert len(scored) == 3 - len(finished)  # only the unfinished points

@@ -1,4 +1,4 @@
-"""`reglue sweep` never mixes settings: every point carries its complete identity (reglue.identity) and is named by
+"""`reglue sweep` never mixes settings: every point carries its complete identity (reglue.scoring.identity), named by
 it; a rerun with another class, Inception weights or reference content is refused on one line (old points kept,
 byte for byte) unless --new-set starts a new set; close scales are distinct points. Every input is checked before
 the first point is scored: bad ranges, a guided unconditional model, seeds past MAX_SEED, damaged sweep files."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import random_reference
 
-import reglue.sweep
-from reglue.identity import differences
-from reglue.sweep import HARD_MAX_POINTS, MAX_POINTS, SweepError, grid, parse_values
+import reglue.scoring.sweep as sweep
+from reglue.scoring.identity import differences
+from reglue.scoring.sweep import HARD_MAX_POINTS, MAX_POINTS, SweepError, grid, parse_values
 from reglue_cli.main import main
 
 
@@ -54,8 +54,8 @@ def _scored(monkeypatch) -> list:
     def fake(prepared, *args, **kwargs):
         scale = prepared.settings.guidance.scale
         calls.append(scale)
-        return {**{key: scale for key in reglue.sweep.METRICS}, "sampling": prepared.settings.describe()}
-    monkeypatch.setattr(reglue.sweep, "score_repeats", fake)
+        return {**{key: scale for key in sweep.METRICS}, "sampling": prepared.settings.describe()}
+    monkeypatch.setattr(sweep, "score_repeats", fake)
     return calls
 
 
@@ -124,7 +124,7 @@ def test_a_changed_setting_is_refused_and_new_set_starts_a_set_beside_the_old_po
     assert len(points) == 2 and {k: points[k] for k in old} == old  # a new point file beside the old one
     manifest = json.loads((out / "sweep.json").read_text())
     new_point = json.loads(next(v for k, v in points.items() if k not in old))
-    assert differences(manifest["identity"], reglue.sweep.shared_identity(new_point["identity"])) == []
+    assert differences(manifest["identity"], sweep.shared_identity(new_point["identity"])) == []
     assert _table_cfgs(out) == ["1.5"]  # only the current set's point
 
     assert main(_argv(ckpt, reference, out, *extra, weights=weights)) == 0 and scored == [1.5]  # resumes the new set
@@ -232,7 +232,7 @@ def test_a_failed_launch_leaves_nothing_that_blocks_the_corrected_command(ckpt, 
 
     def full_disk(*args, **kwargs):  # a failure while the first point is scored
         raise OSError(28, "No space left on device", str(tmp_path / "somewhere"))
-    monkeypatch.setattr(reglue.sweep, "score_repeats", full_disk)
+    monkeypatch.setattr(sweep, "score_repeats", full_disk)
     assert main(_argv(ckpt, ref, out, cfg="2")) == 2
     assert "No space left" in _one_line_error(capsys)
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -135,9 +135,9 @@ def test_a_config_yaml_that_is_not_a_mapping_is_one_line(data, tmp_path, text):
 
 
 def _failing_once(monkeypatch):
-    import reglue.scoring
+    import reglue.scoring.generate_and_score as scoring
 
-    real, calls = reglue.scoring.score, []
+    real, calls = scoring.score, []
 
     def score(prepared, *args, **kwargs):
         calls.append(prepared.attrs["step"])
@@ -145,7 +145,7 @@ def _failing_once(monkeypatch):
             raise OSError(28, "No space left on device", "/scratch/ref.npz")
         return real(prepared, *args, **kwargs)
 
-    monkeypatch.setattr(reglue.scoring, "score", score)
+    monkeypatch.setattr(scoring, "score", score)
     return calls
 
 

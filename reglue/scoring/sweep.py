@@ -2,7 +2,7 @@
 with the same seeds (common random numbers: differences between points are not seed noise), resumable point by
 point, summarised as a table and a plot of FID and IS against the scale, the best point named.
 
-Every point carries its complete identity (reglue.identity: checkpoint, decoder, every sampling setting, the
+Every point carries its complete identity (reglue.scoring.identity: checkpoint, decoder, every sampling setting, the
 reference's and the Inception weights' content, N, repeats) and its file is named by it, so points computed with
 other settings are never taken for this sweep's. ``OUT/sweep.json`` records what the sweep's points share (the
 identity without the guidance point); a rerun with other settings is refused unless it asks for a new set. Every
@@ -27,10 +27,16 @@ from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
-from reglue.identity import describe_differences, differences, evaluator_identity, identity_key, sampling_identity
 from reglue.sampling.run import Prepared, SampleRequest, check_settings, prepare
 from reglue.sampling.seeds import check_repeats
-from reglue.scoring import METRICS, score_repeats
+from reglue.scoring.generate_and_score import METRICS, score_repeats
+from reglue.scoring.identity import (
+    describe_differences,
+    differences,
+    evaluator_identity,
+    identity_key,
+    sampling_identity,
+)
 
 MANIFEST = "sweep.json"  # the identity every point of the current set shares: a rerun must match it
 POINTS = "points"  # one `reglue eval --json` result per point, named by its identity
