@@ -17,6 +17,7 @@ from test_encode import make_folder
 from reglue import config as run_config
 from reglue import presets
 from reglue.config.schema import describe
+from reglue.config.yamlfile import load_yaml
 from reglue.data.encode import EncodeOptions, encode_dataset
 from reglue.data.sources import open_source
 from reglue.encoders.vae import load_vae
@@ -102,6 +103,17 @@ def test_a_key_no_code_would_read_is_refused(override, message, capsys):
     code = main(["train", "--preset", "sit-b2", "--set", override, "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+def test_exponent_numbers_are_floats_in_set_presets_and_run_files(tmp_path, capsys):
+    """`1e-3` is a float (YAML 1.2) wherever configuration YAML is read: --set, a preset file, a stored config.yaml."""
+    overrides = presets.parse_assignments(["optim.lr=1e-3", "optim.eps=-2E-8", "description=1e3x"])
+    assert overrides == {"optim.lr": float("1e-3"), "optim.eps": -2e-8, "description": "1e3x"}
+    config = presets.load("tiny-sit", optim__lr=overrides["optim.lr"])
+    assert config.optim.lr == 0.001
+    assert main(["train", "--preset", "tiny-sit", "--dry-run", "--set", "optim.lr=5e-4"]) == 0
+    assert "lr: 0.0005" in capsys.readouterr().out
+    assert load_yaml("optim: {lr: 1e-4, betas: [9e-1, 0.95]}") == {"optim": {"lr": 1e-4, "betas": [0.9, 0.95]}}
 
 
 def test_unconditional_presets_show_their_table_2b_source(capsys):

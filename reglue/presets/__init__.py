@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from reglue import config as run_config
+from reglue.config.yamlfile import load_yaml
 from reglue.errors import ConfigError
 
 
@@ -49,7 +50,7 @@ def _read(name: str, files: dict, chain: tuple[str, ...] = ()) -> dict:
         raise PresetError(f"unknown preset {name!r}; valid presets: {', '.join(available())}")
     if name in chain:
         raise PresetError(f"preset {name!r} inherits from itself via {' -> '.join(chain)}")
-    data = yaml.safe_load(files[name].read_text()) or {}
+    data = load_yaml(files[name].read_text()) or {}
     bases = data.pop("base", None) or []
     resolved: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
@@ -156,7 +157,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise PresetError(f"override {text!r}: expected KEY=VALUE, e.g. train.global_batch=128")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), load_yaml(raw)
     except yaml.YAMLError as exc:
         raise PresetError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
 

@@ -13,6 +13,7 @@ from reglue import config as run_config
 from reglue.checkpoints import CHECKPOINT_NAME
 from reglue.config.checks import unread_sections
 from reglue.config.schema import flatten
+from reglue.config.yamlfile import load_yaml
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
 
@@ -82,7 +83,7 @@ class RunDir:
     def _read_yaml(self, path: Path) -> dict:
         """The mapping a run file holds; RunError (one line naming the file) when it is unreadable or not a mapping."""
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path.read_text())
         except yaml.YAMLError as exc:
             raise RunError(f"{path}: unreadable ({getattr(exc, 'problem', None) or exc})") from None
         except (OSError, UnicodeDecodeError) as exc:
