@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -273,41 +274,220 @@ def series(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot_fid(rows: list[dict], path) -> Path:
-    """FID against training steps (log scale): our runs as lines with points (one per ``series``), published numbers
-    as labelled markers."""
+PUBLISHED_SERIES_KEYS = ("model", "sampler", "decoder", "cfg")  # with the method: what one published curve shares
+RANKED_ROW_INCHES = 0.3  # one row of the ranked chart: 9 pt labels never touch
+RANKED_EXTRA_INCHES = 1.5  # its title, x axis and label
+CURVES_INCHES = 4.2
+FIGURE_WIDTH = 11.0
+STAND_IN_TITLE = "Stand-in numbers (random-weight evaluators or tiny stand-ins): not comparable to the paper"
+PAPER_TITLE = "Published numbers and our runs scored with the published evaluator"
+STAND_IN_FACE = "#fff3e0"  # the stand-in panel's background, so it never reads as the paper's axis
+PUBLISHED_STYLE = {"color": "steelblue", "marker": "o", "markersize": 6}
+OURS_STYLE = {"color": "crimson", "marker": "D", "markersize": 8}
+
+
+def _steps_text(steps) -> str:
+    """Training steps, short: 400000 -> '400K', 1750000 -> '1.75M', 100 -> '100', None -> '? steps'."""
+    if not steps:
+        return "? steps" if steps is None else str(steps)
+    if steps >= 1_000_000:
+        return f"{steps / 1_000_000:g}M"
+    return f"{steps / 1000:g}K" if steps >= 1000 else str(steps)
+
+
+def _point_order(point) -> tuple:
+    """Points by training steps, a point without steps last."""
+    return (point[0] is None, point[0] or 0, point[1])
+
+
+def _published_series(rows: list[dict]) -> list[dict]:
+    """The published rows as series, one per (method, model, sampler, decoder, guidance); a label names the model
+    when the rows span several, the guidance scale when guided, and sampler and decoder when still ambiguous."""
+    published = [r for r in rows if not r["ours"]]
+    several_models = len({r["model"] for r in published}) > 1
+    groups: dict[tuple, list] = {}
+    for r in published:
+        groups.setdefault((method_label(r), *(repr(r.get(k)) for k in PUBLISHED_SERIES_KEYS)), []).append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        label = method_label(first) + (f" ({first['model']})" if several_models else "")
+        label += f", CFG {first['cfg'].get('scale')}" if first.get("cfg") else ""
+        out.append({"label": label, "ours": False, "sampler": first.get("sampler"), "decoder": first.get("decoder"),
+                    "points": sorted(((r["steps"], r["fid"]) for r in members), key=_point_order)})
+    labels = Counter(s["label"] for s in out)
+    for s in out:
+        if labels[s["label"]] > 1:
+            s["label"] += f", {s['sampler']}, {s['decoder']}"
+    return out
+
+
+def _our_series(rows: list[dict]) -> list[dict]:
+    """Our runs as series: those of ``series``, and one point per row without a training step."""
+    out = [{**curve, "ours": True} for curve in series(rows)]
+    return out + [{"label": f"{method_label(r)} (ours)", "ours": True, "points": [(r["steps"], r["fid"])]}
+                  for r in rows if r["ours"] and not r["steps"]]
+
+
+def panels(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """("paper", series) for the published rows and our runs scored with the published evaluator, then
+    ("stand-in", series) for rows marked ``stand_in`` (random-weight Inception, tiny VAE or preset): their numbers
+    never share the paper's axis. Only panels with rows."""
+    parts = (("paper", [r for r in rows if not r.get("stand_in")]),
+             ("stand-in", [r for r in rows if r.get("stand_in")]))
+    return [(name, _published_series(part) + _our_series(part)) for name, part in parts if part]
+
+
+def is_curve(one_series: dict) -> bool:
+    """Whether a series has points at several training lengths (drawn as a curve; one point is ranked)."""
+    return len({steps for steps, _ in one_series["points"] if steps}) > 1
+
+
+def ranking_length(all_series: list[dict]):
+    """The training length most points share (the longer on a tie); None when no point has one."""
+    counts = Counter(steps for s in all_series for steps, _ in s["points"] if steps)
+    return max(counts, key=lambda steps: (counts[steps], steps)) if counts else None
+
+
+def ranked(all_series: list[dict]) -> list[dict]:
+    """The ranked chart's rows, lowest FID first: every point of a one-length series, and with them each curve's
+    point at the ranking length (and any curve point without steps). A row's label names its training length
+    when that is not the ranking length. Each row is {"label", "fid", "ours", "steps"}."""
+    length = ranking_length(all_series)
+    any_single = any(not is_curve(s) for s in all_series)
+    rows = []
+    for s in all_series:
+        for steps, fid in s["points"]:
+            if not is_curve(s) or not steps or (any_single and steps == length):
+                suffix = "" if steps == length else f" @ {_steps_text(steps)}"
+                rows.append({"label": s["label"] + suffix, "fid": fid, "ours": s["ours"], "steps": steps})
+    return sorted(rows, key=lambda row: (row["fid"], row["label"]))
+
+
+def _ranked_title(entries: list[dict], length) -> str:
+    """What the ranked chart shows: one training length, or mostly one (the others named in the labels)."""
+    if length is not None and all(e["steps"] == length for e in entries):
+        return f"FID at {_steps_text(length)} training steps, ranked (lower is better)"
+    return "FID ranked (lower is better)" + (f"; rows not at {_steps_text(length)} steps name theirs" if length else "")
+
+
+def _draw_ranked(ax, entries: list[dict], title: str) -> None:
+    """A ranked dot chart: one row per entry (its label the y tick), best on top, our runs in red diamonds."""
+    from matplotlib.lines import Line2D
+
+    for y, entry in enumerate(entries):
+        style = OURS_STYLE if entry["ours"] else PUBLISHED_STYLE
+        ax.hlines(y, 0, entry["fid"], color=style["color"], alpha=0.25, linewidth=1)
+        ax.plot(entry["fid"], y, linestyle="none", zorder=3, **style)
+        ax.annotate(f"{entry['fid']:.2f}", (entry["fid"], y), xytext=(7, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_yticks(range(len(entries)), [e["label"] for e in entries], fontsize=9)
+    for tick, entry in zip(ax.get_yticklabels(), entries):
+        if entry["ours"]:
+            tick.set_color(OURS_STYLE["color"])
+            tick.set_fontweight("bold")
+    ax.set_ylim(len(entries) - 0.5, -0.5)  # the lowest FID on top
+    ax.set_xlim(0, max(max(e["fid"] for e in entries) * 1.15, 1e-6))
+    ax.set_xlabel("FID (lower is better)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10, loc="left")
+    if any(e["ours"] for e in entries):
+        handles = [Line2D([], [], linestyle="none", **PUBLISHED_STYLE, label="published"),
+                   Line2D([], [], linestyle="none", **OURS_STYLE, label="our runs")]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
+def _label_log_axis(axis, limits) -> None:
+    """Steps on a log axis: every decade labelled, and within a decade every digit when under 0.6 decades show,
+    2, 3 and 5 up to 1.5 decades, 2 and 5 up to 3 (the labels never crowd)."""
+    import matplotlib.ticker as ticker
+
+    decades = math.log10(max(limits) / min(limits))
+    digits = "123456789" if decades <= 0.6 else "235" if decades <= 1.5 else "25" if decades <= 3 else ""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: _steps_text(round(value))))
+    axis.set_minor_formatter(ticker.FuncFormatter(
+        lambda value, _: _steps_text(round(value)) if f"{value:.6e}"[0] in digits else ""))
+
+
+def _fid_text(value, _) -> str:
+    """An FID tick: 3, 12.5, 40."""
+    return f"{value:g}"
+
+
+def _draw_curves(ax, curves: list[dict], title: str) -> None:
+    """FID against training steps (log axes): published series dashed, our runs solid; the legend beside."""
     import matplotlib
+    import matplotlib.ticker as ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    published = [r for r in rows if not r["ours"] and r["steps"]]
-    palette = plt.get_cmap("tab10")
-    for i, method in enumerate(sorted({method_label(r) for r in published})):
-        points = sorted((r["steps"], r["fid"]) for r in published if method_label(r) == method)
-        ax.plot(*zip(*points), linestyle="--", linewidth=1, marker="s", markersize=5, alpha=0.75,
-                color=palette(i % 10), label=f"{method} (published)")
-        for x, y in points:
-            ax.annotate(f"{y:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=palette(i % 10))
-    for i, curve in enumerate(series(rows)):
-        ax.plot(*zip(*curve["points"]), marker="o", markersize=7, linewidth=2.5,
-                color=OURS_COLOURS[i % len(OURS_COLOURS)], label=curve["label"], zorder=5)
+    palette = matplotlib.colormaps["tab10"]
+    published = [c for c in curves if not c["ours"]]
+    ours = [c for c in curves if c["ours"]]
+    for i, curve in enumerate(published):
+        ax.plot(*zip(*[p for p in curve["points"] if p[0]]), linestyle="--", linewidth=1.2, marker="s", markersize=5,
+                color=palette(i % 10), label=f"{curve['label']} (published)")
+    for i, curve in enumerate(ours):
+        ax.plot(*zip(*[p for p in curve["points"] if p[0]]), marker="o", markersize=7, linewidth=2.5, zorder=5,
+                color=OURS_COLOURS[i % len(OURS_COLOURS)], label=curve["label"])
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(  # label 2, 3 and 5 of each decade only
-        lambda value, _: f"{value:g}" if f"{value:g}"[0] in "235" else ""))
+    _label_log_axis(ax.xaxis, ax.get_xlim())
+    fids = [fid for c in curves for steps, fid in c["points"] if steps]
+    if min(fids) > 0 and max(fids) / min(fids) >= 4:  # a narrower range reads better on a linear axis
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_fid_text))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
+            lambda value, _: _fid_text(value, _) if f"{value:.6e}"[0] in "235" else ""))
     ax.set_xlabel("training steps (batch 256)")
-    ax.set_ylabel("FID-50K (ADM evaluator)")
-    ax.set_title("FID against training steps")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=10, loc="left")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
+
+
+def fid_figure(rows: list[dict]):
+    """The FID figure: per panel (the paper's axis, then stand-in numbers apart) a ranked dot chart of the points at
+    one training length and FID-against-steps curves for series with several; its height grows with the rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    charts = []  # (panel, draw, data, title, height in inches)
+    parts = panels(rows)
+    for name, all_series in parts:
+        prefix = f"{STAND_IN_TITLE}\n" if name == "stand-in" else f"{PAPER_TITLE}\n" if len(parts) > 1 else ""
+        entries, curves = ranked(all_series), [s for s in all_series if is_curve(s)]
+        if entries:
+            charts.append((name, _draw_ranked, entries, prefix + _ranked_title(entries, ranking_length(all_series)),
+                           RANKED_ROW_INCHES * len(entries) + RANKED_EXTRA_INCHES))
+        if curves:
+            charts.append((name, _draw_curves, curves, prefix + "FID against training steps", CURVES_INCHES))
+    heights = [chart[-1] for chart in charts]
+    fig = Figure(figsize=(FIGURE_WIDTH, max(sum(heights), 2.0)), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    if not charts:
+        fig.text(0.5, 0.5, "no FID to plot", ha="center")
+        return fig
+    axes = fig.subplots(len(charts), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (name, draw, data, title, _) in zip(axes, charts):
+        draw(ax, data, title)
+        if name == "stand-in":
+            ax.set_facecolor(STAND_IN_FACE)
+    return fig
+    axes = fig.subplots(len(charts), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (name, data, title) in zip(axes, charts):
+        if "fid" in data[0]:
+            _draw_ranked(ax, data, title)
+        else:
+            _draw_curves(ax, data, title)
+        if name == "stand-in":
+            ax.set_facecolor(STAND_IN_FACE)
+    return fig
+
+
+def plot_fid(rows: list[dict], path) -> Path:
+    """Write ``fid_figure`` of ``rows`` to the PNG ``path`` (atomically: a partial file, then a rename)."""
+    fig = fid_figure(rows)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial.png")
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(path)
     return path
 

@@ -19,7 +19,9 @@ from reglue_cli.errors import fail
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw FID against training steps into this PNG.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Also draw the FIDs into this PNG: ranked at one training length, curves where a series has "
+                   "several steps, stand-in numbers on their own panel.")
 def compare(inputs, baselines, fmt, out, plot) -> None:
     """Put INPUTS (run directories or `reglue eval --json` files) beside published numbers.
 

@@ -122,6 +122,159 @@ def test_plot_is_written_and_opens(tmp_path, capsys):
         assert image.format == "PNG" and image.size[0] > 600
 
 
+TABLE_1_BY_FID = ["(n) REGLUE, DINOv3-B", "(m) REGLUE", "(l) non-linear multi-layer", "(k) non-linear + REG",
+                  "b2 (ours)", "(j) non-linear + align patch", "(i) non-linear", "(h) REG",
+                  "(g) CLS joint + align patch", "(e) ReDi + align patch", "(d) ReDi", "(b) REPA", "(c) CLS joint",
+                  "(a) SiT-B/2", "(f) CLS joint + align CLS"]  # REGLUE Table 1 by FID, our 14.0 between k and j
+
+
+def _run_with_steps(root, name, points, preset="tiny-reglue", weights_sha="8b7c653f" + "0" * 56):
+    """A run directory with one metrics file per (step, fid), scored with ``weights_sha`` (random ones by default)."""
+    run = _fake_run(root, name, step=points[0][0], fid=points[0][1], preset=preset)
+    template = json.loads((run / "eval" / "metrics.json").read_text())
+    (run / "eval" / "metrics.json").unlink()
+    for step, fid in points:
+        template.update(fid=fid, inception_weights_sha256=weights_sha)
+        template["sample_info"]["step"] = step
+        (run / "eval" / f"{step:07d}.json").write_text(json.dumps(template))
+    return run
+
+
+def _drawn(fig):
+    """The figure drawn with Agg, and its renderer."""
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def _ranked_axes(fig):
+    """The axes whose y ticks are labels (the ranked charts)."""
+    return [ax for ax in fig.axes if any(t.get_text() and not t.get_text()[0].isdigit() for t in ax.get_yticklabels())]
+
+
+def _labels_top_down(ax, renderer):
+    """An axes' y tick labels in the order a reader sees them, top first."""
+    labels = [t for t in ax.get_yticklabels() if t.get_text()]
+    return [t.get_text() for t in sorted(labels, key=lambda t: -t.get_window_extent(renderer).y0)]
+
+
+def _drawn_texts(fig, renderer):
+    """Every text the reader sees: titles, axis labels, annotations, legend entries, and the tick labels inside
+    their axis' span (matplotlib keeps labels of ticks beyond the view, undrawn)."""
+    import matplotlib.text
+
+    tick_labels = {id(t): (ax, axis) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                   for t in axis.get_ticklabels(which="both")}
+    texts = []
+    for text in fig.findobj(matplotlib.text.Text):
+        if not text.get_visible() or not text.get_text().strip():
+            continue
+        box = text.get_window_extent(renderer)
+        if id(text) in tick_labels:
+            ax, axis = tick_labels[id(text)]
+            span = ax.get_window_extent(renderer)
+            centre, (low, high) = ((box.x0 + box.x1) / 2, (span.x0, span.x1)) if axis is ax.xaxis else \
+                ((box.y0 + box.y1) / 2, (span.y0, span.y1))
+            if not low - 1 <= centre <= high + 1:
+                continue
+        texts.append((text.get_text(), box))
+    return texts
+
+
+def _overlapping(fig):
+    """Pairs of drawn texts whose boxes intersect."""
+    texts = _drawn_texts(fig, _drawn(fig))
+    return [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1:] if box_a.overlaps(box_b)]
+
+
+def test_the_overlap_check_sees_overlapping_labels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for method in ("(a) SiT-B/2", "(b) REPA"):  # the old plot: every Table 1 row labelled at one x
+        ax.annotate(method, (0.5, 0.5), xytext=(4, 3), textcoords="offset points")
+    assert _overlapping(fig) == [("(a) SiT-B/2", "(b) REPA")]
+
+
+def test_no_text_of_the_fid_figure_is_drawn_over_another(tmp_path):
+    from evaluation.compare import fid_figure
+
+    demo = load_ours([str(_run_with_steps(tmp_path, "demo", [(100, 8210.4), (200, 8189.1)]))])
+    xl = load_ours([str(_run_with_steps(tmp_path, "xl", [(100_000, 9.0), (200_000, 5.1), (400_000, 3.5)],
+                                        preset="sit-xl2-reglue", weights_sha="6726825d" + "0" * 56))])
+    b2 = load_ours([str(_fake_run(tmp_path, "b2", fid=14.0))])
+    for rows in (demo + load_baselines(["ablation"]), xl + load_baselines(["sit-xl2"]),
+                 b2 + demo + load_baselines(["sit-b2"]), xl + b2 + demo + load_baselines(None),
+                 load_baselines(["cfg"]), demo):
+        fig = fid_figure(rows)
+        assert _overlapping(fig) == [], {r["group"] for r in rows}
+
+
+def test_the_ranked_chart_orders_rows_by_fid_best_on_top_with_our_run_highlighted(tmp_path):
+    from evaluation.compare import fid_figure
+
+    fig = fid_figure(load_baselines(["ablation"]) + load_ours([str(_fake_run(tmp_path, "b2", fid=14.0))]))
+    renderer = _drawn(fig)
+    (ax,) = fig.axes  # 15 points at one training length: a ranked chart and no curve
+    assert _labels_top_down(ax, renderer) == TABLE_1_BY_FID
+    assert "400K training steps" in ax.get_title(loc="left")
+    colours = {t.get_text(): t.get_color() for t in ax.get_yticklabels()}
+    assert colours["b2 (ours)"] != colours["(m) REGLUE"] and len(set(colours.values())) == 2
+    values = sorted((t for t in ax.texts), key=lambda t: -t.get_window_extent(renderer).y0)
+    assert [float(t.get_text()) for t in values][:6] == [12.3, 12.9, 13.3, 13.7, 14.0, 14.1]
+    tall = fid_figure(load_baselines(None))
+    assert tall.get_size_inches()[1] > fig.get_size_inches()[1] + 0.25 * 40  # at least 40 rows more, 1/4 in each
+
+
+def test_stand_in_numbers_are_drawn_on_their_own_panel(tmp_path):
+    from evaluation.compare import fid_figure
+
+    demo = load_ours([str(_run_with_steps(tmp_path, "demo", [(100, 8210.4), (200, 8189.1)]))])
+    assert all(r["stand_in"] for r in demo)
+    fig = fid_figure(load_baselines(["ablation"]) + demo)
+    renderer = _drawn(fig)
+    paper, stand_in = fig.axes
+    assert "stand-in" not in paper.get_title(loc="left").lower()
+    assert _labels_top_down(paper, renderer) == [m for m in TABLE_1_BY_FID if m != "b2 (ours)"]
+    assert paper.get_xlim()[1] < 100  # the paper's axis never stretches to the stand-in FID of 8000
+    assert "Stand-in numbers" in stand_in.get_title(loc="left")
+    (curve,) = stand_in.get_lines()  # two steps: a curve, and on the stand-in panel only
+    assert list(curve.get_xdata()) == [100, 200] and list(curve.get_ydata()) == [8210.4, 8189.1]
+    assert [t.get_text() for t in stand_in.get_legend().get_texts()] == ["demo (ours)"]
+    # one stand-in number alone is ranked on the stand-in panel too, never beside the paper's rows
+    one = load_ours([str(_run_with_steps(tmp_path, "one", [(200, 8189.1)]))])
+    fig = fid_figure(load_baselines(["ablation"]) + one)
+    renderer = _drawn(fig)
+    paper, stand_in = fig.axes
+    assert "one (ours)" not in _labels_top_down(paper, renderer)
+    assert _labels_top_down(stand_in, renderer) == ["one (ours)"] and "Stand-in" in stand_in.get_title(loc="left")
+
+
+def test_curves_only_for_series_with_several_training_lengths(tmp_path):
+    from evaluation.compare import fid_figure
+
+    single = load_ours([str(_fake_run(tmp_path, "b2", fid=14.0))])
+    fig = fid_figure(single + load_baselines(["ablation"]))
+    assert all(len(line.get_xdata()) == 1 for ax in fig.axes for line in ax.get_lines())
+    xl = load_ours([str(_run_with_steps(tmp_path, "xl", [(100_000, 9.0), (200_000, 5.1), (400_000, 3.5)],
+                                        preset="sit-xl2-reglue", weights_sha="6726825d" + "0" * 56))])
+    fig = fid_figure(xl + load_baselines(["sit-xl2"]))
+    renderer = _drawn(fig)
+    ranked, curves = fig.axes
+    drawn = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in curves.get_lines()}
+    assert drawn["xl (ours)"] == [(100_000, 9.0), (200_000, 5.1), (400_000, 3.5)]
+    assert drawn["REPA (SiT-XL/2) (published)"] == [  # reference_stats/baselines.yaml
+        (50_000, 52.3), (100_000, 19.4), (200_000, 11.1), (400_000, 7.9), (1_000_000, 6.4), (4_000_000, 5.9)]
+    assert "REPA-E (SiT-XL/2) (published)" not in drawn  # one published point: ranked, not a curve
+    # the ranked chart holds the one-point rows and every curve at the length most points share (400K)
+    assert _labels_top_down(ranked, renderer) == [
+        "REGLUE (SiT-XL/2)", "REG (SiT-XL/2)", "xl (ours)", "REPA-E (SiT-XL/2)",
+        "LightningDiT (LightningDiT-XL/1) @ 320K", "ReDi (SiT-XL/2)", "REPA (SiT-XL/2)", "SiT (SiT-XL/2)",
+        "DiT (DiT-XL/2)"]
+
+
 def test_bad_inputs_are_one_line(tmp_path, capsys):
     (tmp_path / "x.json").write_text('{"loss": 1}')
     (tmp_path / "empty").mkdir()
