@@ -1,10 +1,13 @@
-"""Pretraining the semantic compressor (docs/method.md 3): norm statistics, then an autoencoder on VFM maps."""
+"""Pretraining the semantic compressor (docs/method.md 3): norm statistics, then an autoencoder on VFM maps. One step
+is ``compressor_step`` here; the loop around it, shared with the diffusion loop, is reglue/training/loop.py."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +19,14 @@ from reglue import checkpoints
 from reglue.checkpoints.compressor import COMPRESSOR_FILE
 from reglue.config.sections import CompressorOptim
 from reglue.config.sections import CompressorRun as CompressorRunConfig
+from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum, barrier
 from reglue.encoders.vfm import load_vfm
 from reglue.models import SemanticCompressor
 from reglue.training.checkpointing import Checkpointer
-from reglue.training.diffusion import TrainingStopped, TrainOptions
-from reglue.training.order import StepSampler, make_split
-from reglue.training.rundir import RunError, open_run
+from reglue.training.loop import Loop, TrainOptions, progress_bar, run_steps
+from reglue.training.order import Split, StepSampler, make_split
+from reglue.training.rundir import RunDir, RunError, open_run
 from reglue.training.semantics import RunningMoments, standardise
 from reglue.training.state import NonFiniteGuard, autocast, make_optimizer, make_scaler, optimiser_step
 
@@ -70,8 +74,63 @@ def norm_statistics(vfm, layers, dataset, samples: int, seed: int, dist: DistInf
     return moments.result()
 
 
-def _build(config: CompressorRunConfig, options: TrainOptions, dist, run, dataset):
-    """Frozen VFM, compressor, optimiser and loss scaler of a checked run directory."""
+@dataclass
+class CompressorTrainer:
+    """Everything one compressor process holds."""
+
+    config: CompressorRunConfig
+    options: TrainOptions
+    dist: DistInfo
+    run: RunDir
+    dataset: EncodedDataset
+    vfm: torch.nn.Module  # frozen
+    compressor: SemanticCompressor
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel (mean, std) of the VFM maps, on the CPU
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next step trains in (of steps_for's length): the learning rate's."""
+        return self.step // steps_for(self.config, len(self.dataset))[0]
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """Saves and resumes compressor, optimiser, scaler, step, RNG and data position, the norm statistics beside."""
+        parts = {"model": self.compressor, "optimizer": self.optimizer, "scaler": self.scaler}
+        return Checkpointer(self.run, self.config, parts, self.dist.is_main, self.options.echo, self.options.keep_last,
+                            self.options.keep_every)
+
+    def checkpoint(self) -> None:
+        """Save this step and the norm statistics (rank 0), then prune old checkpoints."""
+        self.checkpointer.save(self.step, len(self.dataset), self.config.train.global_batch,
+                               extra={"mean": self.stats[0], "std": self.stats[1]})
+
+    def resume(self) -> None:
+        """Load the newest valid checkpoint of the run directory, if any, and the norm statistics it holds."""
+        self.step, extra = self.checkpointer.resume()
+        self.stats = (extra["mean"], extra["std"]) if extra else None
+
+
+def _build(config: CompressorRunConfig, options: TrainOptions, dist, run, dataset) -> CompressorTrainer:
+    """The CompressorTrainer of a checked run directory and dataset (frozen VFM, compressor, optimiser, loss scaler),
+    resumed; then the run directory is written."""
+    vfm = _load_vfm(config, options, dist, dataset)
+    torch.manual_seed(config.train.seed)
+    compressor = SemanticCompressor(list(config.compressor.channels)).to(dist.device)
+    optimizer, scaler = make_optimizer(compressor, config.optim), make_scaler(dist.device, config.train.precision)
+    trainer = CompressorTrainer(config, options, dist, run, dataset, vfm, compressor, optimizer, scaler,
+                                guard=NonFiniteGuard(options.max_nonfinite))
+    trainer.resume()
+    run.begin(config, dataset.identity(), trainer.step, dist.is_main)
+    barrier()
+    return trainer
+
+
+def _load_vfm(config: CompressorRunConfig, options: TrainOptions, dist, dataset) -> torch.nn.Module:
+    """The frozen VFM, once the dataset's resolution and the compressor's input width are checked against the run."""
     v = config.vfm
     if dataset.resolution != config.data.resolution:
         raise RunError(f"{options.data}: {dataset.resolution}px images, the run's data.resolution is "
@@ -81,79 +140,106 @@ def _build(config: CompressorRunConfig, options: TrainOptions, dist, run, datase
     if channels[0] != vfm.embed_dim * len(v.layers):
         raise RunError(f"compressor.channels starts at {channels[0]} but {len(v.layers)} layers of {v.name} "
                        f"give {vfm.embed_dim * len(v.layers)} channels")
-    torch.manual_seed(config.train.seed)
-    compressor = SemanticCompressor(channels).to(dist.device)
-    return (dist, run, dataset, vfm, compressor, make_optimizer(compressor, config.optim),
-            make_scaler(dist.device, config.train.precision))
+    return vfm
 
 
 def train_compressor(config: CompressorRunConfig, options: TrainOptions) -> CompressorRun:
     """Train the compressor; saves run checkpoints and, at the end, ``outdir/compressor.pt``."""
-    setup = open_run(config, options, _build)
+    trainer = open_run(config, options, _build)
     try:
-        return _train(config, options, *setup)
+        return _train(trainer)
     finally:
-        setup[1].release()
+        trainer.run.release()
 
 
-def _train(config: CompressorRunConfig, options: TrainOptions, dist, run, dataset, vfm, compressor, optimizer,
-           scaler) -> CompressorRun:
-    """Norm statistics (or the resumed ones), then the training loop; ``run`` is locked and checked."""
-    tc, layers = config.train, list(config.vfm.layers)
-    saver = Checkpointer(run, config, {"model": compressor, "optimizer": optimizer, "scaler": scaler}, dist.is_main,
-                         options.echo, options.keep_last, options.keep_every)
-    step, extra = saver.resume()
-    stats = (extra["mean"], extra["std"]) if extra else None
-    run.begin(config, dataset.identity(), step, dist.is_main)
+@dataclass
+class StepResult:
+    """One step as the loop shows and logs it."""
+
+    epoch: int  # the epoch it trained in
+    lr: float  # its learning rate (cosine_lr of the epoch)
+    mse: float  # the reconstruction loss, averaged over ranks
+    skipped: bool  # non-finite: the weights were left alone
+
+    def postfix(self) -> dict[str, str]:
+        """The loss for the progress bar."""
+        return {"loss": f"{self.mse:.4f}"}
+
+
+def _train(trainer: CompressorTrainer) -> CompressorRun:
+    """Norm statistics (or the resumed ones), the shared loop (training/loop.py) around compressor_step, then
+    compressor.pt."""
+    config, dist = trainer.config, trainer.dist
+    if trainer.stats is None:
+        trainer.stats = norm_statistics(trainer.vfm, list(config.vfm.layers), trainer.dataset,
+                                        config.compressor.norm_stats_samples, config.train.seed, dist,
+                                        progress=trainer.options.progress)
+    mean, std = (s.to(dist.device) for s in trainer.stats)
+    max_steps = steps_for(config, len(trainer.dataset))[1]
+    split = make_split(config.train.global_batch, dist.world, trainer.options.batch_gpu)
+    net = DistributedDataParallel(trainer.compressor) if dist.world > 1 else trainer.compressor
+    batches, images_per_s = iter(_loader(trainer, split, max_steps)), _images_per_s(trainer)
+    bar = progress_bar(trainer, "compressor", max_steps)
+    loop = Loop(max_steps, config.train.log_every, config.train.ckpt_every,
+                step=partial(compressor_step, trainer, net, batches, split, mean, std),
+                log=partial(_log, trainer, images_per_s))
+    run_steps(trainer, loop, bar)
+    return _write_compressor(trainer)
+
+
+def compressor_step(trainer: CompressorTrainer, net, batches, split: Split, mean: torch.Tensor,
+                    std: torch.Tensor) -> StepResult:
+    """One optimiser step over this rank's micro-batches: the epoch's learning rate, the MSE of reconstructing the
+    standardised VFM maps, then the update both loops share (state.optimiser_step)."""
+    config, device, layers = trainer.config, trainer.dist.device, list(trainer.config.vfm.layers)
+    epoch = trainer.epoch
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = cosine_lr(config.optim, epoch)
+    total = 0.0
+    for _ in range(split.accum):
+        images = next(batches)[0].to(device)
+        with autocast(device, config.train.precision):
+            target = standardise(trainer.vfm(images, layers).local.float(), mean, std)
+            recon, _ = net(target)
+        loss = F.mse_loss(recon.float(), target) * images.shape[0] / split.per_rank
+        trainer.scaler.scale(loss).backward()
+        total += float(loss.detach())
+    summed = all_sum([total, float(not math.isfinite(total))])
+    skipped, _ = optimiser_step(trainer.compressor, trainer.optimizer, trainer.scaler, config.optim.grad_clip,
+                                summed[1] == 0)
+    return StepResult(epoch, trainer.optimizer.param_groups[0]["lr"], summed[0] / trainer.dist.world, skipped)
+
+
+def _log(trainer: CompressorTrainer, images_per_s: Callable[[], float], result: StepResult) -> None:
+    """Rank 0, every log_every steps and on a skipped step: the status line (log.txt, the console) and the
+    metrics.jsonl record."""
+    rate = images_per_s()
+    trainer.run.log(f"step {trainer.step} (epoch {result.epoch}): mse {result.mse:.5f} lr {result.lr:.2e}",
+                    trainer.options.echo)
+    trainer.run.metrics({"step": trainer.step, "epoch": result.epoch, "mse": result.mse, "lr": result.lr,
+                         "images_per_s": rate, "skipped": result.skipped})
+
+
+def _images_per_s(trainer: CompressorTrainer) -> Callable[[], float]:
+    """Images trained per second since now (wall time), read when a step is logged."""
+    started, first_step = time.time(), trainer.step
+    return lambda: (trainer.step - first_step) * trainer.config.train.global_batch / max(time.time() - started, 1e-9)
+
+
+def _loader(trainer: CompressorTrainer, split: Split, max_steps: int) -> DataLoader:
+    """This rank's micro-batches from the resumed step to ``max_steps`` (order.StepSampler)."""
+    sampler = StepSampler(len(trainer.dataset), split, trainer.dist.rank, trainer.config.train.seed, trainer.step,
+                          max_steps)
+    return DataLoader(trainer.dataset, sampler=sampler, batch_size=None, num_workers=trainer.options.workers)
+
+
+def _write_compressor(trainer: CompressorTrainer) -> CompressorRun:
+    """Rank 0 writes compressor.pt (weights, norm statistics, VFM name and layers); every rank waits for it."""
+    product = trainer.run.root / COMPRESSOR_FILE
+    if trainer.dist.is_main:
+        mean, std = trainer.stats
+        checkpoints.save_compressor(product, trainer.compressor.eval(), mean, std, trainer.config.vfm.name,
+                                    list(trainer.config.vfm.layers))
+        trainer.run.log(f"compressor written to {product}", trainer.options.echo)
     barrier()
-    if stats is None:
-        stats = norm_statistics(vfm, layers, dataset, config.compressor.norm_stats_samples, tc.seed, dist,
-                                progress=options.progress)
-    mean, std = (s.to(dist.device) for s in stats)
-    per_epoch, max_steps = steps_for(config, len(dataset))
-    split = make_split(tc.global_batch, dist.world, options.batch_gpu)
-    net = DistributedDataParallel(compressor) if dist.world > 1 else compressor
-    loader = DataLoader(dataset, sampler=StepSampler(len(dataset), split, dist.rank, tc.seed, step, max_steps),
-                        batch_size=None, num_workers=options.workers)
-    batches, started, first_step = iter(loader), time.time(), step
-    guard = NonFiniteGuard(options.max_nonfinite)
-
-    bar = tqdm(total=max_steps, initial=step, desc="compressor", unit="step",
-               disable=not (options.progress and dist.is_main))
-    with bar:
-        while step < max_steps:
-            epoch = step // per_epoch
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(config.optim, epoch)
-            total = 0.0
-            for k in range(split.accum):
-                images = next(batches)[0].to(dist.device)
-                with autocast(dist.device, tc.precision):
-                    target = standardise(vfm(images, layers).local.float(), mean, std)
-                    recon, _ = net(target)
-                loss = F.mse_loss(recon.float(), target) * images.shape[0] / split.per_rank
-                scaler.scale(loss).backward()
-                total += float(loss.detach())
-            summed = all_sum([total, float(not math.isfinite(total))])
-            skipped, _ = optimiser_step(compressor, optimizer, scaler, config.optim.grad_clip, summed[1] == 0)
-            step += 1
-            loss_avg = summed[0] / dist.world
-            if guard.record(not skipped):
-                raise TrainingStopped(f"{guard.in_a_row} non-finite steps in a row at step {step}; last good "
-                                      f"checkpoint: {checkpoints.find_latest_checkpoint(run.checkpoints)}")
-            bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)  # shown by the update below
-            bar.update(1)
-            if dist.is_main and (step % tc.log_every == 0 or skipped):
-                rate = ((step - first_step) * tc.global_batch) / max(time.time() - started, 1e-9)
-                run.log(f"step {step} (epoch {epoch}): mse {loss_avg:.5f} lr {optimizer.param_groups[0]['lr']:.2e}",
-                        options.echo)
-                run.metrics({"step": step, "epoch": epoch, "mse": loss_avg, "lr": optimizer.param_groups[0]["lr"],
-                             "images_per_s": rate, "skipped": skipped})
-            if step % tc.ckpt_every == 0 or step == max_steps:
-                saver.save(step, len(dataset), tc.global_batch, extra={"mean": stats[0], "std": stats[1]})
-    product = run.root / COMPRESSOR_FILE
-    if dist.is_main:
-        checkpoints.save_compressor(product, compressor.eval(), stats[0], stats[1], config.vfm.name, layers)
-        run.log(f"compressor written to {product}", options.echo)
-    barrier()
-    return CompressorRun(dist, step, str(product))
+    return CompressorRun(trainer.dist, trainer.step, str(product))

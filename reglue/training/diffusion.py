@@ -1,19 +1,19 @@
-"""The diffusion training loop for every preset (docs/method.md 5), on one CPU or many GPUs, resumable exactly."""
+"""The diffusion training loop for every preset (docs/method.md 5), on one CPU or many GPUs, resumable exactly: one
+step is ``train_step`` here and JointLoss (reglue/transport/loss.py); the loop around it, shared with the compressor,
+is reglue/training/loop.py."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from evaluation.environment import environment
-from reglue import checkpoints
 from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum_tensor, barrier
@@ -21,6 +21,7 @@ from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.sampling.grid import save_sample_grid
 from reglue.training.checkpointing import Checkpointer
+from reglue.training.loop import Loop, TrainingStopped, TrainOptions, progress_bar, run_steps
 from reglue.training.order import NoiseAhead, StepSampler, flip_rows, make_split, step_noise
 from reglue.training.rundir import RunDir, RunError, open_run
 from reglue.training.semantics import build_semantic_encoder
@@ -36,36 +37,10 @@ from reglue.training.state import (
 from reglue.training.throughput import speedometer
 from reglue.transport import JointLoss, sample_time
 
+__all__ = ["TERMS", "StepResult", "Trainer", "TrainingStopped", "TrainOptions", "build_trainer", "noise_source",
+           "open_tensorboard", "train_diffusion", "train_step"]  # TrainingStopped, TrainOptions: from training/loop.py
+
 TERMS = ("loss", "latent", "semantic", "cls", "repa")
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot continue (too many non-finite steps); the message names the last good checkpoint."""
-
-
-@dataclass
-class TrainOptions:
-    """How to run (not what to train: that is the config)."""
-
-    data: str
-    outdir: str
-    batch_gpu: int | None = None
-    workers: int = 4
-    compile: bool = False
-    keep_last: int = 3
-    keep_every: int | None = None
-    tensorboard: bool = False
-    wandb_project: str | None = None  # also log to Weights & Biases (reglue.tracking)
-    vfm_weights: str | None = None
-    max_nonfinite: int = 10
-    allow_other_data: bool = False  # resume onto a dataset other than the one run/data.yaml records
-    progress: bool = True
-    device: str | None = None
-    echo: Callable[[str], None] = field(default=tqdm.write)
-    # called on every rank after each step and once before the first (the CLI wires evaluation in this way); a
-    # callback with a ``launch(config, run)`` method is first asked, once the run directory is locked and before
-    # anything is built or written, whether the run may start (it raises a UserError when not)
-    callbacks: tuple[Callable[["Trainer"], None], ...] = ()
 
 
 @dataclass
@@ -224,21 +199,69 @@ def _apply_update(trainer: Trainer, totals: torch.Tensor) -> dict:
     return logged
 
 
-def _loader(trainer: Trainer, split) -> DataLoader:
-    sampler = StepSampler(len(trainer.dataset), split, trainer.dist.rank, trainer.train_cfg.seed, trainer.step,
-                          trainer.train_cfg.max_steps)
-    return DataLoader(trainer.dataset, sampler=sampler, batch_size=None, num_workers=trainer.options.workers,
-                      persistent_workers=False, pin_memory=trainer.dist.device.type == "cuda")
+def train_diffusion(config: DiffusionRun, options: TrainOptions) -> Trainer:
+    """Train until ``train.max_steps``; run again with the same arguments to resume."""
+    trainer = build_trainer(config, options)
+    try:
+        return _train(trainer)
+    finally:
+        _close_loggers(trainer)
+        trainer.run.release()
 
 
-def _peak_memory(trainer: Trainer) -> dict:
-    """{"max_mem_gib": peak allocated GPU memory} on CUDA, {} elsewhere."""
-    if trainer.dist.device.type != "cuda":
-        return {}
-    return {"max_mem_gib": torch.cuda.max_memory_allocated(trainer.dist.device) / 2**30}
+@dataclass
+class StepResult:
+    """One step as the loop shows and logs it: train_step's numbers and the throughput since the launch."""
+
+    logged: dict  # TERMS, grad_norm (when the step was taken) and skipped
+    figures: dict  # images_per_s, tflops_per_s and, on a GPU of known peak, mfu (throughput.training_figures)
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the step was skipped as non-finite."""
+        return self.logged["skipped"]
+
+    def postfix(self) -> dict[str, str]:
+        """Loss, images/s and TFLOP/s for the progress bar."""
+        return {"loss": f"{self.logged['loss']:.4f}", "img_s": f"{self.figures['images_per_s']:.1f}",
+                "tflops": f"{self.figures['tflops_per_s']:.2f}"}
+
+
+def _train(trainer: Trainer) -> Trainer:
+    """The training loop proper (see train_diffusion): the shared loop (training/loop.py) around train_step."""
+    tc = trainer.train_cfg
+    split = make_split(tc.global_batch, trainer.dist.world, trainer.options.batch_gpu)
+    loss_fn, net, vae = _loss(trainer), _make_net(trainer), _grid_vae(trainer)
+    bar = progress_bar(trainer, "train", tc.max_steps)
+    batches = iter(_loader(trainer, split))
+    speed = speedometer(trainer.config, trainer.dist.device)
+    for callback in trainer.options.callbacks:  # e.g. an evaluation of the resumed step that a kill interrupted
+        callback(trainer)
+    with contextlib.closing(noise_source(trainer, split)) as noise:
+        def step() -> StepResult:
+            """train_step on this step's micro-batches and noise; the throughput since the launch."""
+            logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split,
+                                noise(trainer.step))
+            return StepResult(logged, speed.add(split.global_batch))
+
+        loop = Loop(tc.max_steps, tc.log_every, tc.ckpt_every, step=step, log=partial(_log, trainer, loss_fn),
+                    after_step=partial(_after_step, trainer, vae))
+        run_steps(trainer, loop, bar)
+    return trainer
+
+
+def _log(trainer: Trainer, loss_fn: JointLoss, result: StepResult) -> None:
+    """Rank 0, every log_every steps and on a skipped step: the status line (log.txt, the console) and the record
+    (metrics.jsonl, TensorBoard, W&B)."""
+    result.figures.update(_peak_memory(trainer))
+    trainer.run.log(_status(trainer, result.logged, result.figures), trainer.options.echo)
+    record = {**result.logged, "epoch": trainer.epoch, **result.figures,
+              "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
+    trainer.report(record, "train", line=_line(trainer, record))
 
 
 def _status(trainer: Trainer, logged: dict, figures: dict) -> str:
+    """The status line of a step: a skipped one names the counts, a taken one its terms, norm and throughput."""
     if logged["skipped"]:
         return (f"step {trainer.step}: non-finite loss or gradients, step skipped "
                 f"({trainer.guard.in_a_row} in a row, {trainer.guard.total} in total)")
@@ -250,12 +273,69 @@ def _status(trainer: Trainer, logged: dict, figures: dict) -> str:
             f"grad_norm {logged.get('grad_norm', float('nan')):.3f} {speed}{memory} skipped {trainer.guard.total}")
 
 
+def _line(trainer: Trainer, record: dict) -> dict | None:
+    """The first metrics.jsonl line of a launch also records the environment that decides the run's bits (torch,
+    CUDA, cuDNN, device, TF32 switches) and the process count; None (the default line) after it."""
+    if trainer.environment_logged:
+        return None
+    trainer.environment_logged = True
+    return {"step": trainer.step, **record,
+            "environment": {**environment(trainer.dist.device), "world": trainer.dist.world}}
+
+
+def _peak_memory(trainer: Trainer) -> dict:
+    """{"max_mem_gib": peak allocated GPU memory} on CUDA, {} elsewhere."""
+    if trainer.dist.device.type != "cuda":
+        return {}
+    return {"max_mem_gib": torch.cuda.max_memory_allocated(trainer.dist.device) / 2**30}
+
+
+def _after_step(trainer: Trainer, vae) -> None:
+    """After the step's checkpoint: the sample grid when due, then the callbacks (the evaluator)."""
+    if vae is not None and trainer.step % trainer.train_cfg.sample_every == 0:
+        _sample_grid(trainer, vae)
+    for callback in trainer.options.callbacks:
+        callback(trainer)
+
+
+def _sample_grid(trainer: Trainer, vae) -> None:
+    """Rank 0: an 8x2 grid of EMA samples in samples/STEP.png (the run's sampling settings)."""
+    path = trainer.run.samples / f"{trainer.step:07d}.png"
+    save_sample_grid(trainer.ema, vae, path, trainer.config.sampling, trainer.config.data.latent_scale,
+                     trainer.config.transport.path)
+    trainer.run.log(f"step {trainer.step}: sample grid {path}", trainer.options.echo)
+
+
+def _loss(trainer: Trainer) -> JointLoss:
+    """The run's joint loss (the projector's alignment of patches and [CLS] as the model's config says)."""
+    config, model_cfg = trainer.config, trainer.model.config
+    return JointLoss(config.loss, config.transport.path, config.transport.time_sampler, model_cfg.latent_channels,
+                     *(model_cfg.projector.align_patch, model_cfg.projector.align_cls)
+                     if model_cfg.projector else (True, True))
+
+
 def _make_net(trainer: Trainer):
+    """The model as the step calls it: wrapped in DDP over several processes, compiled with --compile."""
     net = trainer.model
     if trainer.dist.world > 1:
         ids = [trainer.dist.device.index] if trainer.dist.device.type == "cuda" else None
         net = DistributedDataParallel(net, device_ids=ids)
     return torch.compile(net) if trainer.options.compile else net
+
+
+def _grid_vae(trainer: Trainer):
+    """The VAE decoder of the sample grids on rank 0 when train.sample_every is set, else None."""
+    if not (trainer.dist.is_main and trainer.train_cfg.sample_every):
+        return None
+    return load_vae(trainer.config.data.vae_decoder)[0].to(trainer.dist.device)
+
+
+def _loader(trainer: Trainer, split) -> DataLoader:
+    """This rank's micro-batches from the resumed step to train.max_steps (order.StepSampler)."""
+    sampler = StepSampler(len(trainer.dataset), split, trainer.dist.rank, trainer.train_cfg.seed, trainer.step,
+                          trainer.train_cfg.max_steps)
+    return DataLoader(trainer.dataset, sampler=sampler, batch_size=None, num_workers=trainer.options.workers,
+                      persistent_workers=False, pin_memory=trainer.dist.device.type == "cuda")
 
 
 def open_tensorboard(run: RunDir):
@@ -268,6 +348,7 @@ def open_tensorboard(run: RunDir):
 
 
 def _open_wandb(trainer: Trainer):
+    """The W&B run of --wandb (reglue.tracking), the run's config attached."""
     from reglue import config as run_config
     from reglue.tracking import WandbTracker
 
@@ -289,84 +370,3 @@ def _close_loggers(trainer: Trainer) -> None:
         trainer.board.close()
     if trainer.tracker is not None:
         trainer.tracker.finish()
-
-
-def _sample_grid(trainer: Trainer, vae) -> None:
-
-    path = trainer.run.samples / f"{trainer.step:07d}.png"
-    save_sample_grid(trainer.ema, vae, path, trainer.config.sampling, trainer.config.data.latent_scale,
-                     trainer.config.transport.path)
-    trainer.run.log(f"step {trainer.step}: sample grid {path}", trainer.options.echo)
-
-
-def train_diffusion(config: DiffusionRun, options: TrainOptions) -> Trainer:
-    """Train until ``train.max_steps``; run again with the same arguments to resume."""
-    trainer = build_trainer(config, options)
-    try:
-        return _train(trainer, config, options)
-    finally:
-        _close_loggers(trainer)
-        trainer.run.release()
-
-
-def _record(trainer: Trainer, logged: dict, figures: dict, bar, loss_fn: JointLoss) -> None:
-    """Count the step (the non-finite guard), show it on the bar and, every log_every steps, log it (rank 0); stop
-    the run after too many non-finite steps in a row."""
-    stop = trainer.guard.record(not logged["skipped"])
-    bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{figures['images_per_s']:.1f}",
-                    tflops=f"{figures['tflops_per_s']:.2f}", refresh=False)  # shown by update
-    bar.update(1)
-    if trainer.dist.is_main and (trainer.step % trainer.train_cfg.log_every == 0 or logged["skipped"]):
-        figures.update(_peak_memory(trainer))
-        trainer.run.log(_status(trainer, logged, figures), trainer.options.echo)
-        record = {**logged, "epoch": trainer.epoch, **figures, "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
-        trainer.report(record, "train", line=_line(trainer, record))
-    if stop:
-        raise TrainingStopped(f"{trainer.guard.in_a_row} non-finite steps in a row at step {trainer.step}; "
-                              f"last good checkpoint: {checkpoints.find_latest_checkpoint(trainer.run.checkpoints)}")
-
-
-def _line(trainer: Trainer, record: dict) -> dict | None:
-    """The first metrics.jsonl line of a launch also records the environment that decides the run's bits (torch,
-    CUDA, cuDNN, device, TF32 switches) and the process count; None (the default line) after it."""
-    if trainer.environment_logged:
-        return None
-    trainer.environment_logged = True
-    return {"step": trainer.step, **record,
-            "environment": {**environment(trainer.dist.device), "world": trainer.dist.world}}
-
-
-def _after_step(trainer: Trainer, vae) -> None:
-    """Checkpoint, sample grid and callbacks (the evaluator) when due."""
-    tc = trainer.train_cfg
-    if trainer.step % tc.ckpt_every == 0 or trainer.step == tc.max_steps:
-        trainer.checkpoint()
-    if vae is not None and trainer.step % tc.sample_every == 0:
-        _sample_grid(trainer, vae)
-    for callback in trainer.options.callbacks:
-        callback(trainer)
-
-
-def _train(trainer: Trainer, config: DiffusionRun, options: TrainOptions) -> Trainer:
-    """The training loop proper (see train_diffusion)."""
-    tc, model_cfg = trainer.train_cfg, trainer.model.config
-    split = make_split(tc.global_batch, trainer.dist.world, options.batch_gpu)
-    loss_fn = JointLoss(config.loss, config.transport.path, config.transport.time_sampler, model_cfg.latent_channels,
-                        *(model_cfg.projector.align_patch, model_cfg.projector.align_cls)
-                        if model_cfg.projector else (True, True))
-    net, main = _make_net(trainer), trainer.dist.is_main
-    vae = load_vae(config.data.vae_decoder)[0].to(trainer.dist.device) if main and tc.sample_every else None
-    bar = tqdm(total=tc.max_steps, initial=trainer.step, disable=not (options.progress and main), unit="step",
-               dynamic_ncols=True, desc="train")
-    batches = iter(_loader(trainer, split))
-    speed = speedometer(config, trainer.dist.device)
-    for callback in options.callbacks:  # e.g. an evaluation of the resumed step that a kill interrupted
-        callback(trainer)
-    with bar, contextlib.closing(noise_source(trainer, split)) as noise:
-        while trainer.step < tc.max_steps:
-            logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split,
-                                noise(trainer.step))
-            trainer.step += 1
-            _record(trainer, logged, speed.add(split.global_batch), bar, loss_fn)
-            _after_step(trainer, vae)
-    return trainer
