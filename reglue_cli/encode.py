@@ -11,6 +11,7 @@ from reglue.data.sources import open_source
 from reglue.distributed import from_main, init_distributed, shutdown
 from reglue.encoders.vae import DEFAULT_VAE, VAE_ENV, load_vae
 from reglue_cli.errors import check_device, fail
+from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
 
 
 def _summary_line(summary, source_size: int) -> str:
@@ -22,27 +23,43 @@ def _summary_line(summary, source_size: int) -> str:
             f"{', '.join(map(str, summary.outputs))}")
 
 
-@click.command(short_help="Images (folder or .tar) to a training-ready HDF5 dataset of VAE moments.")
+INPUTS = OptionGroup("Inputs", [
+    option("--labels", "labels_file", type=click.Path(dir_okay=False),
+           help="Labels file (JSON path->label or 'path label' lines) instead of class sub-folders."),
+    option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
+           help="ADM centre-crop size: 256 or 512 for ImageNet; a multiple of 8 (64 for the tiny presets)."),
+])
+
+ENCODER = OptionGroup("Encoder", [
+    option("--vae", default=None, metavar="ID|PATH|tiny",
+           help=f"VAE encoder: hub id, local diffusers folder, or 'tiny' (random stand-in for tests). "
+                f"[default: ${VAE_ENV} or {DEFAULT_VAE}]"),
+    option("--flip", is_flag=True, help="Also store the moments of the horizontally flipped image."),
+    option("--moments-dtype", type=click.Choice(MOMENTS_DTYPES), default="float32", show_default=True,
+           help="How the posterior mean and std are stored (float16 halves their size)."),
+])
+
+OUTPUT = OptionGroup("Output", [
+    option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, e.g. data.h5."),
+    option("--shard-size", type=click.IntRange(min=1), default=None,
+           help="Write data-00000.h5, data-00001.h5 ... holding this many source images each."),
+    option("--overwrite", is_flag=True, help="Replace an output made from another source or with other options."),
+])
+
+RUN_OPTIONS = OptionGroup(RUN, [
+    option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE pass."),
+    option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
+           show_default="4 or the CPU count if fewer", help="Decoding processes per GPU."),
+    option("--device", default=None, callback=check_device,
+           help="cpu, cuda, cuda:1 ... [default: cuda when available]"),
+    option("--quiet", is_flag=True, help="No progress bar."),
+])
+
+
+@click.command(cls=SectionedCommand,
+               short_help="Images (folder or .tar) to a training-ready HDF5 dataset of VAE moments.")
 @click.argument("source", type=click.Path(exists=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file, e.g. data.h5.")
-@click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
-              help="Labels file (JSON path->label or 'path label' lines) instead of class sub-folders.")
-@click.option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
-              help="ADM centre-crop size: 256 or 512 for ImageNet; a multiple of 8 (64 for the tiny presets).")
-@click.option("--vae", default=None, metavar="ID|PATH|tiny",
-              help=f"VAE encoder: hub id, local diffusers folder, or 'tiny' (random stand-in for tests). "
-                   f"[default: ${VAE_ENV} or {DEFAULT_VAE}]")
-@click.option("--flip", is_flag=True, help="Also store the moments of the horizontally flipped image.")
-@click.option("--moments-dtype", type=click.Choice(MOMENTS_DTYPES), default="float32", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per VAE pass.")
-@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
-              show_default="4 or the CPU count if fewer", help="Decoding processes per GPU.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=None,
-              help="Write data-00000.h5, data-00001.h5 ... holding this many source images each.")
-@click.option("--overwrite", is_flag=True, help="Replace an output made from another source or with other options.")
-@click.option("--device", default=None, callback=check_device,
-              help="cpu, cuda, cuda:1 ... [default: cuda when available]")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@with_options(INPUTS, ENCODER, OUTPUT, RUN_OPTIONS)
 def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch_size, workers, shard_size,
            overwrite, device, quiet) -> None:
     """Encode SOURCE (an ImageNet-style folder, one sub-folder per class, a .tar of one, or ImageNet's

@@ -8,30 +8,22 @@ from pathlib import Path
 
 import click
 
-from evaluation.errors import InputError
 from evaluation.evaluate import EvalOptions, evaluate
-from evaluation.extract import FEATURE_CHUNK
 from evaluation.families import FAMILIES
 from evaluation.fid import FID_BACKENDS
 from evaluation.inception import is_published_weights
 from evaluation.precision_recall import PR_PRECISIONS
-from reglue.data.crop import crop_or_reason
-from reglue.data.sources import open_source
 from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.sampling.seeds import check_repeats
 from reglue.sampling.store import OtherRunError
 from reglue_cli.errors import check_device, fail
-from reglue_cli.sampling_options import (
-    DRAWS,
-    GUIDANCE_CHANNELS,
-    GUIDANCE_SCALES,
-    SAMPLER,
-    SELECTION,
-    make_request,
-    with_options,
-)
+from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.make_ref import INCEPTION, build_reference
+from reglue_cli.sampling_options import DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request
 
+DEPRECATED_MAKE_REF = ("note: `reglue eval --make-ref` is deprecated: use `reglue make-ref SOURCE --out REF.npz` "
+                       "(the same options and output)")
 ROWS = (("FID", "fid", "{:.4f}"), ("sFID", "sfid", "{:.4f}"), ("Inception Score", "inception_score", "{:.2f}"),
         ("Precision", "precision", "{:.4f}"), ("Recall", "recall", "{:.4f}"))
 
@@ -70,47 +62,54 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("eval", short_help="FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.")
+INPUTS = OptionGroup("Inputs", [
+    option("--ref", default=None, metavar="NAME|PATH",
+           help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz (`reglue make-ref` builds "
+                "one) [default: the ImageNet batch at the samples' resolution: imagenet256, or imagenet512 for 512 "
+                "px samples]."),
+    option("--ckpt", type=click.Path(dir_okay=False),
+           help="Instead of SAMPLES: generate from this checkpoint and score in one process (nothing written)."),
+    option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=50_000, show_default=True,
+           help="With --ckpt: how many samples to generate and score."),
+    option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+           help="With --ckpt: score K disjoint seed sets (--seed, --seed + 1, ...) and report mean and std."),
+])
+
+EVALUATOR = OptionGroup("Evaluator", [
+    option("--pr-precision", type=click.Choice(PR_PRECISIONS), default="fp16", show_default=True,
+           help="Distances for precision/recall: fp16 as ADM, or fp32."),
+    option("--fid-backend", type=click.Choice(FID_BACKENDS), default="eigh", show_default=True,
+           help="Trace term: symmetric eigendecompositions (fast, float64), or ADM's scipy sqrtm (audit)."),
+    option("--metrics", "families", default="", metavar="FAMILIES",
+           help="Extra families beside ADM's, reported apart: clean_fid, kid, fd_dinov2 (comma-separated)."),
+    option("--dinov2-weights", type=click.Path(dir_okay=False),
+           help="DINOv2-L/14 weights for fd_dinov2 [default: $REGLUE_DINOV2_WEIGHTS or timm's download]."),
+])
+
+OUTPUT = OptionGroup("Output", [
+    option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here."),
+    option("--features", type=click.Path(dir_okay=False), help="Also store pool, spatial and logits features (HDF5)."),
+    option("--save-samples", type=click.Path(file_okay=False),
+           help="With --ckpt: also keep the images, as `reglue sample --out DIR` writes them (resumable)."),
+])
+
+RUN_OPTIONS = OptionGroup(RUN, [
+    option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+           help="Images read (and, with --ckpt, generated) per pass. Never changes a feature."),
+    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
+    option("--quiet", is_flag=True, help="No progress bars."),
+])
+
+
+@click.command("eval", cls=SectionedCommand,
+               short_help="FID, sFID, IS, precision and recall with the ADM evaluator's semantics, in PyTorch.")
 @click.argument("samples", type=click.Path(), required=False)
-@click.option("--ref", default=None, metavar="NAME|PATH",
-              help="Reference batch: a name from reference_stats/registry.yaml or an ADM .npz [default: the ImageNet "
-                   "batch at the samples' resolution: imagenet256, or imagenet512 for 512 px samples].")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics and provenance here.")
-@click.option("--features", type=click.Path(dir_okay=False),
-              help="Also store pool, spatial and logits features (HDF5).")
-@click.option("--inception-weights", type=click.Path(dir_okay=False),
-              help="torch-fidelity's InceptionV3 weights file, or 'random' for a seeded stand-in (tests, demo) "
-                   "[default: $REGLUE_INCEPTION_WEIGHTS or download].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images read (and, with --ckpt, generated) per pass. Never changes a feature.")
-@click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
-              help="Images per Inception call, zero-padded to full size: like the sampler's --chunk, part of the "
-                   "settings (the same on any --batch-size and GPU count; another chunk may move the last bits).")
-@click.option("--pr-precision", type=click.Choice(PR_PRECISIONS), default="fp16", show_default=True,
-              help="Distances for precision/recall: fp16 as ADM, or fp32.")
-@click.option("--fid-backend", type=click.Choice(FID_BACKENDS), default="eigh", show_default=True,
-              help="Trace term: symmetric eigendecompositions (fast, float64), or ADM's scipy sqrtm (audit).")
-@click.option("--make-ref", type=click.Path(), metavar="SOURCE",
-              help="Instead of scoring: build an ADM-format reference batch from an image folder (ADM-cropped to "
-                   "--resolution) or an encoded dataset; write it to --out.")
-@click.option("--out", type=click.Path(dir_okay=False), help="With --make-ref: the reference .npz to write.")
-@click.option("--resolution", type=click.IntRange(min=8), default=256, show_default=True,
-              help="With --make-ref on a folder: the ADM centre-crop size.")
-@click.option("--metrics", "families", default="", metavar="FAMILIES",
-              help="Extra families beside ADM's, reported apart: clean_fid, kid, fd_dinov2 (comma-separated).")
-@click.option("--dinov2-weights", type=click.Path(dir_okay=False),
-              help="DINOv2-L/14 weights for fd_dinov2 [default: $REGLUE_DINOV2_WEIGHTS or timm's download].")
-@click.option("--ckpt", type=click.Path(dir_okay=False),
-              help="Instead of SAMPLES: generate from this checkpoint and score in one process (nothing written).")
-@click.option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=50_000, show_default=True,
-              help="With --ckpt: how many samples to generate and score.")
-@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --ckpt: score K disjoint seed sets (--seed, --seed + 1, ...) and report mean and std.")
-@click.option("--save-samples", type=click.Path(file_okay=False),
-              help="With --ckpt: also keep the images, as `reglue sample --out DIR` writes them (resumable).")
-@with_options(SAMPLER, GUIDANCE_SCALES, GUIDANCE_CHANNELS, DRAWS, SELECTION)
-@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@with_options(INPUTS, SAMPLER, DRAWS, SELECTION, GUIDANCE_SCALES, GUIDANCE_CHANNELS, INCEPTION, EVALUATOR, OUTPUT,
+              RUN_OPTIONS)
+# `eval --make-ref` before `reglue make-ref` existed: still accepted, hidden from --help, with a note (docs/eval.md)
+@click.option("--make-ref", type=click.Path(), hidden=True)
+@click.option("--out", type=click.Path(dir_okay=False), hidden=True)
+@click.option("--resolution", type=click.IntRange(min=8), default=256, hidden=True)
 def eval_(samples, ref, json_out, features, inception_weights, batch_size, feature_chunk, pr_precision, fid_backend,
           make_ref, out, resolution, families, dinov2_weights, ckpt, n, repeats, save_samples, device, quiet,
           **sampling) -> None:
@@ -125,16 +124,19 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
     as `reglue sample`, defaulting to the checkpoint's sampling section; any GPU count under torchrun):
       reglue eval --ckpt runs/b2/checkpoints/0400000.pt --n 10000 --cfg 2.3 --json runs/b2/eval/fid10k.json
       reglue eval --ckpt CKPT --n 10000 --repeats 3     (mean and std over 3 disjoint seed sets)
-    A reference for another dataset or resolution (statistics over all images, 10k kept for P/R):
-      reglue eval --make-ref /data/ffhq --resolution 256 --out ffhq256_ref.npz
+    A reference for another dataset or resolution: `reglue make-ref` (its --help).
     """
     if make_ref:
-        _make_reference(make_ref, out, resolution, inception_weights, batch_size, feature_chunk, device, quiet)
+        click.echo(DEPRECATED_MAKE_REF, err=True)
+        if not out:
+            fail("--make-ref needs --out REF.npz")
+        build_reference(make_ref, out, resolution, inception_weights, batch_size, feature_chunk, device, quiet)
         return
     if samples is not None and ckpt:
         fail("give SAMPLES or --ckpt, not both")
     if samples is None and not ckpt:
-        fail("Missing argument 'SAMPLES' (or --ckpt CKPT to generate and score, or --make-ref SOURCE --out REF.npz)")
+        fail("Missing argument 'SAMPLES' (or --ckpt CKPT to generate and score; `reglue make-ref` builds a "
+             "reference batch)")
     if not ckpt and (repeats != 1 or save_samples):
         fail("--repeats and --save-samples go with --ckpt")
     if ckpt:
@@ -178,61 +180,3 @@ def eval_(samples, ref, json_out, features, inception_weights, batch_size, featu
         click.echo(format_spread(result["spread"]))
     if json_out:
         atomic_write_text(json_out, json.dumps(result, indent=2))
-
-
-class CroppedFolder:
-    """An image folder as an evaluation reader: each image decoded and ADM centre-cropped. An image that cannot be
-    decoded is left out, with a one-line note naming it the first time (as `reglue encode` skips it); ``skipped``
-    maps each such file to the reason."""
-
-    def __init__(self, source, resolution: int, log=lambda line: click.echo(line, err=True)):
-        self.source, self.resolution, self.log = source, resolution, log
-        self.shape = (len(source), resolution, resolution, 3)
-        self.skipped: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def _decode(self, reader, index: int):
-        """The cropped image, or None (noted) when the file does not decode."""
-        image, reason = crop_or_reason(lambda: reader.read(index), self.resolution)
-        path = str(Path(self.source.root) / self.source.keys[index])
-        if image is None and path not in self.skipped:
-            self.skipped[path] = reason
-            self.log(f"skipped {path}: {reason}")
-        return image
-
-    def batches(self, batch: int):
-        """uint8 (B, H, W, 3) batches of the images that decode (fewer than ``batch`` where some did not)."""
-        import numpy as np
-
-        reader = self.source.reader()
-        for start in range(0, len(self), batch):
-            images = [self._decode(reader, i) for i in range(start, min(start + batch, len(self)))]
-            images = [image for image in images if image is not None]
-            yield np.stack(images) if images else np.zeros((0, *self.shape[1:]), np.uint8)
-
-
-def _make_reference(source, out, resolution, weights, batch_size, feature_chunk, device, quiet) -> None:
-    """`--make-ref`: an encoded dataset's images as they are, or a folder through the ADM crop; on the GPU when there
-    is one, in fixed chunks of ``feature_chunk`` images (the same features as `reglue eval` computes)."""
-    import torch
-
-    from evaluation.images import H5Images
-    from evaluation.inception import InceptionFeatures
-    from evaluation.reference import make_reference
-
-    if not out:
-        fail("--make-ref needs --out REF.npz")
-    if Path(source).suffix in (".h5", ".hdf5"):  # errors of source and weights: one line (reglue_cli.main)
-        images = H5Images(source)
-    else:
-        images = CroppedFolder(open_source(source), resolution)
-    extractor = InceptionFeatures(weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        info = make_reference(images, extractor, out, batch_size=batch_size, progress=not quiet, chunk=feature_chunk)
-    except InputError as exc:
-        fail(f"{source}: {exc}")
-    skipped = f" ({info['skipped']:,} undecodable image(s) skipped)" if info.get("skipped") else ""
-    click.echo(f"reference batch {info['out']}: statistics over {info['n']:,} images, {info['subset']:,} kept as "
-               f"arr_0{skipped}")

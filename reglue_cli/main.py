@@ -13,6 +13,7 @@ from reglue_cli.compare import compare
 from reglue_cli.encode import encode
 from reglue_cli.errors import EXIT_USAGE, report
 from reglue_cli.eval import eval_
+from reglue_cli.make_ref import make_ref
 from reglue_cli.sample import sample
 from reglue_cli.sweep import sweep
 from reglue_cli.train import train
@@ -48,13 +49,14 @@ def cli() -> None:
       images/ --encode--> data.h5 --train--> run/checkpoints/*.pt --sample--> samples.npz
       samples.npz --eval--> metrics.json --compare--> tables beside the published numbers
     Generate and score in one process: `eval --ckpt` (one setting), `sweep` (a grid of guidance settings),
-    `train --eval-every N` (FID while training).
+    `train --eval-every N` (FID while training). ImageNet's reference batches are downloaded by name;
+    `make-ref` builds one for another dataset or resolution.
 
     Run `reglue COMMAND --help` for the options of each step.
     """
 
 
-for command in (encode, train, sample, eval_, sweep, compare):
+for command in (encode, train, sample, make_ref, eval_, sweep, compare):
     cli.add_command(command)
 
 

@@ -10,32 +10,35 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.sampling.grid import write_grid
 from reglue.sampling.run import sample_to_dir
 from reglue_cli.errors import check_device
-from reglue_cli.sampling_options import (
-    DRAWS,
-    GUIDANCE_CHANNELS,
-    GUIDANCE_SCALES,
-    SAMPLER,
-    SELECTION,
-    make_request,
-    with_options,
-)
+from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.sampling_options import DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request
+
+INPUTS = OptionGroup("Inputs", [
+    option("--ckpt", required=True, type=click.Path(dir_okay=False),
+           help="A reglue checkpoint, or an official REGLUE/REG/REPA .pt file."),
+    option("--n", "--num-samples", "n", type=click.IntRange(min=1), default=50_000, show_default=True,
+           help="Number of samples (under torchrun write --num-samples: torchrun mistakes --n for its own "
+                "options)."),
+])
+
+OUTPUT = OptionGroup("Output", [
+    option("--out", required=True, type=click.Path(file_okay=False), help="Output directory."),
+    option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid of the first 64 samples."),
+    option("--overwrite", is_flag=True, help="Replace samples of another run in --out."),
+])
+
+RUN_OPTIONS = OptionGroup(RUN, [
+    option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+           help="Samples per process and pass, rounded up to whole chunks: how often finished samples are saved. "
+                "Never changes a pixel."),
+    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
+    option("--quiet", is_flag=True, help="No progress bar."),
+])
 
 
-@click.command(short_help="Generate samples (ADM .npz + HDF5) from any checkpoint, on any number of GPUs.")
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
-              help="A reglue checkpoint, or an official REGLUE/REG/REPA .pt file.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--n", "--num-samples", "n", type=click.IntRange(min=1), default=50_000, show_default=True,
-              help="Number of samples (under torchrun write --num-samples: torchrun mistakes --n for its own options).")
-@with_options(SAMPLER, GUIDANCE_SCALES, GUIDANCE_CHANNELS, DRAWS)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Samples per process and pass, rounded up to whole chunks: how often finished samples are saved. "
-                   "Never changes a pixel.")
-@with_options(SELECTION)
-@click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid of the first 64 samples.")
-@click.option("--overwrite", is_flag=True, help="Replace samples of another run in --out.")
-@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.command(cls=SectionedCommand,
+               short_help="Generate samples (ADM .npz + HDF5) from any checkpoint, on any number of GPUs.")
+@with_options(INPUTS, SAMPLER, DRAWS, SELECTION, GUIDANCE_SCALES, GUIDANCE_CHANNELS, OUTPUT, RUN_OPTIONS)
 def sample(ckpt, out, n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, chunk,
            batch_size, balanced, classes, weights, tf32, vae, grid, overwrite, device, quiet) -> None:
     """Sample N images from CKPT into OUT/samples.h5 and OUT/samples.npz (arr_0: uint8 N x H x W x 3).

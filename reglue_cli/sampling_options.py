@@ -10,6 +10,7 @@ from reglue.sampling.run import DEFAULT_CHUNK, SampleRequest
 from reglue.sampling.seeds import MAX_SEED
 from reglue.transport.samplers import SAMPLERS
 from reglue_cli.errors import fail
+from reglue_cli.help_sections import OptionGroup, option
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -24,68 +25,62 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 
 # Named groups of options, used by `reglue sample`, `reglue eval --ckpt` and `reglue sweep` in the order they list
-# them (never sliced by position: a new option joins its group by name).
-GUIDANCE_SCALES = [
-    click.option("--cfg", type=click.FloatRange(min=0), default=None,
-                 help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model "
-                      "[default: the checkpoint's sampling.cfg_scale: 1, or 2.8 for sit-xl2-reglue]."),
-    click.option("--cls-cfg", type=click.FloatRange(min=0), default=None,
-                 help="[CLS] guidance scale [default: --cfg when given, else the checkpoint's "
-                      "sampling.cfg_cls_scale]. The official generate.py differs: see docs/sample.md."),
-    click.option("--interval", default=None, metavar="LOW,HIGH",
-                 help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere "
-                      "[default: the checkpoint's sampling.guidance_interval, 0,0.9]."),
-]
+# them (never sliced by position: a new option joins its group by name). Each group's title is the --help section
+# that lists its options (groups of one title share a section).
+GUIDANCE = "Guidance"
+SAMPLING = "Sampler"
 
-SAMPLER = [
-    click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
-                 help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid "
-                      "[default: the checkpoint's sampling.sampler, sde for every preset]."),
-    click.option("--steps", type=click.IntRange(min=1), default=None,
-                 help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets]."),
-]
+GUIDANCE_SCALES = OptionGroup(GUIDANCE, [
+    option("--cfg", type=click.FloatRange(min=0), default=None,
+           help="Classifier-free guidance scale: d_u + S (d_c - d_u); 1: none, 0: the unconditional model "
+                "[default: the checkpoint's sampling.cfg_scale: 1, or 2.8 for sit-xl2-reglue]."),
+    option("--cls-cfg", type=click.FloatRange(min=0), default=None,
+           help="[CLS] guidance scale [default: --cfg when given, else the checkpoint's "
+                "sampling.cfg_cls_scale]. The official generate.py differs: see docs/sample.md."),
+    option("--interval", default=None, metavar="LOW,HIGH",
+           help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere "
+                "[default: the checkpoint's sampling.guidance_interval, 0,0.9]."),
+])
 
-GUIDANCE_CHANNELS = [
-    click.option("--cfg-channels", type=click.Choice(["all", "latents"]), default=None,
-                 help="Guide every channel (REGLUE) or only the 4 VAE channels [default: the checkpoint's, all]."),
-    click.option("--reference-vae-cfg", is_flag=True,
-                 help="With --cfg-channels latents and --sampler sde: the official --vae_cfg true, d_c + S (d_c - "
-                      "d_u) on the latents (scale S + 1), standard CFG on every channel at the last step."),
-]
+SAMPLER = OptionGroup(SAMPLING, [
+    option("--sampler", type=click.Choice(SAMPLERS), default=None,
+           help="Euler-Maruyama SDE (the reference), or the Euler / Heun ODE on the same time grid "
+                "[default: the checkpoint's sampling.sampler, sde for every preset]."),
+    option("--steps", type=click.IntRange(min=1), default=None,
+           help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets]."),
+])
 
-DRAWS = [
-    click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
-                 help="Global seed; sample i's noise and label depend only on (seed, i)."),
-    click.option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
-                 help="Samples per model and decoder call (2x rows while guided). Part of the settings, like "
-                      "--seed: a kernel may pick its algorithm by batch size, so a different chunk may move the "
-                      "last bits."),
-]
+GUIDANCE_CHANNELS = OptionGroup(GUIDANCE, [
+    option("--cfg-channels", type=click.Choice(["all", "latents"]), default=None,
+           help="Guide every channel (REGLUE) or only the 4 VAE channels [default: the checkpoint's, all]."),
+    option("--reference-vae-cfg", is_flag=True,
+           help="With --cfg-channels latents and --sampler sde: the official --vae_cfg true, d_c + S (d_c - "
+                "d_u) on the latents (scale S + 1), standard CFG on every channel at the last step."),
+])
 
-SELECTION = [
-    click.option("--balanced", is_flag=True, help="Exactly N/K samples of each class, in a seeded random order."),
-    click.option("--class", "classes", type=click.IntRange(min=0), multiple=True,
-                 help="Only these class ids (repeatable)."),
-    click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True),
-    click.option("--tf32", is_flag=True,
-                 help="Sample with TF32 matmuls and convolutions on the GPU: faster on A100/H100, but other last bits "
-                      "than the default strict fp32 (which the training evaluator and grids also use); recorded in "
-                      "the settings, so such samples never pass for strict ones."),
-    click.option("--vae", default=None, metavar="ID|PATH|tiny",
-                 help="VAE decoder [default: the checkpoint's config: stabilityai/sd-vae-ft-ema, or its local copy "
-                      "$REGLUE_VAE_DECODER]."),
-]
+DRAWS = OptionGroup(SAMPLING, [
+    option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
+           help="Global seed; sample i's noise and label depend only on (seed, i)."),
+    option("--chunk", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
+           help="Samples per model and decoder call (2x rows while guided). Part of the settings, like "
+                "--seed: a kernel may pick its algorithm by batch size, so a different chunk may move the "
+                "last bits."),
+])
 
-
-def with_options(*groups: list):
-    """Decorate a click command with the options of ``groups``, in the order listed."""
-    options = [option for group in groups for option in group]
-
-    def decorate(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
+SELECTION = OptionGroup(SAMPLING, [
+    option("--balanced", is_flag=True, help="Exactly N/K samples of each class, in a seeded random order."),
+    option("--class", "classes", type=click.IntRange(min=0), multiple=True,
+           help="Only these class ids (repeatable)."),
+    option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+           help="The checkpoint's EMA weights (the papers' samples) or its trained model weights."),
+    option("--tf32", is_flag=True,
+           help="Sample with TF32 matmuls and convolutions on the GPU: faster on A100/H100, but other last bits "
+                "than the default strict fp32 (which the training evaluator and grids also use); recorded in "
+                "the settings, so such samples never pass for strict ones."),
+    option("--vae", default=None, metavar="ID|PATH|tiny",
+           help="VAE decoder [default: the checkpoint's config: stabilityai/sd-vae-ft-ema, or its local copy "
+                "$REGLUE_VAE_DECODER]."),
+])
 
 
 def check_scale(flag: str, value: float | None) -> None:

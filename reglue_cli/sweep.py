@@ -14,55 +14,74 @@ from reglue.locks import directory_lock
 from reglue.sampling.seeds import SampleError, check_repeats
 from reglue.scoring.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
 from reglue_cli.errors import check_device, fail
+from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
 from reglue_cli.sampling_options import (
     DRAWS,
+    GUIDANCE,
     GUIDANCE_CHANNELS,
     SAMPLER,
     SELECTION,
     make_request,
     parse_interval,
-    with_options,
 )
 
 FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
 
 
-@click.command(short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The checkpoint to sample.")
-@click.option("--cfg", "cfg_spec", required=True, metavar="START:STOP:STEP|LIST",
-              help="CFG scales: an inclusive range (1.5:3.0:0.25), a comma list (1.5,2.3,2.8) or one value.")
-@click.option("--cls-cfg", "cls_spec", metavar="START:STOP:STEP|LIST",
-              help="[CLS] guidance scales, crossed with --cfg [default: each point's --cfg].")
-@click.option("--interval", "intervals", multiple=True, metavar="LOW,HIGH",
-              help="Guidance intervals, crossed with the scales (repeatable) [default: the checkpoint's].")
-@click.option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=10_000, show_default=True,
-              help="Samples per point (and per repeat).")
-@click.option("--ref", default=None, metavar="NAME|PATH",
-              help="Reference batch [default: the ImageNet batch at the samples' resolution].")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Sweep directory: points/*.json, sweep.json, the table and sweep.png. Run again to resume.")
-@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Disjoint seed sets per point (--seed, --seed + 1, ...): mean and std of every metric.")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table", show_default=True,
-              help="The table printed and written to OUT/sweep.{txt,md,csv,json}.")
-@with_options(SAMPLER, GUIDANCE_CHANNELS, DRAWS, SELECTION)  # the scales and intervals are the grid's own
-@click.option("--inception-weights", type=click.Path(dir_okay=False),
-              help="torch-fidelity's InceptionV3 weights [default: $REGLUE_INCEPTION_WEIGHTS or download].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images generated and read per pass. Never changes a number.")
-@click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
-              help="Images per Inception call (zero-padded), as `reglue eval`.")
-@click.option("--wandb", "wandb_project", metavar="PROJECT",
-              help="Also log every point to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline "
-                   "honoured).")
-@click.option("--new-set", is_flag=True,
-              help="--out holds a sweep with other settings: start a new set beside its points (kept, never mixed in).")
-@click.option("--overwrite", is_flag=True, help="Discard every point in --out and start afresh.")
-@click.option("--many-points", is_flag=True,
-              help=f"Allow more than {MAX_POINTS} points (--cfg x --cls-cfg x --interval; never more than "
-                   f"{HARD_MAX_POINTS:,}).")
-@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+INPUTS = OptionGroup("Inputs", [
+    option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The checkpoint to sample."),
+    option("--ref", default=None, metavar="NAME|PATH",
+           help="Reference batch [default: the ImageNet batch at the samples' resolution]."),
+    option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=10_000, show_default=True,
+           help="Samples per point (and per repeat)."),
+    option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+           help="Disjoint seed sets per point (--seed, --seed + 1, ...): mean and std of every metric."),
+])
+
+GRID = OptionGroup(GUIDANCE, [  # the scales and intervals are the grid's own; the channels come from GUIDANCE_CHANNELS
+    option("--cfg", "cfg_spec", required=True, metavar="START:STOP:STEP|LIST",
+           help="CFG scales: an inclusive range (1.5:3.0:0.25), a comma list (1.5,2.3,2.8) or one value."),
+    option("--cls-cfg", "cls_spec", metavar="START:STOP:STEP|LIST",
+           help="[CLS] guidance scales, crossed with --cfg [default: each point's --cfg]."),
+    option("--interval", "intervals", multiple=True, metavar="LOW,HIGH",
+           help="Guidance intervals, crossed with the scales (repeatable) [default: the checkpoint's]."),
+    option("--many-points", is_flag=True,
+           help=f"Allow more than {MAX_POINTS} points (--cfg x --cls-cfg x --interval; never more than "
+                f"{HARD_MAX_POINTS:,})."),
+])
+
+EVALUATOR = OptionGroup("Evaluator", [
+    option("--inception-weights", type=click.Path(dir_okay=False),
+           help="torch-fidelity's InceptionV3 weights [default: $REGLUE_INCEPTION_WEIGHTS or download]."),
+    option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
+           help="Images per Inception call (zero-padded), as `reglue eval`."),
+])
+
+OUTPUT = OptionGroup("Output", [
+    option("--out", required=True, type=click.Path(file_okay=False),
+           help="Sweep directory: points/*.json, sweep.json, the table and sweep.png. Run again to resume."),
+    option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table", show_default=True,
+           help="The table printed and written to OUT/sweep.{txt,md,csv,json}."),
+    option("--new-set", is_flag=True,
+           help="--out holds a sweep with other settings: start a new set beside its points (kept, never mixed "
+                "in)."),
+    option("--overwrite", is_flag=True, help="Discard every point in --out and start afresh."),
+    option("--wandb", "wandb_project", metavar="PROJECT",
+           help="Also log every point to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline "
+                "honoured)."),
+])
+
+RUN_OPTIONS = OptionGroup(RUN, [
+    option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+           help="Images generated and read per pass. Never changes a number."),
+    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
+    option("--quiet", is_flag=True, help="No progress bars."),
+])
+
+
+@click.command(cls=SectionedCommand,
+               short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
+@with_options(INPUTS, GRID, GUIDANCE_CHANNELS, SAMPLER, DRAWS, SELECTION, EVALUATOR, OUTPUT, RUN_OPTIONS)
 def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, inception_weights, batch_size, feature_chunk,
           wandb_project, new_set, overwrite, many_points, device, quiet, **sampling) -> None:
     """Generate and score CKPT at every combination of --cfg, --cls-cfg and --interval, all with the same seeds

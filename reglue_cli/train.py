@@ -17,6 +17,7 @@ from reglue.models.flops import forward_gflops
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
 from reglue_cli.errors import check_device, fail
+from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_FAILURE = ("continue", "stop")  # --eval-failure: train on after a failed evaluation, or checkpoint and stop
@@ -38,10 +39,10 @@ def resolve_config(preset: str, assignments: tuple[str, ...], options: dict) -> 
     """The typed preset with ``--set KEY=VALUE`` assignments, then the shortcut options, applied and checked."""
     overrides = presets.parse_assignments(assignments)  # a key given twice: one line
     shortcuts = {OPTION_KEYS.get(k, "vfm.name"): (k, v) for k, v in options.items() if v is not None}
-    for key, (option, value) in shortcuts.items():
+    for key, (name, value) in shortcuts.items():
         if key in overrides:  # --max-steps 3 with --set train.max_steps=5: which one did the user mean?
-            fail(f"--{option.replace('_', '-')} and --set {key} both given; give one of them")
-    overrides.update({key: value for key, (option, value) in shortcuts.items() if option != "vfm"})
+            fail(f"--{name.replace('_', '-')} and --set {key} both given; give one of them")
+    overrides.update({key: value for key, (name, value) in shortcuts.items() if name != "vfm"})
     if options.get("vfm") is not None:  # last: the swap reads the final data.resolution
         overrides["vfm.name"] = options["vfm"]
     return run_config.from_dict(presets.apply_overrides(presets.resolve(preset), overrides))
@@ -98,60 +99,78 @@ def _check_wandb(project: str, outdir: str) -> None:
     check_wandb(project, Path(outdir))
 
 
-@click.command(short_help="Train a diffusion model or the semantic compressor from a preset.")
-@click.option("--preset", required=True, metavar="NAME",
-              help="Preset to train, e.g. sit-b2-reglue, sit-xl2-repa, compressor-dinov2-b, tiny-reglue.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Override any preset key, e.g. --set model.qk_norm=true --set loss.semantic=0.5 (repeatable).")
-@click.option("--data", type=click.Path(dir_okay=False), help="Encoded dataset from `reglue encode` (data.h5).")
-@click.option("--outdir", type=click.Path(file_okay=False), help="Run directory; run the same command again to resume.")
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
-@click.option("--global-batch", type=click.IntRange(min=1), help="Images per optimiser step over all GPUs.")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision (fp16 adds a loss scaler).")
-@click.option("--seed", type=click.IntRange(min=0), help="Seed of every random draw of the run.")
-@click.option("--ckpt-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps.")
-@click.option("--log-every", type=click.IntRange(min=1), help="Print and log the loss terms every N steps.")
-@click.option("--sample-every", type=click.IntRange(min=0), help="Save a grid of EMA samples every N steps (0: never).")
-@click.option("--compressor", type=click.Path(),
-              help="Frozen semantic compressor for REGLUE presets: a compressor-* run's directory (or any of its "
-                   "checkpoints, or its compressor.pt), or the official file.")
-@click.option("--vfm", metavar="NAME", help="Swap the preset's VFM for a registry entry (docs/models.md), e.g. "
-              "dinov2-vitl14-reg or dinov3-vitb16; its input size, widths and blocks follow.")
-@click.option("--vfm-weights", type=click.Path(dir_okay=False),
-              help="Local DINOv2 weights file (torch.hub or timm format) for machines without network.")
-@click.option("--batch-gpu", type=click.IntRange(min=1),
-              help="Samples per GPU per forward pass; the global batch is reached by gradient accumulation.")
-@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
-              show_default="4 or the CPU count if fewer", help="Data-loading processes per GPU.")
-@click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep.")
-@click.option("--keep-every", type=click.IntRange(min=1),
-              help="Also keep every checkpoint whose step is a multiple of N.")
-@click.option("--allow-other-data", is_flag=True,
-              help="Resume this run on another dataset than the one run/data.yaml records (refused otherwise).")
-@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
-@click.option("--tensorboard", is_flag=True,
-              help="Also write the logged numbers to run/tensorboard (needs tensorboard).")
-@click.option("--eval-every", type=click.IntRange(min=1), metavar="N",
-              help="Every N steps and at the end: generate --eval-n samples from the EMA weights with the preset's "
-                   "sampling settings and score them in process (run/eval/STEP.json, metrics.jsonl, TensorBoard).")
-@click.option("--eval-n", type=click.IntRange(min=2), default=10_000, show_default=True,
-              help="Samples per evaluation during training.")
-@click.option("--eval-ref", metavar="NAME|PATH",
-              help="Reference batch for --eval-every [default: the ImageNet batch at the run's resolution].")
-@click.option("--eval-failure", type=click.Choice(EVAL_FAILURE), default="continue", show_default=True,
-              help="An evaluation that fails during training (reference gone, full disk ...): report it (log.txt, "
-                   "metrics.jsonl 'eval_error') and train on, or save a checkpoint and stop (exit 2).")
-@click.option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
-              help="For --eval-every: images per Inception call (zero-padded), as `reglue eval --feature-chunk`.")
-@click.option("--wandb", "wandb_project", metavar="PROJECT",
-              help="Also log to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured).")
-@click.option("--inception-weights", type=click.Path(dir_okay=False),
-              help="For --eval-every: torch-fidelity's InceptionV3 weights file [default: $REGLUE_INCEPTION_WEIGHTS "
-                   "or download].")
-@click.option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML.")
+PRESET = OptionGroup("Preset", [
+    option("--preset", required=True, metavar="NAME",
+           help="Preset to train, e.g. sit-b2-reglue, sit-xl2-repa, compressor-dinov2-b, tiny-reglue."),
+    option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+           help="Override any preset key, e.g. --set model.qk_norm=true --set loss.semantic=0.5 (repeatable)."),
+    option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps."),
+    option("--global-batch", type=click.IntRange(min=1), help="Images per optimiser step over all GPUs."),
+    option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision (fp16 adds a loss scaler)."),
+    option("--seed", type=click.IntRange(min=0), help="Seed of every random draw of the run."),
+    option("--ckpt-every", type=click.IntRange(min=1), help="Save a checkpoint every N steps."),
+    option("--log-every", type=click.IntRange(min=1), help="Print and log the loss terms every N steps."),
+    option("--sample-every", type=click.IntRange(min=0), help="Save a grid of EMA samples every N steps (0: never)."),
+])
+
+INPUTS = OptionGroup("Inputs", [
+    option("--data", type=click.Path(dir_okay=False), help="Encoded dataset from `reglue encode` (data.h5)."),
+    option("--compressor", type=click.Path(),
+           help="Frozen semantic compressor for REGLUE presets: a compressor-* run's directory (or any of its "
+                "checkpoints, or its compressor.pt), or the official file."),
+    option("--vfm", metavar="NAME",
+           help="Swap the preset's VFM for a registry entry (docs/models.md), e.g. dinov2-vitl14-reg or "
+                "dinov3-vitb16; its input size, widths and blocks follow."),
+    option("--vfm-weights", type=click.Path(dir_okay=False),
+           help="Local DINOv2 weights file (torch.hub or timm format) for machines without network."),
+])
+
+OUTPUT = OptionGroup("Output", [
+    option("--outdir", type=click.Path(file_okay=False), help="Run directory; run the same command again to resume."),
+    option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True, help="Checkpoints to keep."),
+    option("--keep-every", type=click.IntRange(min=1),
+           help="Also keep every checkpoint whose step is a multiple of N."),
+    option("--tensorboard", is_flag=True,
+           help="Also write the logged numbers to run/tensorboard (needs tensorboard)."),
+    option("--wandb", "wandb_project", metavar="PROJECT",
+           help="Also log to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured)."),
+])
+
+EVALUATOR = OptionGroup("Evaluator", [
+    option("--eval-every", type=click.IntRange(min=1), metavar="N",
+           help="Every N steps and at the end: generate --eval-n samples from the EMA weights with the preset's "
+                "sampling settings and score them in process (run/eval/STEP.json, metrics.jsonl, TensorBoard)."),
+    option("--eval-n", type=click.IntRange(min=2), default=10_000, show_default=True,
+           help="Samples per evaluation during training."),
+    option("--eval-ref", metavar="NAME|PATH",
+           help="Reference batch for --eval-every [default: the ImageNet batch at the run's resolution]."),
+    option("--eval-failure", type=click.Choice(EVAL_FAILURE), default="continue", show_default=True,
+           help="An evaluation that fails during training (reference gone, full disk ...): report it (log.txt, "
+                "metrics.jsonl 'eval_error') and train on, or save a checkpoint and stop (exit 2)."),
+    option("--feature-chunk", type=click.IntRange(min=1), default=FEATURE_CHUNK, show_default=True,
+           help="For --eval-every: images per Inception call (zero-padded), as `reglue eval --feature-chunk`."),
+    option("--inception-weights", type=click.Path(dir_okay=False),
+           help="For --eval-every: torch-fidelity's InceptionV3 weights file [default: $REGLUE_INCEPTION_WEIGHTS "
+                "or download]."),
+])
+
+RUN_OPTIONS = OptionGroup(RUN, [
+    option("--batch-gpu", type=click.IntRange(min=1),
+           help="Samples per GPU per forward pass; the global batch is reached by gradient accumulation."),
+    option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
+           show_default="4 or the CPU count if fewer", help="Data-loading processes per GPU."),
+    option("--allow-other-data", is_flag=True,
+           help="Resume this run on another dataset than the one run/data.yaml records (refused otherwise)."),
+    option("--compile", "use_compile", is_flag=True, help="torch.compile the model."),
+    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
+    option("--quiet", is_flag=True, help="No progress bar."),
+    option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit."),
+    option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML."),
+])
+
+
+@click.command(cls=SectionedCommand, short_help="Train a diffusion model or the semantic compressor from a preset.")
+@with_options(PRESET, INPUTS, OUTPUT, EVALUATOR, RUN_OPTIONS)
 def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
           allow_other_data, use_compile, tensorboard, eval_every, eval_n, eval_ref, eval_failure, feature_chunk,
           wandb_project, inception_weights, device, quiet, **options) -> None:

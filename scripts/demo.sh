@@ -29,7 +29,7 @@ for STEP in $CKPTS; do
   step "$REGLUE" sample --ckpt "$OUT/reglue/checkpoints/$STEP.pt" --out "$OUT/samples-$STEP" --n "$SAMPLES" \
       --steps 50 --cfg 2.0 --vae tiny --batch-size 50 --grid "$OUT/samples-$STEP/grid.png" --quiet
 done
-step_unless "$OUT/reference.npz" "$REGLUE" eval --make-ref "$OUT/data.h5" --out "$OUT/reference.npz" \
+step_unless "$OUT/reference.npz" "$REGLUE" make-ref "$OUT/data.h5" --out "$OUT/reference.npz" \
     --inception-weights random --quiet
 for STEP in $CKPTS; do
   step_unless "$OUT/reglue/eval/$STEP.json" "$REGLUE" eval "$OUT/samples-$STEP/samples.npz" \

@@ -1,4 +1,5 @@
-"""The `reglue` command line: help texts, dry runs, and one-line errors with exit code 2."""
+"""The `reglue` command line: help texts (grouped in sections), dry runs, `make-ref` and its deprecated
+`eval --make-ref` spelling, and one-line errors with exit code 2."""
 
 import json
 import os
@@ -7,12 +8,26 @@ import shutil
 import subprocess
 import sys
 
+import click
+import h5py
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from reglue_cli.main import main
+from reglue_cli.help_sections import OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.main import cli, main
 
-COMMANDS = ("encode", "train", "sample", "eval", "sweep", "compare")
+COMMANDS = ("encode", "train", "sample", "make-ref", "eval", "sweep", "compare")
+SECTIONS = {  # the --help sections of the commands with many options, in order
+    "encode": ["Inputs", "Encoder", "Output", "Run"],
+    "train": ["Preset", "Inputs", "Output", "Evaluator", "Run"],
+    "sample": ["Inputs", "Sampler", "Guidance", "Output", "Run"],
+    "make-ref": ["Inputs", "Evaluator", "Output", "Run"],
+    "eval": ["Inputs", "Sampler", "Guidance", "Evaluator", "Output", "Run"],
+    "sweep": ["Inputs", "Guidance", "Sampler", "Evaluator", "Output", "Run"],
+}
+DEPRECATED_EVAL_OPTIONS = [("--make-ref",), ("--out",), ("--resolution",)]  # `eval --make-ref`: hidden
 
 
 def run(capsys, *argv):
@@ -24,7 +39,7 @@ def run(capsys, *argv):
 def test_top_level_help_lists_every_command_in_pipeline_order(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    listed = re.findall(r"^  (\w+) ", out.split("Commands:")[1], flags=re.MULTILINE)
+    listed = re.findall(r"^  ([\w-]+) ", out.split("Commands:")[1], flags=re.MULTILINE)
     assert listed == list(COMMANDS)
 
 
@@ -32,6 +47,64 @@ def test_top_level_help_lists_every_command_in_pipeline_order(capsys):
 def test_each_command_has_help(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and f"Usage: reglue {command}" in out
+
+
+def help_sections(text: str) -> list[tuple[str, list[tuple[str, ...]]]]:
+    """(section title, the option names of each entry listed under it) for every section of a --help text."""
+    sections = []
+    for line in text.splitlines():
+        if re.fullmatch(r"\S[^:]*:", line):  # a title: unindented, ending in a colon ("Usage: ..." goes on)
+            sections.append((line[:-1], []))
+        elif sections and line.startswith("  -"):  # an entry: its term, then two spaces or more and its help
+            term = re.split(r"\s{2,}", line.strip())[0]
+            sections[-1][1].append(tuple(word.rstrip(",") for word in term.split() if word.startswith("-")))
+    return sections
+
+
+def declared_options(command: str) -> list[tuple[str, ...]]:
+    """The option names of every visible option the command declares, --help included."""
+    params = cli.commands[command].params
+    return [tuple(p.opts) for p in params if isinstance(p, click.Option) and not p.hidden] + [("-h", "--help")]
+
+
+@pytest.mark.parametrize("command", SECTIONS)
+def test_help_lists_every_option_once_in_named_sections(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    sections = help_sections(out)
+    assert [title for title, _ in sections] == SECTIONS[command]  # no flat "Options:" list, no title twice
+    listed = [names for _, entries in sections for names in entries]
+    assert sorted(listed) == sorted(declared_options(command))
+    assert all(entries for _, entries in sections)
+
+
+def test_help_sections_come_from_the_option_groups():
+    group = OptionGroup("Knobs", [option("--a", help="a"), option("--b", is_flag=True, help="b")])
+
+    @click.command(cls=SectionedCommand)
+    @with_options(group, OptionGroup("Run", [option("--c", help="c")]), OptionGroup("Knobs", [option("--d")]))
+    def command(a, b, c, d):
+        """A command."""
+
+    text = command.get_help(click.Context(command, info_name="x"))
+    assert help_sections(text) == [("Knobs", [("--a",), ("--b",), ("--d",)]), ("Run", [("--c",), ("--help",)])]
+    with pytest.raises(TypeError, match="'loose'.*OptionGroup"):  # every visible option has a section
+        click.command(cls=SectionedCommand)(click.option("--loose")(lambda loose: None))
+
+
+def test_eval_help_hides_the_deprecated_make_ref_and_points_to_the_command(capsys):
+    _, out, _ = run(capsys, "eval", "--help")
+    listed = [names for _, entries in help_sections(out) for names in entries]
+    assert not set(DEPRECATED_EVAL_OPTIONS) & set(listed)
+    assert "reglue make-ref" in out and "--make-ref" not in out
+
+
+def test_make_ref_help_teaches(capsys):
+    _, out, _ = run(capsys, "make-ref", "--help")
+    assert "Usage: reglue make-ref [OPTIONS] IMAGES_OR_H5" in out
+    for text in ("reglue eval --ref", "mu, sigma", "10,000", "The ADM crop", "centre-cropped", "reglue make-ref /data",
+                 "reglue make-ref data.h5 --out ref.npz"):
+        assert text in out, text
 
 
 def test_train_help_teaches(capsys):
@@ -79,7 +152,9 @@ def test_dry_run_of_a_compressor_preset(capsys):
     (["frobnicate"], "No such command"),
     (["encode", "images/"], "Missing option '--out'"),
     (["sample"], "Missing option '--ckpt'"),
-    (["eval"], "Missing argument"),
+    (["eval"], "Missing argument 'SAMPLES' (or --ckpt CKPT to generate and score; `reglue make-ref` builds a "),
+    (["make-ref", "images/"], "Missing option '--out'"),
+    (["make-ref", "--out", "ref.npz"], "Missing argument 'IMAGES_OR_H5'"),
     (["compare", "no-such-run"], "no such file or directory"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
@@ -125,7 +200,8 @@ def test_output_directories_are_created_with_their_parents(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["encode", "images", "--out", "x.h5"], ["train", "--preset", "tiny-sit"],
-                                     ["sample", "--ckpt", "x.pt", "--out", "s"], ["eval", "a.npz"]])
+                                     ["sample", "--ckpt", "x.pt", "--out", "s"], ["eval", "a.npz"],
+                                     ["make-ref", "images", "--out", "ref.npz"]])
 @pytest.mark.parametrize("device", ["bogus", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_an_unusable_device_is_one_line_in_every_command(command, device, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -133,3 +209,67 @@ def test_an_unusable_device_is_one_line_in_every_command(command, device, capsys
     err = capsys.readouterr().err
     assert code == 2 and "--device" in err and repr(device) in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.fixture(scope="module")
+def weights() -> str:
+    from evaluation.inception import random_weights_file
+
+    return str(random_weights_file())
+
+
+def image_folder(root, n: int = 3, side: int = 16) -> np.ndarray:
+    """``n`` random ``side`` px PNGs in root/a/0.png ...; returns them, in file order."""
+    images = np.random.default_rng(5).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    (root / "a").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(root / "a" / f"{i}.png")
+    return images
+
+
+MAKE_REF_OPTIONS = ("--resolution", "16", "--feature-chunk", "4", "--quiet")
+
+
+def test_make_ref_writes_an_adm_reference_of_a_folder(tmp_path, capsys, weights):
+    images = image_folder(tmp_path / "imgs")
+    out_path = tmp_path / "ref.npz"
+    code, out, err = run(capsys, "make-ref", str(tmp_path / "imgs"), "--out", str(out_path), "--inception-weights",
+                         weights, *MAKE_REF_OPTIONS)
+    assert code == 0 and err == "", err
+    assert out == f"reference batch {out_path}: statistics over 3 images, 3 kept as arr_0\n"
+    with np.load(out_path) as ref:
+        assert sorted(ref.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+        np.testing.assert_array_equal(ref["arr_0"], images)  # 16 px already: the 16 px ADM crop leaves them as they are
+        assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
+        assert ref["mu_s"].shape == (2023,) and ref["sigma_s"].shape == (2023, 2023)
+
+
+def test_the_deprecated_eval_make_ref_notes_it_and_writes_the_same_file(tmp_path, capsys, weights):
+    image_folder(tmp_path / "imgs")
+    argv = [str(tmp_path / "imgs"), "--inception-weights", weights, *MAKE_REF_OPTIONS]
+    code, new_out, new_err = run(capsys, "make-ref", *argv, "--out", str(tmp_path / "new.npz"))
+    assert code == 0 and new_err == ""
+    code, old_out, old_err = run(capsys, "eval", "--make-ref", *argv, "--out", str(tmp_path / "old.npz"))
+    assert code == 0
+    assert old_err.count("\n") == 1 and old_err.startswith("note: `reglue eval --make-ref` is deprecated")
+    assert "use `reglue make-ref SOURCE --out REF.npz`" in old_err
+    assert old_out == new_out.replace("new.npz", "old.npz")
+    assert (tmp_path / "old.npz").read_bytes() == (tmp_path / "new.npz").read_bytes()
+
+
+def test_the_deprecated_eval_make_ref_still_needs_out(tmp_path, capsys):
+    code, out, err = run(capsys, "eval", "--make-ref", str(tmp_path))
+    lines = err.splitlines()
+    assert code == 2 and out == "" and len(lines) == 2, err
+    assert lines[0].startswith("note: `reglue eval --make-ref` is deprecated")
+    assert lines[1] == "reglue eval: error: --make-ref needs --out REF.npz"
+
+
+def test_make_ref_keeps_an_encoded_datasets_images_as_stored(toy_encoded, tmp_path, capsys, weights):
+    code, out, err = run(capsys, "make-ref", str(toy_encoded), "--out", str(tmp_path / "ref.npz"),
+                         "--inception-weights", weights, "--feature-chunk", "8", "--quiet")
+    assert code == 0, err
+    with h5py.File(toy_encoded, "r") as f, np.load(tmp_path / "ref.npz") as ref:
+        stored = f["images"][:]
+        np.testing.assert_array_equal(ref["arr_0"], stored)  # fewer than 10,000: every image kept, in order
+    assert f"statistics over {len(stored)} images, {len(stored)} kept as arr_0" in out

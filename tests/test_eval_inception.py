@@ -241,7 +241,7 @@ def test_make_reference_from_a_folder_then_score_against_it(weights, tmp_path, c
         (tmp_path / "imgs" / c).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
-    code = main(["eval", "--make-ref", str(tmp_path / "imgs"), "--out", str(tmp_path / "ref.npz"), "--resolution",
+    code = main(["make-ref", str(tmp_path / "imgs"), "--out", str(tmp_path / "ref.npz"), "--resolution",
                  "32", "--inception-weights", weights, "--quiet"])
     assert code == 0, capsys.readouterr().err
     with np.load(tmp_path / "ref.npz") as ref:
@@ -310,7 +310,7 @@ def test_torchrun_two_processes_give_the_same_metrics_bit_for_bit(weights, tmp_p
 
 def test_make_reference_statistics_do_not_depend_on_the_batch_size_and_equal_the_evaluators(extractor, tmp_path,
                                                                                             monkeypatch):
-    """--make-ref feeds Inception fixed zero-padded chunks and sums float64 statistics over fixed blocks, as the
+    """make-ref feeds Inception fixed zero-padded chunks and sums float64 statistics over fixed blocks, as the
     evaluator's extract does: any --batch-size gives the same bytes, and the same as scoring those images."""
     import evaluation.extract
     from evaluation.extract import extract

@@ -228,7 +228,7 @@ def test_make_ref_on_a_full_disk_stops_with_one_line_and_reruns_exactly(tmp_path
     (tmp_path / "imgs/a").mkdir(parents=True)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"imgs/a/{i}.png")
-    args = ["eval", "--make-ref", tmp_path / "imgs", "--resolution", "32", "--inception-weights", weights, "--quiet"]
+    args = ["make-ref", tmp_path / "imgs", "--resolution", "32", "--inception-weights", weights, "--quiet"]
     assert reglue(*args, "--out", tmp_path / "straight.npz").returncode == 0
     out = tmp_path / "ref.npz"
     full = reglue(*args, "--out", out, limit=1_000_000)  # sigma alone is 32 MB
@@ -361,11 +361,12 @@ def test_eval_inputs_that_cannot_give_metrics_are_one_line(tmp_path, capsys):
          "'mu' is an object array"),
         ([tmp_path / "s.npz", "--ref", _npz(tmp_path / "bad_mu.npz", arr_0=images, mu=np.zeros(100))],
          "'mu' is float64 (100,), expected float (2048,)"),
-        (["--make-ref", _one_image_folder(tmp_path / "folder"), "--out", tmp_path / "r.npz", "--resolution", "16"],
+        (["make-ref", _one_image_folder(tmp_path / "folder"), "--out", tmp_path / "r.npz", "--resolution", "16"],
          "a reference needs at least 2"),
     ]
     for argv, message in cases:
-        code, err = _main(capsys, "eval", *map(str, argv), "--inception-weights", weights, "--quiet")
+        argv = argv if argv[0] == "make-ref" else ["eval", *argv]
+        code, err = _main(capsys, *map(str, argv), "--inception-weights", weights, "--quiet")
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
 
 

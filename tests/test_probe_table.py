@@ -47,6 +47,7 @@ FILES = {
     "step.json": json.dumps({"fid": 3.0, "sample_info": {"step": 10**400}}),
     "list.json": "[1, 2]",
     "text.json": "not json at all",
+    "text.h5": "not an HDF5 file",
 }
 
 SET_TINY = "train --preset tiny-reglue --dry-run --set"
@@ -82,6 +83,15 @@ TABLE = [
      "--save-samples {foreign} --quiet", 2, ("--save-samples", "another run", "another directory")),
     ("eval {tmp}/missing.npz", 2, ("missing.npz", "no such file")),
     ("eval --save-samples {tmp}/s {ref}", 2, ("--save-samples", "--ckpt")),
+    # make-ref (and its deprecated spelling `eval --make-ref`, tested in tests/test_cli.py): the source is read
+    # before the Inception network
+    ("make-ref {tmp}/nope --out {tmp}/ref.npz", 2, ("reglue make-ref: error: ", "nope", "no such file or folder")),
+    ("make-ref {tmp} --out {tmp}/ref.npz", 2, ("no images found",)),
+    ("make-ref {file:list.json} --out {tmp}/ref.npz", 2, ("list.json", "expected an image folder or a .tar")),
+    ("make-ref {file:text.h5} --out {tmp}/ref.npz", 2, ("text.h5", "not a readable HDF5 file")),
+    ("make-ref {tmp} --out {tmp}/ref.npz --resolution 4", 2, ("--resolution",)),
+    ("make-ref {tmp} --out {tmp}/ref.npz --batch-size 0", 2, ("--batch-size",)),
+    ("make-ref {tmp}", 2, ("Missing option '--out'",)),
     # sample
     ("sample --ckpt {ckpt} --out {tmp}/s --n 2 --vae tiny --cfg nan", 2, ("--cfg",)),
     ("sample --ckpt {tmp}/missing.pt --out {tmp}/s", 2, ("missing.pt", "no such file")),
@@ -321,7 +331,7 @@ def test_make_ref_skips_an_undecodable_image_with_a_note(tmp_path, weights):
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:60])  # truncated
-    result = run_in_process(["eval", "--make-ref", str(tmp_path / "imgs"), "--out", str(tmp_path / "ref.npz"),
+    result = run_in_process(["make-ref", str(tmp_path / "imgs"), "--out", str(tmp_path / "ref.npz"),
                              "--resolution", "16", "--inception-weights", weights, "--quiet"])
     assert result.returncode == 0, result.stderr
     notes = result.stderr.strip().splitlines()

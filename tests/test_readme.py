@@ -5,7 +5,7 @@ each listed below so that a README edit the test cannot follow fails loudly:
 - the ImageNet folder is a toy folder of 256 x 256 images in class sub-folders, and /data/... lives in tmp_path;
 - SD-VAE and DINOv2-B/14-reg have their real architectures with random weights, saved in the real file formats
   (a diffusers folder, a timm safetensors file) and given through the README's variables; Inception is the seeded
-  random stand-in with torch-fidelity's layout; `imagenet256` is built from the toy images with `--make-ref` into
+  random stand-in with torch-fidelity's layout; `imagenet256` is built from the toy images with `reglue make-ref` into
   $REGLUE_REFERENCE_DIR, as a cluster without network would place the downloaded file;
 - 2 processes instead of 8; 2 optimiser steps at batch 4 instead of 400K at 256; 4 samples of 4 steps, not 50K of 250.
 """
@@ -115,7 +115,7 @@ def test_the_imagenet_recipe_runs_as_written_at_real_model_sizes(tmp_path):
          "--size", "256"], tmp_path, env)
     for command in recipe_commands(README.read_text()):
         if subcommand(command) == "eval":  # where a cluster would put the downloaded VIRTUAL_imagenet256_labeled.npz
-            run([str(BIN / "reglue"), "eval", "--make-ref", str(tmp_path / "in256.h5"), "--out",
+            run([str(BIN / "reglue"), "make-ref", str(tmp_path / "in256.h5"), "--out",
                  str(Path(env["REGLUE_REFERENCE_DIR"]) / "VIRTUAL_imagenet256_labeled.npz"), "--quiet"], tmp_path, env)
         out = run(runnable(command, tmp_path), tmp_path, env)
     assert "REGLUE" in out and "12.90" in out and "REGLUE Tables 1-2" in out  # the compare table

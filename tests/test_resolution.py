@@ -62,7 +62,7 @@ def test_a_512_px_run_trains_samples_and_scores(tmp_path):
                  "--n", "2", "--steps", "3", "--vae", "tiny", "--device", "cpu", "--quiet"]) == 0
     samples = np.load(tmp_path / "s/samples.npz")["arr_0"]
     assert samples.shape == (2, 512, 512, 3) and samples.dtype == np.uint8
-    assert main(["eval", "--make-ref", str(tmp_path / "data.h5"), "--out", str(tmp_path / "ref.npz"),
+    assert main(["make-ref", str(tmp_path / "data.h5"), "--out", str(tmp_path / "ref.npz"),
                  "--inception-weights", "random", "--quiet"]) == 0
     assert main(["eval", str(tmp_path / "s/samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
                  "random", "--json", str(tmp_path / "m.json"), "--quiet"]) == 0

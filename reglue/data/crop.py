@@ -39,7 +39,7 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 def crop_or_reason(data_of, size: int) -> tuple[np.ndarray | None, str]:
     """(the ADM-cropped image of the bytes ``data_of()`` returns, "") or (None, why it cannot be read): an
-    undecodable file is skipped with this reason by `reglue encode` and `reglue eval --make-ref`, never fatal."""
+    undecodable file is skipped with this reason by `reglue encode` and `reglue make-ref`, never fatal."""
     try:
         return adm_center_crop(decode_image(data_of()), size), ""
     except UnidentifiedImageError:

@@ -287,7 +287,7 @@ def _encode(source: ImageSource, out: Path, vae, vae_info: dict, options: Encode
             merge_parts([u.path for u in units], out)
     if dist.is_main:
         summary.written, summary.skipped_total = _totals(finals)
-        if summary.written == 0:  # an empty "complete" dataset would only fail later, in train or --make-ref
+        if summary.written == 0:  # an empty "complete" dataset would only fail later, in train or make-ref
             for path in finals:
                 path.unlink(missing_ok=True)
             raise EncodeError(f"{source.root}: none of its {len(source)} images could be decoded "
