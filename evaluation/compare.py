@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from evaluation.errors import InputError
+from evaluation.fileio import read_json_value
 from evaluation.inception import is_published_weights
 from evaluation.reference import REGISTRY
 
@@ -62,19 +63,10 @@ MAX_COUNT = 10**15  # sample counts and training steps: far above any run, small
 
 
 def read_json(path: Path):
-    """The JSON value in ``path``, read defensively: CompareError naming the file when it is larger than
-    MAX_JSON_BYTES, not JSON, nested too deeply for the parser, or holds a number Python cannot hold."""
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise CompareError(f"{path}: {size:,} bytes, more than the {MAX_JSON_BYTES // 2**20} MiB a metrics file "
-                           "from `reglue eval --json` can be")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except RecursionError:
-        raise CompareError(f"{path}: nested too deeply to be a metrics file") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer of over 4300 digits
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CompareError(f"{path}: not a JSON file ({reason})") from None
+    """The JSON value in ``path``, read defensively (evaluation.fileio.read_json_value): an InputError naming the file
+    when it is larger than MAX_JSON_BYTES, not JSON, nested too deeply for the parser, or holds a number Python
+    cannot hold."""
+    return read_json_value(path, MAX_JSON_BYTES, "metrics file from `reglue eval --json`")
 
 
 def _finite(value) -> bool:
@@ -159,7 +151,7 @@ def load_ours(paths: list[str]) -> list[dict]:
         for f in files:
             try:
                 data = read_json(f)
-            except CompareError:
+            except InputError:
                 if f == given:
                     raise
                 continue  # another program's file inside a run directory

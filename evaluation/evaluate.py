@@ -15,6 +15,7 @@ from evaluation.collectives import main_decides, main_phase
 from evaluation.determinism import deterministic_kernels, side_by_side
 from evaluation.environment import environment
 from evaluation.extract import FEATURE_CHUNK, POOL_DIM, extract, rank_world
+from evaluation.families import batch_functions, score_families
 from evaluation.fid import frechet_distance
 from evaluation.fileio import abandon_h5, write_error
 from evaluation.images import ImageInputError, file_sha256, open_images
@@ -22,7 +23,6 @@ from evaluation.inception import InceptionFeatures
 from evaluation.inception_score import IS_SPLIT, inception_score
 from evaluation.precision_recall import precision_recall
 from evaluation.reference import reference_for, resolve_reference
-from evaluation.stats import RunningStats
 
 FEATURE_CACHE_ENV = "REGLUE_FEATURE_CACHE"  # where reference features are cached (default ~/.cache/reglue/features)
 
@@ -40,7 +40,7 @@ class EvalOptions:
     features_out: str | None = None
     cache_dir: str | None = None
     progress: bool = True
-    families: tuple[str, ...] = ()  # extra metric families (evaluation.families.FAMILIES), reported apart
+    families: tuple[str, ...] = ()  # extra metric families (keys of evaluation.families.FAMILIES), reported apart
     dinov2_weights: str | None = None  # for fd_dinov2
     feature_chunk: int = FEATURE_CHUNK  # images per Inception call (padded): part of the settings, never --batch-size
 
@@ -139,46 +139,21 @@ def _score(images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha
            started) -> dict:
     """Sample features, then every metric (rank 0, while the others wait through gloo: minutes for 50k samples and
     the extra families); the features file, when asked, is renamed into place last. {} on the other ranks."""
-    dinov2 = _dinov2_model(options)
+    # the extra families' features come from the ADM pass: an in-process reader generates its images once for all
+    family_functions = batch_functions(options.families, extractor, options)
     extracted = extract(images, extractor, options.batch_size, "samples", options.progress,
                         None if partial is None else str(partial), options.features_out, options.feature_chunk,
-                        family_features(options, extractor, dinov2))
+                        family_functions)
     result = {}
     with main_phase("evaluate-metrics") as is_main:
         if is_main:  # under torchrun, rank 0 scores what every rank extracted
             result = _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha,
-                             extractor, options, partial, started, dinov2)
+                             extractor, options, partial, started, family_functions)
     return result
 
 
-CLEAN, DINOV2 = "clean", "dinov2"  # the extra features computed in the same pass as ADM's
-
-
-def _dinov2_model(options: EvalOptions):
-    """DINOv2-L/14 on the evaluation device when fd_dinov2 is asked for, else None."""
-    if "fd_dinov2" not in options.families:
-        return None
-    from evaluation.dinov2 import load_dinov2
-
-    return load_dinov2(options.dinov2_weights).to(options.device or "cpu")
-
-
-def family_features(options: EvalOptions, extractor: InceptionFeatures, dinov2) -> dict:
-    """The per-batch feature functions of the extra families asked for, run in the ADM pass over the samples: an
-    in-process reader generates its images once for every family."""
-    from evaluation.dinov2 import dinov2_batch
-    from evaluation.families import clean_batch
-
-    out = {}
-    if set(options.families) & {"clean_fid", "kid"}:
-        out[CLEAN] = lambda batch: clean_batch(batch, extractor)
-    if dinov2 is not None:
-        out[DINOV2] = lambda batch: dinov2_batch(batch, dinov2)
-    return out
-
-
 def _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_origin, ref_sha, extractor, options,
-            partial, started, dinov2=None) -> dict:
+            partial, started, family_functions) -> dict:
     """Rank 0: the metrics of the extracted features and their provenance (see _score)."""
     pool, logits, pool_stats, spatial_stats = extracted[:4]
     on_disk = _on_disk(samples)
@@ -202,11 +177,9 @@ def _result(extracted, images, samples, ref_path, ref_pool, ref_stats, stats_ori
         "environment": environment(device),  # the features: strict fp32 (no_tf32), one thread per call on a CPU
         "sample_info": sample_provenance(samples) if on_disk else images.provenance(),
     }
-    if CLEAN in extracted.extra:
-        result.setdefault("families", {})["clean-fid"] = other_families(extracted.extra[CLEAN], ref_path, extractor,
-                                                                        options)
-    if DINOV2 in extracted.extra:
-        result.setdefault("families", {})["dinov2"] = fd_dinov2(extracted.extra[DINOV2], ref_path, options, dinov2)
+    if extracted.extra:
+        result["families"] = score_families(extracted.extra, family_functions, options.families, ref_path,
+                                            options.batch_size, options.fid_backend)
     result["seconds"] = time.time() - started
     if partial is not None and partial.exists():
         _finish_features(partial, options.features_out, result)
@@ -242,40 +215,6 @@ def _finish_features(partial: Path, final, result: dict) -> None:
         abandon_h5(f)
         raise write_error(final, exc) from None
     os.replace(partial, final)
-
-
-def other_families(ours: np.ndarray, ref_path: Path, extractor: InceptionFeatures, options: EvalOptions) -> dict:
-    """clean_fid and/or kid on clean-resized features: ``ours`` (the samples', from the ADM pass) against the
-    reference's arr_0."""
-    from evaluation.families import clean_features, kernel_inception_distance
-
-    theirs = clean_features(open_images(ref_path, role="reference"), extractor, options.batch_size)
-    out = {"reference": f"arr_0 of {ref_path} (not clean-fid's own statistics)", "resize": "clean (PIL bicubic, float)"}
-    if "clean_fid" in options.families:
-        stats = []
-        for feats in (ours, theirs):
-            acc = RunningStats(feats.shape[1])
-            acc.update(torch.from_numpy(feats))
-            stats.append(acc.mean_cov())
-        out["clean_fid"] = frechet_distance(*stats[0], *stats[1], options.fid_backend)
-    if "kid" in options.families:
-        out["kid"] = kernel_inception_distance(ours, theirs)
-    return out
-
-
-def fd_dinov2(ours: np.ndarray, ref_path: Path, options: EvalOptions, model) -> dict:
-    """Frechet distance of DINOv2-L/14 [CLS] features: ``ours`` (the samples', from the ADM pass) against the
-    reference's arr_0."""
-    from evaluation.dinov2 import dinov2_features
-
-    stats = []
-    for feats in (ours, dinov2_features(open_images(ref_path, role="reference"), model, options.batch_size)):
-        acc = RunningStats(feats.shape[1])
-        acc.update(torch.from_numpy(feats))
-        stats.append(acc.mean_cov())
-    return {"fd_dinov2": frechet_distance(*stats[0], *stats[1], options.fid_backend),
-            "reference": f"arr_0 of {ref_path}", "network": "DINOv2-L/14 [CLS], 224 px bicubic (antialiased), "
-            "positions resized as torch.hub's model"}
 
 
 def sample_provenance(path) -> dict:

@@ -8,12 +8,14 @@ order and the float64 statistics are summed over the same fixed blocks on every 
 autotune, and on a CPU every call runs on one thread (oneDNN splits its sums by thread count; torchrun gives
 each worker one): a process with several cores runs several chunks side by side instead.
 ``--batch-size`` only decides how many images are read per pass. Fewer images than a chunk make one unpadded
-call (the chunk is min(FEATURE_CHUNK, N), a function of N alone).
+call (the chunk is min(FEATURE_CHUNK, N), a function of N alone). The chunk loop (``chunk_features``) and the
+block statistics (``BlockStatistics``) are also --make-ref's (evaluation.reference), which streams its rows.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import itertools
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -130,12 +132,87 @@ def _gather_rows(local: np.ndarray, counts: list[int]) -> np.ndarray:
     return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
 
 
+class BlockStatistics:
+    """float64 mean/covariance accumulators of rows that arrive in any sizes, updated over fixed STATS_BLOCK blocks
+    in index order (on ``device``), so any split of the rows (reads, chunks, machines) gives the same bits."""
+
+    def __init__(self, dim: int, device="cpu"):
+        self.stats, self.device, self.block = RunningStats(dim), device, STATS_BLOCK
+        self.pending: list[np.ndarray] = []
+        self.held = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Take the next rows (index order); every whole block among the held rows updates the statistics."""
+        self.pending.append(rows)
+        self.held += len(rows)
+        if self.held < self.block:
+            return
+        joined = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        whole = self.held - self.held % self.block
+        for start in range(0, whole, self.block):
+            self._update(joined[start : start + self.block])
+        self.pending, self.held = [joined[whole:]], self.held - whole
+
+    def finish(self) -> RunningStats:
+        """The statistics of every row added (the last, shorter block included)."""
+        if self.held:
+            self._update(np.concatenate(self.pending))
+            self.pending, self.held = [], 0
+        return self.stats
+
+    def _update(self, block: np.ndarray) -> None:
+        """One block into the float64 accumulators, on the statistics' device."""
+        self.stats.update(torch.from_numpy(block).to(self.device))
+
+
 def statistics(features: np.ndarray, device) -> RunningStats:
     """float64 mean/covariance accumulators over fixed STATS_BLOCK blocks in index order (any machine count)."""
-    stats = RunningStats(features.shape[1])
-    for block in chunk_ranges(len(features), STATS_BLOCK):
-        stats.update(torch.from_numpy(features[block.start : block.stop]).to(device))
-    return stats
+    stats = BlockStatistics(features.shape[1], device)
+    stats.add(features)
+    return stats.finish()
+
+
+def chunked(batches: Iterable[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
+    """Re-cut a stream of image batches (any sizes) into batches of exactly ``chunk`` images (the last shorter)."""
+    held = None  # the images after the last whole chunk (fewer than ``chunk``)
+    for batch in batches:
+        if held is not None and len(held):
+            batch = np.concatenate([held, batch])
+        whole = len(batch) - len(batch) % chunk
+        yield from (batch[start : start + chunk] for start in range(0, whole, chunk))
+        held = batch[whole:]
+    if held is not None and len(held):
+        yield held
+
+
+def call_workers(device) -> int:
+    """Network calls run side by side: one per CPU thread on a CPU (each on one thread), one at a time on a GPU.
+    Read it before deterministic_kernels, which leaves a CPU process one thread."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
+def chunk_features(batches: Iterable[np.ndarray], extractor, chunk: int, workers: int) -> Iterator[tuple]:
+    """(images, their Features) of consecutive chunks of ``chunk`` images cut from ``batches`` (uint8 (b, H, W, 3)
+    of any sizes), in index order: every network call sees one chunk zero-padded to ``chunk`` rows, ``workers``
+    calls side by side. The one chunk loop of the evaluator and of --make-ref; run it inside deterministic_kernels."""
+    device = next(extractor.parameters()).device
+    group = []
+    for part in itertools.chain(chunked(batches, chunk), [None]):  # None: the end, run what is grouped
+        if part is not None:
+            group.append(part)
+        if group and (part is None or len(group) == workers):
+            calls = [lambda g=g: extractor(_padded(g, chunk, device)) for g in group]
+            for images, features in zip(group, side_by_side(*calls, workers=workers)):
+                yield images, type(features)(*(f[: len(images)] for f in features))
+            group = []
+
+
+def _with_extra_features(batches: Iterable[np.ndarray], extra: dict, rows: dict) -> Iterator[np.ndarray]:
+    """``batches`` passed on, the ``extra`` families' features of each appended to ``rows`` first (same images)."""
+    for batch in batches:
+        for name, features_of in extra.items():
+            rows[name].append(np.asarray(features_of(batch), np.float32))
+        yield batch
 
 
 def extract(images, extractor, batch_size: int = 64, desc: str = "features", progress: bool = True,
@@ -152,20 +229,16 @@ def extract(images, extractor, batch_size: int = 64, desc: str = "features", pro
     share = rank_share(n, rank, world, chunk)
     sink = FeatureSink(len(share), features_out if world == 1 else None, features_display)
     device = next(extractor.parameters()).device
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = call_workers(device)
     per_read = max(1, -(-batch_size // chunk), workers) * chunk  # whole chunks per read, one per CPU worker at least
     row, extra_rows = 0, {name: [] for name in extra or {}}
+    batches = _with_extra_features(images.batches(per_read, share.start, share.stop), extra or {}, extra_rows)
     with tqdm(total=n, desc=desc, unit="img", disable=not (progress and rank == 0), dynamic_ncols=True) as bar, \
             deterministic_kernels(device):
-        for batch in images.batches(per_read, share.start, share.stop):
-            for name, features_of in (extra or {}).items():
-                extra_rows[name].append(np.asarray(features_of(batch), np.float32))
-            parts = [batch[start : start + chunk] for start in range(0, len(batch), chunk)]
-            calls = [lambda p=p: extractor(_padded(p, chunk, device)) for p in parts]
-            for part, features in zip(parts, side_by_side(*calls, workers=workers)):
-                sink.add(row, type(features)(*(f[: len(part)] for f in features)))
-                row += len(part)
-            bar.update(len(batch) * world)
+        for part, features in chunk_features(batches, extractor, chunk, workers):
+            sink.add(row, features)
+            row += len(part)
+            bar.update(len(part) * world)
         counts = [len(rank_share(n, r, world, chunk)) for r in range(world)]
         joined = {name: _gather_rows(sink.rows[name], counts) for name, _ in FEATURE_NAMES}
         empty = np.zeros((0, *images.shape[1:]), np.uint8)  # a rank without a share: (0, D) all the same

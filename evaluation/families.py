@@ -9,17 +9,28 @@
 
 All use the reference batch's ``arr_0`` images (statistics of 10k images, not clean-fid's own ImageNet
 statistics), so they compare runs with each other, not with numbers published by clean-fid.
+
+The registry: ``FAMILIES`` (name -> the feature space it scores and its score function) is what ``reglue eval
+--metrics`` accepts and what evaluation.evaluate computes; ``FEATURE_SPACES`` (name -> the per-batch feature function,
+run in the ADM pass over the samples, and the result section its families share). A new family is one FAMILIES
+entry (and one FEATURE_SPACES entry when it needs features of its own).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from evaluation import dinov2
+from evaluation.fid import frechet_distance
+from evaluation.images import open_images
 from evaluation.inception import InceptionFeatures, no_tf32
+from evaluation.stats import RunningStats
 
-FAMILIES = ("clean_fid", "kid", "fd_dinov2")
 CLEAN_SIZE = 299
 
 
@@ -52,9 +63,9 @@ def clean_batch(batch: np.ndarray, extractor: InceptionFeatures) -> np.ndarray:
     return pool_from_float(extractor, torch.from_numpy(clean_resize(batch))).cpu().numpy()
 
 
-def clean_features(images, extractor: InceptionFeatures, batch_size: int = 32) -> np.ndarray:
-    """Clean-resized pool features (N, 2048) of every image of a reader."""
-    return np.concatenate([clean_batch(batch, extractor) for batch in images.batches(batch_size)])
+def features_of(images, batch_function: Callable[[np.ndarray], np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """The features (N, D) of every image of a reader, ``batch_size`` images per call of ``batch_function``."""
+    return np.concatenate([batch_function(batch) for batch in images.batches(batch_size)])
 
 
 def kernel_inception_distance(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
@@ -74,3 +85,91 @@ def kernel_inception_distance(x: np.ndarray, y: np.ndarray, num_subsets: int = 1
         within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m - 1)
         total += within - 2 * k_xy.sum() / m
     return float(total / num_subsets / m)
+
+
+def frechet_of_features(ours: np.ndarray, theirs: np.ndarray, fid_backend: str) -> float:
+    """The Frechet distance between the Gaussians (float64 mean and covariance) of two feature sets."""
+    stats = []
+    for feats in (ours, theirs):
+        acc = RunningStats(feats.shape[1])
+        acc.update(torch.from_numpy(feats))
+        stats.append(acc.mean_cov())
+    return frechet_distance(*stats[0], *stats[1], fid_backend)
+
+
+def kid(ours: np.ndarray, theirs: np.ndarray, fid_backend: str) -> float:
+    """KID with clean-fid's subsets (the FID backend plays no part)."""
+    return kernel_inception_distance(ours, theirs)
+
+
+def clean_batches(extractor: InceptionFeatures, options) -> Callable[[np.ndarray], np.ndarray]:
+    """Clean-resized pool features of a uint8 batch, through the ADM pass's Inception network."""
+    return lambda batch: clean_batch(batch, extractor)
+
+
+def dinov2_batches(extractor: InceptionFeatures, options) -> Callable[[np.ndarray], np.ndarray]:
+    """DINOv2-L/14 [CLS] features of a uint8 batch; the network is loaded now (``options.dinov2_weights``) on the
+    device of the ADM pass's Inception network."""
+    model = dinov2.load_dinov2(options.dinov2_weights).to(next(extractor.parameters()).device)
+    return lambda batch: dinov2.dinov2_batch(batch, model)
+
+
+def clean_notes(ref_path: Path) -> dict:
+    """What the clean-fid section says beside its numbers."""
+    return {"reference": f"arr_0 of {ref_path} (not clean-fid's own statistics)",
+            "resize": "clean (PIL bicubic, float)"}
+
+
+def dinov2_notes(ref_path: Path) -> dict:
+    """What the DINOv2 section says beside its number."""
+    return {"reference": f"arr_0 of {ref_path}", "network": "DINOv2-L/14 [CLS], 224 px bicubic (antialiased), "
+            "positions resized as torch.hub's model"}
+
+
+class FeatureSpace(NamedTuple):
+    """Features of the samples computed in the ADM pass, then of the reference's arr_0 by the same function; the
+    families that score them are reported together under ``section``."""
+
+    section: str  # the key under the result's "families"
+    batch_function: Callable  # (Inception extractor, EvalOptions) -> function of a uint8 (b, H, W, 3) batch -> (b, D)
+    notes: Callable[[Path], dict]  # the reference path -> what the section says beside its numbers
+
+
+class Family(NamedTuple):
+    """One extra metric: the feature space it scores and its number."""
+
+    space: str  # a FEATURE_SPACES key
+    score: Callable[[np.ndarray, np.ndarray, str], float]  # (samples' (N, D), reference's (M, D), FID backend)
+
+
+FEATURE_SPACES = {
+    "clean": FeatureSpace("clean-fid", clean_batches, clean_notes),
+    "dinov2": FeatureSpace("dinov2", dinov2_batches, dinov2_notes),
+}
+FAMILIES = {  # what --metrics accepts, in the order each section reports its numbers
+    "clean_fid": Family("clean", frechet_of_features),
+    "kid": Family("clean", kid),
+    "fd_dinov2": Family("dinov2", frechet_of_features),
+}
+
+
+def batch_functions(names, extractor: InceptionFeatures, options) -> dict:
+    """Feature space -> its per-batch function, for the spaces the families ``names`` score, in FEATURE_SPACES
+    order; their networks are loaded now (a missing one fails before any sample is read)."""
+    wanted = {FAMILIES[name].space for name in names}
+    return {space: entry.batch_function(extractor, options) for space, entry in FEATURE_SPACES.items()
+            if space in wanted}
+
+
+def score_families(samples_features: dict, functions: dict, names, ref_path: Path, batch_size: int,
+                   fid_backend: str) -> dict:
+    """Section -> its notes and the numbers of the families ``names``: the samples' features (space -> (N, D), from
+    the ADM pass) against the same ``functions``' features of the reference's arr_0."""
+    out = {}
+    for space, ours in samples_features.items():
+        entry = FEATURE_SPACES[space]
+        theirs = features_of(open_images(ref_path, role="reference"), functions[space], batch_size)
+        numbers = {name: family.score(ours, theirs, fid_backend) for name, family in FAMILIES.items()
+                   if family.space == space and name in names}
+        out[entry.section] = {**entry.notes(ref_path), **numbers}
+    return out

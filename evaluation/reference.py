@@ -103,68 +103,28 @@ def _write_npz_member(zf, name: str, array_or_shape, blocks=None) -> None:
             member.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
 
 
-def chunked(batches, chunk: int):
-    """Re-cut a stream of image batches (any sizes) into batches of exactly ``chunk`` images (the last shorter)."""
-    import numpy as np
-
-    pending, held = [], 0
-    for batch in batches:
-        pending.append(batch)
-        held += len(batch)
-        while held >= chunk:
-            joined = np.concatenate(pending)
-            yield joined[:chunk]
-            pending, held = [joined[chunk:]], held - chunk
-    if held:
-        yield np.concatenate(pending)
-
-
 def streamed_statistics(images, extractor, batch_size: int, chunk: int, progress: bool):
-    """(pool, spatial RunningStats, images counted) of a reader too large to hold its features: the extractor sees
-    fixed zero-padded chunks of ``chunk`` images and the float64 statistics are updated over fixed STATS_BLOCK
-    rows in index order, as evaluation.extract does, so ``batch_size`` never changes a bit."""
-    import numpy as np
-    import torch
+    """(pool, spatial RunningStats, images counted) of a reader too large to hold its features: the evaluator's chunk
+    loop (evaluation.extract.chunk_features: fixed zero-padded chunks of ``chunk`` images) streams its rows into
+    float64 statistics over fixed STATS_BLOCK blocks in index order, so ``batch_size`` never changes a bit."""
     from tqdm import tqdm
 
-    from evaluation.determinism import deterministic_kernels, side_by_side
-    from evaluation.extract import STATS_BLOCK, _padded
-    from evaluation.stats import RunningStats
+    from evaluation.determinism import deterministic_kernels
+    from evaluation.extract import POOL_DIM, SPATIAL_DIM, BlockStatistics, call_workers, chunk_features
 
-    pool, spatial = RunningStats(2048), RunningStats(2023)
+    pool, spatial = BlockStatistics(POOL_DIM), BlockStatistics(SPATIAL_DIM)  # summed on the CPU
     device = next(extractor.parameters()).device
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
-    pending: list = []
-    n = 0
-
-    def flush(final: bool) -> None:
-        """Update the statistics with every whole STATS_BLOCK of the pending rows (and, at the end, the rest)."""
-        while pending and (final or sum(len(p[0]) for p in pending) >= STATS_BLOCK):
-            rows = [np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending])]
-            pending.clear()
-            take = min(STATS_BLOCK, len(rows[0]))
-            pool.update(torch.from_numpy(rows[0][:take]))
-            spatial.update(torch.from_numpy(rows[1][:take]))
-            if take < len(rows[0]):
-                pending.append((rows[0][take:], rows[1][take:]))
-
+    workers = call_workers(device)
     chunk = max(1, min(chunk, len(images)))
+    n = 0
     with tqdm(total=len(images), desc="reference", unit="img", disable=not progress) as bar, \
             deterministic_kernels(device):
-        group: list = []
-        for part in [*chunked(images.batches(batch_size), chunk), None]:  # None: the end, run what is grouped
-            if part is not None:
-                group.append(part)
-            if group and (part is None or len(group) == workers):
-                calls = [lambda g=g: extractor(_padded(g, chunk, device)) for g in group]
-                for g, features in zip(group, side_by_side(*calls, workers=workers)):
-                    pending.append((features.pool[: len(g)].cpu().numpy(), features.spatial[: len(g)].cpu().numpy()))
-                    n += len(g)
-                    bar.update(len(g))
-                group = []
-                flush(final=False)
-        flush(final=True)
-    return pool, spatial, n
+        for part, features in chunk_features(images.batches(batch_size), extractor, chunk, workers):
+            pool.add(features.pool.cpu().numpy())
+            spatial.add(features.spatial.cpu().numpy())
+            n += len(part)
+            bar.update(len(part))
+        return pool.finish(), spatial.finish(), n
 
 
 def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed: int = 0, batch_size: int = 64,

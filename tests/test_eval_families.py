@@ -119,3 +119,37 @@ def test_eval_reports_fd_dinov2(weights, tmp_path, capsys, monkeypatch):  # noqa
     assert code == 0, capsys.readouterr().err
     family = json.loads((tmp_path / "m.json").read_text())["families"]["dinov2"]
     assert np.isfinite(family["fd_dinov2"]) and family["fd_dinov2"] > 0
+
+
+def test_the_registry_is_what_eval_accepts_and_computes():
+    from evaluation.families import FAMILIES, FEATURE_SPACES
+
+    assert list(FAMILIES) == ["clean_fid", "kid", "fd_dinov2"]
+    assert {family.space for family in FAMILIES.values()} == set(FEATURE_SPACES)
+    sections = {space.section for space in FEATURE_SPACES.values()}
+    assert sections == {"clean-fid", "dinov2"}
+
+
+def test_a_family_is_one_registry_entry(weights, tmp_path, monkeypatch):  # noqa: F811
+    """A new family registered on the clean features is accepted by --metrics and reported in its section; the
+    networks of families not asked for are never loaded."""
+    import evaluation.dinov2 as dinov2
+    from evaluation import families
+
+    def mean_gap(ours, theirs, fid_backend):
+        return float(np.abs(ours.mean(0) - theirs.mean(0)).sum())
+
+    def no_dinov2(weights=None):
+        raise AssertionError("DINOv2 loaded without fd_dinov2")
+
+    monkeypatch.setitem(families.FAMILIES, "mean_gap", families.Family("clean", mean_gap))
+    monkeypatch.setattr(dinov2, "load_dinov2", no_dinov2)
+    rng = np.random.default_rng(8)
+    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    _npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
+                 "--metrics", "mean_gap", "--json", str(tmp_path / "m.json"), "--quiet"])
+    assert code == 0
+    section = json.loads((tmp_path / "m.json").read_text())["families"]["clean-fid"]
+    assert set(section) == {"reference", "resize", "mean_gap"} and np.isfinite(section["mean_gap"])
+    assert section["mean_gap"] > 0  # random samples against another random batch

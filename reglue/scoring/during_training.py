@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from evaluation.evaluate import EvalOptions
+from evaluation.fileio import JSONFileError, read_json_object
 from evaluation.inception import InceptionError
 from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
@@ -56,13 +57,11 @@ def recorded_identity(directory: Path) -> dict | None:
 
 
 def _read_json(path: Path) -> dict:
+    """The result in ``path``, read defensively (evaluation.fileio.read_json_object); EvaluationError otherwise."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{path}: unreadable ({exc}); move it out of the eval directory") from None
-    if not isinstance(data, dict):
-        raise EvaluationError(f"{path}: not a JSON object; move it out of the eval directory")
-    return data
+        return read_json_object(path, what="`reglue eval --json` result")
+    except JSONFileError as exc:
+        raise EvaluationError(f"{path}: {exc.problem}; move it out of the eval directory") from None
 
 
 def _comparable(old: dict, new: dict) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from evaluation.evaluate import EvalOptions
+from evaluation.fileio import JSONFileError, read_json_object
 from reglue.constants import VAE_DOWNSAMPLE
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
@@ -42,7 +43,6 @@ MANIFEST = "sweep.json"  # the identity every point of the current set shares: a
 POINTS = "points"  # one `reglue eval --json` result per point, named by its identity
 MAX_POINTS = 200  # points in one sweep (--cfg x --cls-cfg x --interval) without --many-points
 HARD_MAX_POINTS = 10_000  # points in one sweep, whatever the flags: split a larger grid over several sweeps
-MAX_RECORD_BYTES = 64 << 20  # a sweep.json or point file larger than this is not one of ours
 GUIDANCE_KEYS = ("scale", "cls_scale", "interval")  # the settings that differ between points of one sweep
 
 
@@ -206,30 +206,13 @@ class _Damaged(ValueError):
     """A sweep file that cannot be what it should be; the message says why (the caller names the file)."""
 
 
-_JSON_TYPES = {list: "a JSON list", str: "a JSON string", int: "a JSON number", float: "a JSON number",
-               bool: "a JSON boolean", type(None): "JSON null"}
-
-
 def _read_object(path: Path) -> dict:
-    """A JSON object written by a sweep, read defensively (size, encoding, syntax, type); _Damaged otherwise."""
-    if not path.is_file():
-        raise _Damaged("not a file")
-    size = path.stat().st_size
-    if size > MAX_RECORD_BYTES:
-        raise _Damaged(f"{size:,} bytes, more than any sweep record ({MAX_RECORD_BYTES:,})")
+    """A JSON object written by a sweep, read defensively (evaluation.fileio.read_json_object); _Damaged saying why
+    otherwise."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _Damaged(f"unreadable ({type(exc).__name__})") from None
-    if not text.strip():
-        raise _Damaged("empty")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        raise _Damaged("not JSON") from None
-    if not isinstance(data, dict):
-        raise _Damaged(f"{_JSON_TYPES.get(type(data), 'JSON')}, not an object")
-    return data
+        return read_json_object(path, what="sweep record")
+    except JSONFileError as exc:
+        raise _Damaged(exc.problem) from None
 
 
 def check_directory(out: Path, identity: dict, replace: bool = False) -> None:
