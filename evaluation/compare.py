@@ -11,9 +11,13 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.determinism import deterministic_kernels, side_by_side
 from evaluation.errors import InputError
+from evaluation.extract import statistics
+from evaluation.fid import frechet_distance
 from evaluation.fileio import read_json_value
 from evaluation.inception import is_published_weights
+from evaluation.precision_recall import precision_recall
 from evaluation.reference import REGISTRY
 
 BASELINES = REGISTRY.parent / "baselines.yaml"
@@ -490,10 +494,6 @@ def features_distance(a, b, pr_precision: str = "fp32") -> dict:
     import numpy as np
     import torch
 
-    from evaluation.determinism import deterministic_kernels, side_by_side
-    from evaluation.extract import statistics
-    from evaluation.fid import frechet_distance
-    from evaluation.precision_recall import precision_recall
 
     sets = []
     for path in (a, b):

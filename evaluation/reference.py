@@ -7,7 +7,11 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.determinism import deterministic_kernels
 from evaluation.errors import InputError
+from evaluation.extract import FEATURE_CHUNK, POOL_DIM, SPATIAL_DIM, BlockStatistics, call_workers, chunk_features
+from evaluation.fileio import write_error
+from evaluation.images import ImageInputError, file_sha256, open_images
 
 REFERENCE_DIR_ENV = "REGLUE_REFERENCE_DIR"  # where named reference batches are looked for and downloaded to
 REGISTRY = Path(__file__).resolve().parents[1] / "reference_stats" / "registry.yaml"
@@ -56,7 +60,6 @@ def resolve_reference(ref: str, download: bool = True) -> Path:
 def check_reference(path) -> None:
     """InputError unless ``path`` opens as the evaluator opens a reference: arr_0 uint8 (N, H, W, 3) with N >= 2 and
     well-formed stored statistics, if any (a bad file fails before any sampling)."""
-    from evaluation.images import ImageInputError, open_images
 
     images = open_images(path, role="reference")
     if len(images) < 2:
@@ -68,7 +71,6 @@ def _download(entry: dict, target: Path, name: str) -> Path:
 
     import torch
 
-    from evaluation.images import file_sha256
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".partial")
@@ -109,8 +111,6 @@ def streamed_statistics(images, extractor, batch_size: int, chunk: int, progress
     float64 statistics over fixed STATS_BLOCK blocks in index order, so ``batch_size`` never changes a bit."""
     from tqdm import tqdm
 
-    from evaluation.determinism import deterministic_kernels
-    from evaluation.extract import POOL_DIM, SPATIAL_DIM, BlockStatistics, call_workers, chunk_features
 
     pool, spatial = BlockStatistics(POOL_DIM), BlockStatistics(SPATIAL_DIM)  # summed on the CPU
     device = next(extractor.parameters()).device
@@ -139,8 +139,6 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
 
     import numpy as np
 
-    from evaluation.extract import FEATURE_CHUNK
-    from evaluation.fileio import write_error
 
     out = Path(out)
     _check_count(len(images), 0)
@@ -177,7 +175,6 @@ def make_reference(images, extractor, out, subset: int = REFERENCE_SUBSET, seed:
 def _check_count(n: int, skipped: int) -> None:
     """ImageInputError unless there are at least 2 images (``skipped``: left out as undecodable)."""
     if n < 2:
-        from evaluation.images import ImageInputError
 
         note = f" ({skipped} more could not be decoded)" if skipped else ""
         raise ImageInputError(f"{n} image(s){note}: a reference needs at least 2 (its statistics are a covariance)")

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 
 from reglue.errors import UserError
+from reglue.fileio import atomic_write_text
+from reglue.scoring.generate_and_score import METRICS
 
 ID_FILE = "wandb_id.txt"
 PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
@@ -96,7 +98,6 @@ class WandbTracker:
         except Exception as exc:  # noqa: BLE001 - whatever wandb raises becomes one line with the fix
             raise _init_error(exc) from None
         if run_id is None:  # kept only once the run exists: a failed start leaves no id behind
-            from reglue.fileio import atomic_write_text
 
             atomic_write_text(directory / ID_FILE, new_id + "\n")
 
@@ -106,7 +107,6 @@ class WandbTracker:
 
     def log_point(self, point, result: dict) -> None:
         """A sweep point: its guidance and its metrics, and a row of the run's sweep table."""
-        from reglue.scoring.generate_and_score import METRICS
 
         self.run.log({"cfg": point.cfg, "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg,
                       "interval_low": point.interval[0], "interval_high": point.interval[1],

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from reglue.distributed import device_problem
+
 EXIT_USAGE = 2  # bad input: wrong option, unreadable file, unknown preset
 
 
@@ -31,7 +33,6 @@ def report(command: str | None, message: str, code: int = EXIT_USAGE) -> int:
 
 def check_device(ctx, param, value):
     """Click callback for --device: one line naming the problem when the device cannot be used here."""
-    from reglue.distributed import device_problem
 
     problem = device_problem(value)
     if problem:

@@ -17,6 +17,7 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.sampling.seeds import check_repeats
 from reglue.sampling.store import OtherRunError
+from reglue.scoring.generate_and_score import score_checkpoint, score_saved
 from reglue_cli.errors import check_device, fail
 from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
 from reglue_cli.make_ref import INCEPTION, build_reference
@@ -38,7 +39,6 @@ def format_spread(spread: dict) -> str:
 
 def generate_and_score(ckpt, request, ref, inception_weights, options, repeats, save_samples, dist) -> dict:
     """`eval --ckpt`: in process, or through `reglue sample`'s directory when the images are to be kept."""
-    from reglue.scoring.generate_and_score import score_checkpoint, score_saved
 
     if save_samples:
         return score_saved(ckpt, request, save_samples, ref, inception_weights, options, repeats, dist)

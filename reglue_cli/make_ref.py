@@ -8,6 +8,9 @@ import click
 
 from evaluation.errors import InputError
 from evaluation.extract import FEATURE_CHUNK
+from evaluation.images import H5Images
+from evaluation.inception import InceptionFeatures
+from evaluation.reference import make_reference
 from reglue.data.crop import crop_or_reason
 from reglue.data.sources import open_source
 from reglue_cli.errors import check_device, fail
@@ -107,9 +110,6 @@ def build_reference(source, out, resolution, weights, batch_size, feature_chunk,
     the GPU when there is one, in fixed chunks of ``feature_chunk`` images (the same features as `reglue eval`)."""
     import torch
 
-    from evaluation.images import H5Images
-    from evaluation.inception import InceptionFeatures
-    from evaluation.reference import make_reference
 
     if Path(source).suffix in ENCODED_SUFFIXES:  # errors of source and weights: one line (reglue_cli.main)
         images = H5Images(source)

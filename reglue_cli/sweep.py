@@ -12,7 +12,20 @@ from reglue.distributed import init_distributed, shutdown
 from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
 from reglue.sampling.seeds import SampleError, check_repeats
-from reglue.scoring.sweep import HARD_MAX_POINTS, MAX_POINTS  # for --many-points' help
+from reglue.scoring.sweep import (  # for --many-points' help
+    HARD_MAX_POINTS,
+    MAX_POINTS,
+    SweepError,
+    best,
+    exact,
+    format_table,
+    grid,
+    parse_values,
+    plan_sweep,
+    plot,
+    run_plan,
+)
+from reglue.tracking import WandbTracker, check_wandb
 from reglue_cli.errors import check_device, fail
 from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
 from reglue_cli.sampling_options import (
@@ -95,17 +108,6 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
           --n 10000 --ref imagenet256 --out sweeps/b2
     Under torchrun every point is generated on all GPUs.
     """
-    from reglue.scoring.sweep import (
-        SweepError,
-        best,
-        exact,
-        format_table,
-        grid,
-        parse_values,
-        plan_sweep,
-        plot,
-        run_plan,
-    )
 
     try:  # the grammar, the grid's size and the seed range: before anything is loaded
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
@@ -114,7 +116,6 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
     except (SweepError, SampleError) as exc:
         fail(str(exc))
     if wandb_project:
-        from reglue.tracking import check_wandb
 
         check_wandb(wandb_project, Path(out))  # the package, the project name, a stored run id: nothing opened
     base = make_request(n, **sampling)
@@ -158,7 +159,6 @@ def _progress(point, result, tracker, quiet) -> None:
 
 
 def _tracker(project, out, base):
-    from reglue.tracking import WandbTracker
 
     return WandbTracker(project, name=Path(out).name, config={"kind": "sweep", "n": base.n, "seed": base.seed},
                         directory=Path(out))

@@ -8,12 +8,15 @@ import os
 import click
 import yaml
 
+from evaluation.evaluate import EvalOptions
 from evaluation.extract import FEATURE_CHUNK
 from reglue import config as run_config
 from reglue import presets
 from reglue.distributed import shutdown
 from reglue.models import count_compressor_parameters, count_parameters
 from reglue.models.flops import forward_gflops
+from reglue.scoring.during_training import TrainingEvaluator
+from reglue.tracking import check_wandb
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
 from reglue_cli.errors import check_device, fail
@@ -80,10 +83,7 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
 def _evaluator(config, every: int, n: int, ref: str | None, inception_weights: str | None, feature_chunk: int,
                failure: str):
     """The in-process evaluation callback of --eval-every, every setting checked against ``config`` now (before
-    anything is written; reglue.scoring imports the evaluation suite)."""
-    from evaluation.evaluate import EvalOptions
-    from reglue.scoring.during_training import TrainingEvaluator
-
+    anything is written)."""
     evaluator = TrainingEvaluator(every=every, n=n, ref=ref, inception_weights=inception_weights,
                                   options=EvalOptions(feature_chunk=feature_chunk), failure=failure)
     evaluator.launch_identity(config)
@@ -94,7 +94,6 @@ def _check_wandb(project: str, outdir: str) -> None:
     """The package, the project name and the stored run id of --wandb, before anything is built or written."""
     from pathlib import Path
 
-    from reglue.tracking import check_wandb
 
     check_wandb(project, Path(outdir))
 

@@ -1,5 +1,5 @@
 """The layout's rules, checked on the source: no import cycle among the project's modules (imports inside
-functions counted), and evaluation never imports reglue (it stays usable alone)."""
+functions counted), no project module imported inside a function, and evaluation never imports reglue."""
 
 import ast
 from pathlib import Path
@@ -84,3 +84,30 @@ def test_evaluation_never_imports_reglue():
     leaks = {m: sorted(t for t in targets if not t.startswith("evaluation"))
              for m, targets in graph.items() if m.startswith("evaluation")}
     assert {m: t for m, t in leaks.items() if t} == {}
+
+
+def imports_inside_functions(path: Path) -> list[str]:
+    """'LINE module' for every import of a project module made inside a function of ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                module = (inner.module if isinstance(inner, ast.ImportFrom) and inner.level == 0 else
+                          inner.names[0].name if isinstance(inner, ast.Import) else None)
+                if module and module.split(".")[0] in PACKAGES:
+                    found.append(f"{inner.lineno} {module}")
+    return found
+
+
+def test_a_files_top_shows_what_it_depends_on():
+    """No project module is imported inside a function: there is no cycle to break, so every dependency is at the
+    top of its file (heavy optional third-party packages, wandb and matplotlib, may still load late)."""
+    inside = {str(path.relative_to(ROOT)): found for path in modules().values()
+              if (found := imports_inside_functions(path))}
+    assert inside == {}
+
+
+def test_the_inner_import_finder_sees_one(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import os\n\ndef f():\n    from reglue import presets\n    import numpy\n    return presets\n")
+    assert imports_inside_functions(source) == ["4 reglue"]

@@ -7,6 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from reglue import presets
 from reglue.checkpoints.reading import CheckpointError, built_and_loaded, strip_module
 from reglue.config.sections import DiffusionRun
 from reglue.constants import LATENT_CHANNELS, VAE_DOWNSAMPLE
@@ -105,7 +106,6 @@ def _official_projector(state: dict, args: dict, standard: dict) -> dict:
 
 def infer_official_config(state: dict, args) -> tuple[str, dict]:
     """(preset name, overrides) of an official model (names already stripped of ``module.``)."""
-    from reglue import presets
 
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     size, family = _official_size(state, args), _official_family(state)
@@ -125,7 +125,6 @@ def _official_transport(args: dict) -> dict:
 
 def load_official(path: Path, raw: dict, ema: bool) -> tuple[SiT, DiffusionRun]:
     """Build the preset an official file matches and load its (EMA) weights strictly."""
-    from reglue import presets
 
     bare = "x_embedder.proj.weight" in strip_module(raw)  # a released state dict on its own (REPA's last.pt)
     key = "ema" if ema and raw.get("ema") is not None else "model"

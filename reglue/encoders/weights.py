@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaluation.dinov2 import hub_position_embedding  # DINO's rule, shared with the FD-DINOv2 evaluator
 from reglue.encoders.registry import POSITIONS_ANTIALIAS, POSITIONS_OFFSET, POSITIONS_ROPE, VFMEntry
 
 RELEASE_WRAPPERS = ("target_encoder", "model", "state_dict")  # I-JEPA's EMA encoder; MAE, DeiT-style checkpoints
@@ -61,7 +62,6 @@ def _converter(vit: nn.Module):
 
 def resize_positions(entry: VFMEntry, pos_embed: torch.Tensor, grid: int, table_prefix: int) -> torch.Tensor:
     """(1, P + M*M, D) -> (1, P + grid*grid, D) by the family's run-time rule; ``table_prefix`` P rows are kept."""
-    from evaluation.dinov2 import hub_position_embedding  # DINO's rule, shared with the FD-DINOv2 evaluator
 
     m = math.isqrt(pos_embed.shape[1] - table_prefix)
     if m == grid or entry.positions == POSITIONS_ROPE:

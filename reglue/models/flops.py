@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from reglue.models import build
+
 FLOPS_PER_MAC = 2  # torch's counter: a multiply and an add; DiT's convention counts the pair once
 
 
@@ -17,7 +19,6 @@ def forward_gflops(config) -> float:
     projector excluded (it runs in training only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from reglue.models import build
 
     with torch.device("meta"):
         model = build(config).eval()

@@ -16,6 +16,7 @@ import yaml
 
 from reglue import config as run_config
 from reglue.config.yamlfile import load_yaml
+from reglue.encoders.registry import VFM_REGISTRY, vfm_entry
 from reglue.errors import ConfigError
 
 
@@ -105,7 +106,6 @@ def swap_vfm(config: dict, name: str) -> dict:
     """Set ``vfm.name`` in a plain config and make what depends on the VFM follow (in place): its input size for
     ``data.resolution``, the [CLS] width, the projector's output width, the compressor's input width, and the
     blocks (the same distance from the last block)."""
-    from reglue.encoders.registry import VFM_REGISTRY, vfm_entry
 
     old, new = VFM_REGISTRY.get(config["vfm"]["name"]), vfm_entry(name)
     vfm, model, compressor = config["vfm"], config.get("model", {}), config["compressor"]

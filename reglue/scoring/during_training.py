@@ -12,6 +12,7 @@ from evaluation.evaluate import EvalOptions
 from evaluation.fileio import JSONFileError, read_json_object
 from evaluation.inception import InceptionError
 from reglue.constants import VAE_DOWNSAMPLE
+from reglue.distributed import all_sum
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
@@ -135,7 +136,6 @@ class TrainingEvaluator:
         return step > 0 and (step % self.every == 0 or step == trainer.train_cfg.max_steps)
 
     def __call__(self, trainer) -> None:
-        from reglue.distributed import all_sum
 
         if not self.due(trainer):
             return
@@ -189,7 +189,6 @@ class TrainingEvaluator:
     def _failed(self, trainer, error: str) -> None:
         """Report a failed evaluation (log.txt, stderr, a metrics.jsonl line); with ``failure`` "stop", save this
         step's checkpoint (unless there is one) and raise EvaluationError."""
-        from reglue.distributed import all_sum
 
         step = trainer.step
         if trainer.dist.is_main:

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.evaluate import EvalOptions, evaluate
+from reglue.distributed import DistInfo
 from reglue.encoders.vae import load_vae
 from reglue.sampling.generate import GeneratedImages
-from reglue.sampling.run import Prepared, SampleRequest, SampleSettings, prepare
+from reglue.sampling.run import Prepared, SampleRequest, SampleSettings, prepare, sample_to_dir
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -79,8 +80,6 @@ def score_saved(ckpt, request: SampleRequest, out, ref: str | None, inception_we
                 options: EvalOptions, repeats: int = 1, dist=None) -> dict:
     """`eval --ckpt --save-samples OUT`: `reglue sample` into OUT (OUT/seedS per repeat), then score the file;
     the same numbers as in process, with the images kept and resumable."""
-    from reglue.distributed import DistInfo
-    from reglue.sampling.run import sample_to_dir
 
     dist = dist or DistInfo()
     results = []

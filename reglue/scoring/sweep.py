@@ -25,9 +25,10 @@ from typing import Callable
 from evaluation.evaluate import EvalOptions
 from evaluation.fileio import JSONFileError, read_json_object
 from reglue.constants import VAE_DOWNSAMPLE
+from reglue.distributed import DistInfo, all_sum
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
-from reglue.fileio import atomic_write_text
+from reglue.fileio import atomic_path, atomic_write_text
 from reglue.sampling.run import Prepared, SampleRequest, check_settings, prepare
 from reglue.sampling.seeds import check_repeats
 from reglue.scoring.generate_and_score import METRICS, score_repeats
@@ -276,7 +277,6 @@ def run_plan(plan: Plan, dist=None, on_point=None, log: Callable[[str], None] | 
 
     ``out`` is changed (manifest, --overwrite's discards) only when the first point is ready to be written, or
     when every point was already there."""
-    from reglue.distributed import DistInfo, all_sum
 
     dist = dist or DistInfo()
     device = plan.options.device or "cpu"
@@ -397,7 +397,6 @@ def plot(rows: list[dict], path) -> Path:
                     label=f"best: cfg {exact(top['cfg'])}, {top['interval']}", zorder=5)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    from reglue.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -14,12 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from evaluation.environment import environment
+from reglue import config as run_config
 from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.data.dataset import EncodedDataset
 from reglue.distributed import DistInfo, all_sum_tensor, barrier
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.sampling.grid import save_sample_grid
+from reglue.tracking import WandbTracker
 from reglue.training.checkpointing import Checkpointer
 from reglue.training.loop import Loop, TrainingStopped, TrainOptions, progress_bar, run_steps
 from reglue.training.order import NoiseAhead, StepSampler, flip_rows, make_split, step_noise
@@ -349,8 +351,6 @@ def open_tensorboard(run: RunDir):
 
 def _open_wandb(trainer: Trainer):
     """The W&B run of --wandb (reglue.tracking), the run's config attached."""
-    from reglue import config as run_config
-    from reglue.tracking import WandbTracker
 
     return WandbTracker(trainer.options.wandb_project, trainer.run.root.name, run_config.to_dict(trainer.config),
                         trainer.run.root)

@@ -14,8 +14,11 @@ from reglue.checkpoints import CHECKPOINT_NAME
 from reglue.config.checks import unread_sections
 from reglue.config.schema import flatten
 from reglue.config.yamlfile import load_yaml
+from reglue.data.dataset import EncodedDataset
+from reglue.distributed import init_distributed
 from reglue.errors import UserError
 from reglue.fileio import atomic_write_text
+from reglue.locks import directory_lock
 
 # Keys that may change between the first launch and a resume (how long and how often, not what is trained).
 RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs"}
@@ -166,9 +169,6 @@ def _step_of(line: str) -> int:
 def start_run(config, outdir, data, device: str | None, allow_other_data: bool = False):
     """Join the process group, take the run directory's lock (rank 0), open the dataset and check that the
     directory holds this run or none. Nothing is written: RunDir.begin does that once the run has started."""
-    from reglue.data.dataset import EncodedDataset
-    from reglue.distributed import init_distributed
-    from reglue.locks import directory_lock
 
     dist = init_distributed(device)
     run = RunDir(outdir)

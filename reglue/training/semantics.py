@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reglue import checkpoints
 from reglue.distributed import main_phase
-from reglue.encoders.vfm import VisionFoundationModel
+from reglue.encoders.vfm import VisionFoundationModel, load_vfm
 from reglue.errors import UserError
 from reglue.fileio import atomic_path, save_torch
 from reglue.models.compressor import SemanticCompressor
@@ -134,8 +135,6 @@ def build_semantic_encoder(config, dataset, vfm_weights: str | None, device, run
                            is_main: bool = True) -> SemanticEncoder | None:
     """The frozen VFM (+ compressor or PCA) a run (DiffusionRun) needs, or None for a plain SiT; a PCA basis lives
     in run_dir. Widths were checked against the VFM's known shape when the configuration was built."""
-    from reglue import checkpoints
-    from reglue.encoders.vfm import load_vfm
 
     m, v = config.model, config.vfm
     if not (m.semantic_channels or m.cls_token or m.projector):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+from reglue.models.flops import forward_gflops
+
 FORWARDS_PER_TRAINING_STEP = 3  # forward + backward (about twice the forward)
 FLOPS_PER_MAC = 2
 
@@ -66,7 +68,6 @@ def speedometer(config, device) -> Speedometer:
     """A Speedometer for a diffusion run on ``device`` (the peak looked up by the GPU's name)."""
     import torch
 
-    from reglue.models.flops import forward_gflops
 
     peak = None
     if device.type == "cuda":
