@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model configs; no network (hub libraries fail fast offline)."""
+"""Shared fixtures: tiny model configs, the random-weights Inception stand-in; no network (hub libraries fail fast
+offline). Plain helper functions the test files share are in helpers.py."""
 
 import os
 import tempfile
@@ -9,7 +10,9 @@ os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="reglue-torch-home-"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import make_folder  # noqa: E402
 
+from evaluation.inception import random_weights_file  # noqa: E402
 from reglue.models import ModelConfig, ProjectorConfig  # noqa: E402
 
 
@@ -38,6 +41,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> to
 
 
 @pytest.fixture(scope="session")
+def weights():
+    """The seeded random-weights stand-in: torch-fidelity's exact 472 keys and shapes (no download), in the
+    session's TORCH_HOME (set above); InceptionFeatures loads it through torch-fidelity's strict path."""
+    path = random_weights_file()
+    assert len(torch.load(path, weights_only=True)) == 472
+    return path
+
+
+@pytest.fixture(scope="session")
 def random_reglue_checkpoint(tmp_path_factory):
     """A random tiny-reglue model (64 px samples) saved as a reglue checkpoint at step 5."""
     from reglue import checkpoints, presets
@@ -62,8 +74,6 @@ def random_reference(path, n: int, side: int = 64, seed: int = 0):
 @pytest.fixture(scope="session")
 def toy_encoded(tmp_path_factory):
     """A toy folder (4 images a class) encoded at 64 px with the tiny VAE: data.h5 for tiny training runs."""
-    from test_encode import make_folder
-
     from reglue.data.encode import EncodeOptions, encode_dataset
     from reglue.data.sources import open_source
     from reglue.encoders.vae import load_vae

@@ -111,3 +111,23 @@ def test_the_inner_import_finder_sees_one(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("import os\n\ndef f():\n    from reglue import presets\n    import numpy\n    return presets\n")
     assert imports_inside_functions(source) == ["4 reglue"]
+
+
+def imports_of_test_files(path: Path) -> list[str]:
+    """'LINE module' for every import of a tests/test_*.py module in ``path``, anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        found += [f"{node.lineno} {name}" for name in names if name.split(".")[0].startswith("test_")]
+    return found
+
+
+def test_no_test_file_imports_another(tmp_path):
+    """Test files share code through conftest.py (fixtures) and helpers.py (functions), never through each other."""
+    tests = Path(__file__).resolve().parent
+    shared = {path.name: found for path in tests.glob("*.py") if (found := imports_of_test_files(path))}
+    assert shared == {}
+    source = tmp_path / "test_m.py"
+    source.write_text("import os\nfrom helpers import make_folder\n\ndef f():\n    from test_encode import folder\n")
+    assert imports_of_test_files(source) == ["5 test_encode"]

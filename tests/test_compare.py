@@ -5,8 +5,8 @@ import warnings
 
 import numpy as np
 import yaml
+from helpers import write_npz
 from PIL import Image
-from test_eval_inception import _npz, weights  # noqa: F401,F811  (the random-weights Inception fixture)
 
 from evaluation.compare import (
     BASELINES,
@@ -287,14 +287,14 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
 
 
-def test_features_distance_equals_the_eval_suite(weights, tmp_path):  # noqa: F811
+def test_features_distance_equals_the_eval_suite(weights, tmp_path):
     from evaluation.evaluate import EvalOptions, evaluate
 
     rng = np.random.default_rng(9)
     a = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (14, 32, 32, 3), dtype=np.uint8)
-    _npz(tmp_path / "a.npz", a)
-    _npz(tmp_path / "b.npz", b)
+    write_npz(tmp_path / "a.npz", a)
+    write_npz(tmp_path / "b.npz", b)
     options = dict(cache_dir=str(tmp_path / "cache"), progress=False, pr_precision="fp32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from test_encode import make_folder
+from helpers import make_folder
 
 from reglue import config as run_config
 from reglue import presets

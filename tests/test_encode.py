@@ -7,12 +7,12 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import MODES, REPO, make_folder, make_image
 from PIL import Image
 
 from reglue.constants import LATENT_SCALE
@@ -23,34 +23,6 @@ from reglue.data.sources import SourceError, open_source
 from reglue.encoders.loading import ModelLoadError
 from reglue.encoders.vae import build_tiny_vae, load_vae, posterior_moments, sample_latents
 from reglue_cli.main import main
-
-REPO = Path(__file__).resolve().parents[1]
-MODES = ["RGB", "L", "CMYK", "P", "RGBA", "LA", "PA"]
-
-
-def _make_image(rng, mode: str, ext: str, path: Path, size=None) -> None:
-    w, h = size or rng.integers(40, 300, 2)
-    image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-    if mode == "PA":
-        image = image.convert("P")
-        image.info["transparency"] = 3
-    else:
-        image = image.convert(mode)
-    image.save(path, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext])
-
-
-def make_folder(root: Path, per_class: int = 5, seed: int = 0, corrupt: bool = True) -> Path:
-    """Three class folders with mixed sizes, formats and modes, plus one corrupt file."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(["n02", "n01", "n03"]):  # unsorted on purpose
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            mode = MODES[(i + c) % len(MODES)]
-            ext = "jpg" if mode in ("RGB", "L", "CMYK") else ("webp" if mode == "RGBA" else "png")
-            _make_image(rng, mode, ext, root / name / f"img{i:03d}.{ext}")
-    if corrupt:
-        (root / "n01" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +67,7 @@ def test_adm_crop_matches_independent_reference_pixel_for_pixel(size, wh):
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_decodes_to_rgb(tmp_path, mode):
     ext = "png" if mode not in ("CMYK",) else "jpg"
-    _make_image(np.random.default_rng(0), mode, ext, tmp_path / f"x.{ext}", size=(30, 20))
+    make_image(np.random.default_rng(0), mode, ext, tmp_path / f"x.{ext}", size=(30, 20))
     image = decode_image((tmp_path / f"x.{ext}").read_bytes())
     assert image.mode == "RGB" and image.size == (30, 20)
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_npz
 from PIL import Image
-from test_eval_inception import _npz, weights  # noqa: F401,F811
 
 from evaluation.families import clean_resize, kernel_inception_distance, pool_from_float
 from evaluation.inception import InceptionFeatures
@@ -24,7 +24,7 @@ def test_clean_resize_is_pil_bicubic_per_float_channel():
     assert got.dtype == np.float32 and got.shape == (1, 3, 299, 299)
 
 
-def test_float_forward_equals_torch_fidelity_when_no_resize_is_needed(weights):  # noqa: F811
+def test_float_forward_equals_torch_fidelity_when_no_resize_is_needed(weights):
     extractor = InceptionFeatures(weights)
     images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 299, 299), dtype=np.uint8))
     theirs = extractor(images).pool  # TF1 resize 299 -> 299 is the identity
@@ -52,10 +52,10 @@ def test_kid_matches_restatement_and_is_near_zero_for_one_distribution():
     assert abs(same) < 0.1 * kernel_inception_distance(x, y, 20, 100)
 
 
-def test_eval_reports_families_apart(weights, tmp_path, capsys):  # noqa: F811
+def test_eval_reports_families_apart(weights, tmp_path, capsys):
     rng = np.random.default_rng(4)
-    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
-    _npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
                  "--metrics", "clean_fid,kid", "--json", str(tmp_path / "m.json"), "--quiet"])
     out = capsys.readouterr().out
@@ -107,13 +107,13 @@ def test_dinov2_offline_fails_fast(monkeypatch):
         load_dinov2(None)
 
 
-def test_eval_reports_fd_dinov2(weights, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_eval_reports_fd_dinov2(weights, tmp_path, capsys, monkeypatch):
     import evaluation.dinov2 as dinov2
 
     monkeypatch.setattr(dinov2, "load_dinov2", lambda weights=None: _tiny_vit())
     rng = np.random.default_rng(7)
-    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
-    _npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
                  "--metrics", "fd_dinov2", "--json", str(tmp_path / "m.json"), "--quiet"])
     assert code == 0, capsys.readouterr().err
@@ -130,7 +130,7 @@ def test_the_registry_is_what_eval_accepts_and_computes():
     assert sections == {"clean-fid", "dinov2"}
 
 
-def test_a_family_is_one_registry_entry(weights, tmp_path, monkeypatch):  # noqa: F811
+def test_a_family_is_one_registry_entry(weights, tmp_path, monkeypatch):
     """A new family registered on the clean features is accepted by --metrics and reported in its section; the
     networks of families not asked for are never loaded."""
     import evaluation.dinov2 as dinov2
@@ -145,8 +145,8 @@ def test_a_family_is_one_registry_entry(weights, tmp_path, monkeypatch):  # noqa
     monkeypatch.setitem(families.FAMILIES, "mean_gap", families.Family("clean", mean_gap))
     monkeypatch.setattr(dinov2, "load_dinov2", no_dinov2)
     rng = np.random.default_rng(8)
-    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
-    _npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "s.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     code = main(["eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
                  "--metrics", "mean_gap", "--json", str(tmp_path / "m.json"), "--quiet"])
     assert code == 0

@@ -9,9 +9,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from helpers import write_npz
 
 from evaluation.images import ImageInputError, open_images
-from evaluation.inception import InceptionError, InceptionFeatures, random_weights_file, resolve_weights
+from evaluation.inception import InceptionError, InceptionFeatures, resolve_weights
 from reglue_cli.main import main
 
 
@@ -21,15 +22,6 @@ def test_random_stand_in_is_seeded_and_loads(tmp_path, monkeypatch):
     assert Path(path).is_file() and resolve_weights("random") == path
     assert len(torch.load(path, weights_only=True)) == 472
     assert InceptionFeatures("random").weights_sha256 == InceptionFeatures(path).weights_sha256
-
-
-@pytest.fixture(scope="session")
-def weights():
-    """The seeded random-weights stand-in: torch-fidelity's exact 472 keys and shapes (no download), in the
-    session's TORCH_HOME (conftest); InceptionFeatures loads it through torch-fidelity's strict path."""
-    path = random_weights_file()
-    assert len(torch.load(path, weights_only=True)) == 472
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -129,11 +121,6 @@ def test_bad_images_and_weights_are_refused(extractor, tmp_path, monkeypatch):
         InceptionFeatures(str(tmp_path / "wrong.pth"))
 
 
-def _npz(path, images, **extra):
-    np.savez(path, arr_0=images, **extra)
-    return path
-
-
 def test_npz_reader_streams_and_validates(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
     for save in (np.savez, np.savez_compressed):
@@ -149,7 +136,7 @@ def test_npz_reader_streams_and_validates(tmp_path):
     ]
     for bad, message in cases:
         with pytest.raises(ImageInputError, match=message):
-            open_images(_npz(tmp_path / "bad.npz", bad))
+            open_images(write_npz(tmp_path / "bad.npz", bad))
     (tmp_path / "trunc.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:300])
     with pytest.raises(ImageInputError, match="trunc.npz"):
         open_images(tmp_path / "trunc.npz")
@@ -157,14 +144,14 @@ def test_npz_reader_streams_and_validates(tmp_path):
     with pytest.raises(ImageInputError, match="not a readable .npz"):
         open_images(tmp_path / "x.npz")
     with pytest.warns(UserWarning, match="carries its own 'mu'"):
-        open_images(_npz(tmp_path / "mu.npz", images, mu=np.zeros(2048)))
+        open_images(write_npz(tmp_path / "mu.npz", images, mu=np.zeros(2048)))
 
 
 def test_reglue_eval_end_to_end(weights, tmp_path, capsys):
     rng = np.random.default_rng(1)
     ref_images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    _npz(tmp_path / "ref.npz", ref_images)
-    _npz(tmp_path / "samples.npz", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "ref.npz", ref_images)
+    write_npz(tmp_path / "samples.npz", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
     argv = ["eval", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights", weights,
             "--json", str(tmp_path / "eval" / "metrics.json"), "--features", str(tmp_path / "features.h5"), "--quiet",
             "--batch-size", "4"]
@@ -186,8 +173,8 @@ def test_reglue_eval_end_to_end(weights, tmp_path, capsys):
 
 def test_reglue_eval_bad_input(weights, tmp_path, capsys):
     images = np.zeros((4, 8, 8, 3), np.uint8)
-    _npz(tmp_path / "ok.npz", images)
-    _npz(tmp_path / "nchw.npz", images.transpose(0, 3, 1, 2))
+    write_npz(tmp_path / "ok.npz", images)
+    write_npz(tmp_path / "nchw.npz", images.transpose(0, 3, 1, 2))
     cases = [
         ([str(tmp_path / "nchw.npz"), "--ref", str(tmp_path / "ok.npz")], "NCHW"),
         ([str(tmp_path / "missing.npz"), "--ref", str(tmp_path / "ok.npz")], "no such file"),
@@ -220,8 +207,8 @@ def test_fid_agrees_with_torch_fidelity_on_the_same_weights(weights, tmp_path):
     rng = np.random.default_rng(7)
     a = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
-    _npz(tmp_path / "a.npz", a)
-    _npz(tmp_path / "b.npz", b)
+    write_npz(tmp_path / "a.npz", a)
+    write_npz(tmp_path / "b.npz", b)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = evaluate(tmp_path / "a.npz", str(tmp_path / "b.npz"), weights,
@@ -248,7 +235,7 @@ def test_make_reference_from_a_folder_then_score_against_it(weights, tmp_path, c
         assert ref["arr_0"].shape == (10, 32, 32, 3) and ref["arr_0"].dtype == np.uint8
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and ref["mu_s"].shape == (2023,)
         arr = ref["arr_0"]
-    _npz(tmp_path / "same.npz", arr)
+    write_npz(tmp_path / "same.npz", arr)
     code = main(["eval", str(tmp_path / "same.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
                  weights, "--quiet", "--json", str(tmp_path / "m.json"), "--pr-precision", "fp32"])
     assert code == 0
@@ -288,8 +275,8 @@ def test_torchrun_two_processes_give_the_same_metrics_bit_for_bit(weights, tmp_p
     import sys
 
     rng = np.random.default_rng(5)
-    _npz(tmp_path / "ref.npz", rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
-    _npz(tmp_path / "s.npz", rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "ref.npz", rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
+    write_npz(tmp_path / "s.npz", rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8))
     repo = Path(__file__).resolve().parents[1]
     common = ["reglue_cli", "eval", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
               weights, "--quiet", "--feature-chunk", str(chunk), "--pr-precision", "fp32"]

@@ -5,7 +5,6 @@ user's path and the cause (exit 2), leaves nothing that looks complete, and the 
 exactly what an uninterrupted run gives."""
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -16,50 +15,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_
-from test_encode import make_folder
+from helpers import REPO, assert_one_line, make_folder, reglue
 
 from reglue import checkpoints, presets
 from reglue.fileio import atomic_path, sweep_temps
 from reglue.models import build
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def reglue(*args, limit: int | None = None, cwd=REPO, separate: bool = False):
-    """Run `reglue ARGS`: in a process of its own with every file it writes limited to ``limit`` bytes, or, with
-    no limit, in this process (a process start and a torch import saved; ``separate`` forces a process)."""
-    if limit is None and not separate:
-        return _in_process(args)
-
-    def set_limit():
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "reglue_cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, preexec_fn=set_limit)
-
-
-def _in_process(args):
-    import contextlib
-    import io
-    from types import SimpleNamespace
-
-    from reglue_cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-
-
-def assert_one_line(result, *words):
-    """Exit 2, one line on stderr naming each of ``words``, no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for word in words:
-        assert str(word) in lines[0], lines[0]
 
 
 def temps(directory: Path) -> list[Path]:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_encode import make_folder
+from helpers import make_folder
 
 from evaluation.reference import ReferenceStatsError, reference_for
 from reglue import presets

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from test_encode import make_folder
+from helpers import make_folder
 
 from reglue import checkpoints, presets
 from reglue.data.encode import EncodeOptions, encode_dataset

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_faults import assert_one_line, reglue
+from helpers import assert_one_line, reglue
 
 WRITTEN = ("config.yaml", "data.yaml", "wandb_id.txt")  # what a failed launch must not leave behind
 
