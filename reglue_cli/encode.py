@@ -88,5 +88,5 @@ def encode(source, out, labels_file, resolution, vae, flip, moments_dtype, batch
         shutdown()
     if dist.is_main:
         if not info["comparable"]:
-            click.echo(f"note: VAE {info['id']!r} is a random stand-in; this dataset is not comparable to papers")
+            click.echo(f"note: VAE {info['id']!r} is a stand-in; this dataset is not comparable to papers")
         click.echo(_summary_line(summary, len(images)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ VAE_ENV = "REGLUE_VAE"  # a local copy (diffusers folder) of DEFAULT_VAE, used i
 VAE_DECODER_ENV = "REGLUE_VAE_DECODER"  # a local copy of DEFAULT_DECODER, used in its place
 LOCAL_COPY_ENV = {DEFAULT_VAE: VAE_ENV, DEFAULT_DECODER: VAE_DECODER_ENV}
 TINY_VAE_SEED = 1234
+STAND_IN_KEY = "_reglue_stand_in"  # config.json key of a trained stand-in (reglue.encoders.toy); diffusers ignores it
 
 
 def build_tiny_vae() -> torch.nn.Module:
@@ -31,6 +33,16 @@ def build_tiny_vae() -> torch.nn.Module:
             norm_num_groups=4, mid_block_add_attention=False,
         )
     return vae.eval().requires_grad_(False)
+
+
+def stand_in_note(folder: Path) -> str | None:
+    """What a diffusers VAE folder's config.json says of it as a stand-in (STAND_IN_KEY), or None for a real VAE."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    note = config.get(STAND_IN_KEY) if isinstance(config, dict) else None
+    return str(note) if note else None
 
 
 def _from_pretrained(source: str, **kwargs) -> torch.nn.Module:
@@ -65,7 +77,8 @@ def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"VAE {spec}: expected a diffusers folder with config.json and the weights")
-        return _from_pretrained(str(path)), {"id": name if spec != name else str(path.resolve()), "comparable": True}
+        info = {"id": name if spec != name else str(path.resolve()), "comparable": stand_in_note(path) is None}
+        return _from_pretrained(str(path)), info
     if spec.count("/") != 1:
         raise ModelLoadError(f"unknown VAE {spec!r}: give a hub id like {DEFAULT_VAE}, a local folder, or 'tiny'")
     try:

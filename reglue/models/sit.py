@@ -199,8 +199,7 @@ class SiT(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        config.validate()
-        self.config = config
+        self.config = config  # checked when it was built (ModelConfig.__post_init__)
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.in_channels, d, config.patch_size)
         self.t_embedder = TimestepEmbedder(d)
