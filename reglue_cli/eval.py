@@ -18,8 +18,16 @@ from reglue.fileio import atomic_write_text
 from reglue.sampling.seeds import check_repeats
 from reglue.sampling.store import OtherRunError
 from reglue.scoring.generate_and_score import score_checkpoint, score_saved
-from reglue_cli.errors import check_device, fail
-from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.errors import fail
+from reglue_cli.help_sections import (
+    DEVICE_OPTION,
+    QUIET_OPTION,
+    RUN,
+    OptionGroup,
+    SectionedCommand,
+    option,
+    with_options,
+)
 from reglue_cli.make_ref import INCEPTION, build_reference
 from reglue_cli.sampling_options import DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request
 
@@ -96,8 +104,8 @@ OUTPUT = OptionGroup("Output", [
 RUN_OPTIONS = OptionGroup(RUN, [
     option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
            help="Images read (and, with --ckpt, generated) per pass. Never changes a feature."),
-    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
-    option("--quiet", is_flag=True, help="No progress bars."),
+    DEVICE_OPTION,
+    QUIET_OPTION,
 ])
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import click
 
+from reglue_cli.errors import check_device
+
 RUN = "Run"  # how the command runs (device, batch size, progress ...), and --help itself
 COLUMN_MAX = 30  # click's widest first column; wider option names go on a line of their own
 
@@ -19,6 +21,11 @@ COLUMN_MAX = 30  # click's widest first column; wider option names go on a line 
 def option(*declarations: str, **attributes) -> tuple[tuple[str, ...], dict]:
     """One option's ``click.option`` arguments, to be placed in an OptionGroup."""
     return declarations, attributes
+
+
+DEVICE_OPTION = option("--device", default=None, callback=check_device,
+                       help="cpu, cuda ... [default: cuda when available]")
+QUIET_OPTION = option("--quiet", is_flag=True, help="No progress bars.")
 
 
 @dataclass(frozen=True)

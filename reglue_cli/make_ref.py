@@ -13,8 +13,16 @@ from evaluation.inception import InceptionFeatures
 from evaluation.reference import make_reference
 from reglue.data.crop import crop_or_reason
 from reglue.data.sources import open_source
-from reglue_cli.errors import check_device, fail
-from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.errors import fail
+from reglue_cli.help_sections import (
+    DEVICE_OPTION,
+    QUIET_OPTION,
+    RUN,
+    OptionGroup,
+    SectionedCommand,
+    option,
+    with_options,
+)
 
 ENCODED_SUFFIXES = (".h5", ".hdf5")  # an encoded dataset (or samples.h5): its images are used as stored
 
@@ -42,8 +50,8 @@ OUTPUT = OptionGroup("Output", [
 RUN_OPTIONS = OptionGroup(RUN, [
     option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
            help="Images read per pass. Never changes a feature."),
-    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
-    option("--quiet", is_flag=True, help="No progress bars."),
+    DEVICE_OPTION,
+    QUIET_OPTION,
 ])
 
 

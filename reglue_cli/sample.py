@@ -9,8 +9,15 @@ import click
 from reglue.distributed import init_distributed, shutdown
 from reglue.sampling.grid import write_grid
 from reglue.sampling.run import sample_to_dir
-from reglue_cli.errors import check_device
-from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.help_sections import (
+    DEVICE_OPTION,
+    QUIET_OPTION,
+    RUN,
+    OptionGroup,
+    SectionedCommand,
+    option,
+    with_options,
+)
 from reglue_cli.sampling_options import DRAWS, GUIDANCE_CHANNELS, GUIDANCE_SCALES, SAMPLER, SELECTION, make_request
 
 INPUTS = OptionGroup("Inputs", [
@@ -31,8 +38,8 @@ RUN_OPTIONS = OptionGroup(RUN, [
     option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
            help="Samples per process and pass, rounded up to whole chunks: how often finished samples are saved. "
                 "Never changes a pixel."),
-    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
-    option("--quiet", is_flag=True, help="No progress bar."),
+    DEVICE_OPTION,
+    QUIET_OPTION,
 ])
 
 

@@ -26,8 +26,16 @@ from reglue.scoring.sweep import (  # for --many-points' help
     run_plan,
 )
 from reglue.tracking import WandbTracker, check_wandb
-from reglue_cli.errors import check_device, fail
-from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.errors import fail
+from reglue_cli.help_sections import (
+    DEVICE_OPTION,
+    QUIET_OPTION,
+    RUN,
+    OptionGroup,
+    SectionedCommand,
+    option,
+    with_options,
+)
 from reglue_cli.sampling_options import (
     DRAWS,
     GUIDANCE,
@@ -87,8 +95,8 @@ OUTPUT = OptionGroup("Output", [
 RUN_OPTIONS = OptionGroup(RUN, [
     option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
            help="Images generated and read per pass. Never changes a number."),
-    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
-    option("--quiet", is_flag=True, help="No progress bars."),
+    DEVICE_OPTION,
+    QUIET_OPTION,
 ])
 
 

@@ -19,8 +19,16 @@ from reglue.scoring.during_training import TrainingEvaluator
 from reglue.tracking import check_wandb
 from reglue.training.compressor import train_compressor
 from reglue.training.diffusion import TrainingStopped, TrainOptions, train_diffusion
-from reglue_cli.errors import check_device, fail
-from reglue_cli.help_sections import RUN, OptionGroup, SectionedCommand, option, with_options
+from reglue_cli.errors import fail
+from reglue_cli.help_sections import (
+    DEVICE_OPTION,
+    QUIET_OPTION,
+    RUN,
+    OptionGroup,
+    SectionedCommand,
+    option,
+    with_options,
+)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_FAILURE = ("continue", "stop")  # --eval-failure: train on after a failed evaluation, or checkpoint and stop
@@ -161,8 +169,8 @@ RUN_OPTIONS = OptionGroup(RUN, [
     option("--allow-other-data", is_flag=True,
            help="Resume this run on another dataset than the one run/data.yaml records (refused otherwise)."),
     option("--compile", "use_compile", is_flag=True, help="torch.compile the model."),
-    option("--device", default=None, callback=check_device, help="cpu, cuda ... [default: cuda when available]"),
-    option("--quiet", is_flag=True, help="No progress bar."),
+    DEVICE_OPTION,
+    QUIET_OPTION,
     option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit."),
     option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON instead of YAML."),
 ])
