@@ -432,7 +432,7 @@ def _draw_curves(ax, curves: list[dict], title: str) -> None:
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(_fid_text))
         ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
             lambda value, _: _fid_text(value, _) if f"{value:.6e}"[0] in "235" else ""))
-    ax.set_xlabel("training steps (batch 256)")
+    ax.set_xlabel("training steps (published runs: batch 256)" if published else "training steps")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=10, loc="left")
     ax.grid(True, which="both", alpha=0.3)
