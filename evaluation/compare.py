@@ -62,15 +62,14 @@ def load_baselines(groups: list[str] | None = None) -> list[dict]:
 
 
 METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
-MAX_JSON_BYTES = 64 * 2**20  # a metrics file is a few kB; a larger input is not one (and is not read)
 MAX_COUNT = 10**15  # sample counts and training steps: far above any run, small enough to format and plot
 
 
 def read_json(path: Path):
-    """The JSON value in ``path``, read defensively (evaluation.fileio.read_json_value): an InputError naming the file
-    when it is larger than MAX_JSON_BYTES, not JSON, nested too deeply for the parser, or holds a number Python
-    cannot hold."""
-    return read_json_value(path, MAX_JSON_BYTES, "metrics file from `reglue eval --json`")
+    """The JSON value in ``path``, read defensively (evaluation.fileio.read_json_value, its 64 MiB limit): an
+    InputError naming the file when it is too large, not JSON, nested too deeply for the parser, or holds a number
+    Python cannot hold."""
+    return read_json_value(path, what="metrics file from `reglue eval --json`")
 
 
 def _finite(value) -> bool:
