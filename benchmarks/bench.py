@@ -125,15 +125,11 @@ def main() -> None:
     gflops = forward_gflops(config)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_tflops(name, config.train.precision, config.train.tf32) if device.type == "cuda" else None
-    if device.type == "cuda" and config.train.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as `reglue train`
     side = config.model.input_size * VAE_DOWNSAMPLE
-    rows = []
-    for compiled in (False, True) if not args.no_compile else (False,):
-        seconds = timed(training_step(config, args.batch, device, compiled), args.steps, device)
-        figures = training_figures(args.batch / seconds, gflops, peak)
-        rows.append(row("train", f"{config.train.precision}, {'compiled' if compiled else 'eager'}",
-                        figures["images_per_s"], figures["tflops_per_s"], peak, device))
+    print(f"# {args.preset} ({gflops:.1f} GFLOPs forward), batch {args.batch}, {name}, torch {torch.__version__}")
+    print("| stage | setting | img/s | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    emit = lambda cells: print("| " + " | ".join(map(str, cells)) + " |", flush=True)  # noqa: E731
+    emit(train_row(config, args, device, gflops, peak, compiled=False))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # sampling: strict fp32
     with torch.no_grad():
         step, settings = sampling_pass(config, args.batch, device, args.sample_steps)
@@ -142,18 +138,24 @@ def main() -> None:
         per_image = seconds / args.batch / args.sample_steps
         tflops = gflops * FLOPS_PER_MAC * guided / per_image / 1e3
         full = config.sampling.steps  # the preset's own step count (250 for the paper presets)
-        rows.append(row("sample", f"{settings.sampler}, cfg {settings.guidance.scale:g}, fp32; img/s at "
-                        f"{full} steps", 1 / (per_image * full), tflops,
-                        peak_tflops(name, "fp32", True) if device.type == "cuda" else None, device))
+        emit(row("sample", f"{settings.sampler}, cfg {settings.guidance.scale:g}, fp32; img/s at "
+                 f"{full} steps", 1 / (per_image * full), tflops, None, device))  # strict fp32: no tensor-core peak
         seconds = timed(decoder_pass(args.batch, device, side), max(2, args.steps // 4), device)
-        rows.append(row("decode", f"SD-VAE decoder, {side} px", args.batch / seconds, None, None, device))
+        emit(row("decode", f"SD-VAE decoder, {side} px", args.batch / seconds, None, None, device))
         seconds = timed(inception_pass(args.batch, device, side), max(2, args.steps // 4), device)
-        rows.append(row("eval", "Inception (ADM features), fp32", args.batch / seconds, None, None, device))
-    header = ["stage", "setting", "img/s", "TFLOP/s", "MFU", "peak GiB"]
-    print(f"# {args.preset} ({gflops:.1f} GFLOPs forward), batch {args.batch}, {name}, torch {torch.__version__}")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+        emit(row("eval", "Inception (ADM features), fp32", args.batch / seconds, None, None, device))
+    if not args.no_compile:  # last: compiling takes the longest, and the rows above are printed already
+        emit(train_row(config, args, device, gflops, peak, compiled=True))
+
+
+def train_row(config, args, device, gflops: float, peak: float | None, compiled: bool) -> list:
+    """The training step's row, under the precision flags `reglue train` sets."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config.train.tf32)
+    seconds = timed(training_step(config, args.batch, device, compiled), args.steps, device)
+    figures = training_figures(args.batch / seconds, gflops, peak)
+    return row("train", f"{config.train.precision}, {'compiled' if compiled else 'eager'}",
+               figures["images_per_s"], figures["tflops_per_s"], peak, device)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from test_encode import make_folder  # noqa: E402
+from helpers import make_folder  # noqa: E402
 
 from reglue import presets  # noqa: E402
 from reglue.data.encode import EncodeOptions, encode_dataset  # noqa: E402
@@ -124,7 +124,8 @@ def main() -> None:
         base = presets.load(args.preset)
         data = toy_dataset(root, base.data.resolution)
         config = presets.load(args.preset, train__max_steps=args.steps + 2, train__global_batch=args.batch,
-                              train__log_every=1, train__sample_every=0, train__ckpt_every=10**6)
+                              train__log_every=1, train__sample_every=0, train__ckpt_every=10**6,
+                              data__vae="tiny")  # the toy data is encoded with the tiny stand-in
         common = dict(data=str(data), workers=args.workers, progress=False, device=args.device, echo=lambda s: None)
         loop = statistics.median(loop_seconds(config, TrainOptions(outdir=str(root / "loop"), **common)))
         model = statistics.median(model_only_seconds(config, TrainOptions(outdir=str(root / "model"), **common),

@@ -504,7 +504,8 @@ def features_distance(a, b, pr_precision: str = "fp32") -> dict:
     with deterministic_kernels(torch.device("cpu")):  # the statistics and algebra `reglue eval` computes, alike
         stats = [(statistics(f["pool"], "cpu").mean_cov(), statistics(f["spatial"], "cpu").mean_cov()) for f in sets]
         fid, sfid = side_by_side(lambda: frechet_distance(*stats[0][0], *stats[1][0], "eigh", torch.device("cpu")),
-                                 lambda: frechet_distance(*stats[0][1], *stats[1][1], "eigh", torch.device("cpu")))
+                                 lambda: frechet_distance(*stats[0][1], *stats[1][1], "eigh", torch.device("cpu")),
+                                 device="cpu")
         prec, rec = precision_recall(torch.from_numpy(np.asarray(sets[1]["pool"])),
                                      torch.from_numpy(np.asarray(sets[0]["pool"])), precision=pr_precision)
     return {"fid": fid, "sfid": sfid, "precision": prec, "recall": rec, "a": str(a), "b": str(b)}

@@ -29,15 +29,17 @@ def deterministic_kernels(device: torch.device):
         torch.set_num_threads(saved[2])
 
 
-def side_by_side(*calls, workers: int | None = None):
-    """The results of ``calls`` (functions of no argument), run in ``workers`` parallel threads (default: one per
-    call), each on one intra-op thread: the same bits as one after the other on one thread, in less time on a CPU
-    with several cores."""
+def side_by_side(*calls, device, workers: int | None = None):
+    """The results of ``calls`` (functions of no argument). On a CPU they run in ``workers`` parallel threads
+    (default: one per call), each on one intra-op thread: the same bits as one after the other on one thread, in
+    less time with several cores. On a GPU always one after the other in the caller's thread: its calls stay on
+    the thread that set its device, and CUDA's lazily loaded libraries (torch.linalg's cuSOLVER) must not be
+    loaded by two threads at once (torch refuses: "lazy wrapper should be called at most once")."""
     def single(call):
         torch.set_num_threads(1)  # per OS thread: a pool thread starts with the process default
         return call()
 
-    if (workers or len(calls)) <= 1:  # in the caller's thread: a GPU's calls stay on the thread that set its device
+    if torch.device(device).type != "cpu" or (workers or len(calls)) <= 1:
         saved = torch.get_num_threads()
         try:
             return [single(call) for call in calls]

@@ -191,9 +191,10 @@ def _metrics(pool, logits, pool_stats, spatial_stats, ref_pool, ref_stats, optio
     mu, sigma = pool_stats.mean_cov()
     mu_s, sigma_s = spatial_stats.mean_cov()
     on = device if options.fid_backend == "eigh" else None
-    fid, sfid = side_by_side(  # two 2048-d eigendecompositions, each on one thread
+    fid, sfid = side_by_side(  # two 2048-d eigendecompositions: on a CPU each on one thread, on a GPU in turn
         lambda: frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"], options.fid_backend, on),
-        lambda: frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend, on))
+        lambda: frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"], options.fid_backend, on),
+        device=on or "cpu")
     isc, splits = inception_score(logits)
     prec, rec = precision_recall(torch.from_numpy(ref_pool).to(device), torch.from_numpy(pool).to(device),
                                  block=options.pr_block, precision=options.pr_precision)

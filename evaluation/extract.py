@@ -202,7 +202,7 @@ def chunk_features(batches: Iterable[np.ndarray], extractor, chunk: int, workers
             group.append(part)
         if group and (part is None or len(group) == workers):
             calls = [lambda g=g: extractor(_padded(g, chunk, device)) for g in group]
-            for images, features in zip(group, side_by_side(*calls, workers=workers)):
+            for images, features in zip(group, side_by_side(*calls, device=device, workers=workers)):
                 yield images, type(features)(*(f[: len(images)] for f in features))
             group = []
 

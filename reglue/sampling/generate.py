@@ -63,7 +63,7 @@ class GeneratedImages:
         missing = [r for r in needed if r not in made]
         with deterministic_kernels(self.device):  # a GPU generates them one after the other
             made.update(zip(missing, side_by_side(*(lambda r=r: self._generate(r) for r in missing),
-                                                  workers=None if self.device.type == "cpu" else 1)))
+                                                  device=self.device)))
         self._last = (needed[-1], made[needed[-1]])
         return np.concatenate([made[r][max(start - r.start, 0) : stop - r.start] for r in needed])
 
