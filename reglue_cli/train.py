@@ -129,7 +129,8 @@ INPUTS = OptionGroup("Inputs", [
            help="Swap the preset's VFM for a registry entry (docs/models.md), e.g. dinov2-vitl14-reg or "
                 "dinov3-vitb16; its input size, widths and blocks follow."),
     option("--vfm-weights", type=click.Path(dir_okay=False),
-           help="Local DINOv2 weights file (torch.hub or timm format) for machines without network."),
+           help="Local weights file of the run's VFM (the family's own release or timm's; $REGLUE_VFM) for "
+                "machines without network; for the tiny-dinov2 stand-in, a file from scripts/toy_vfm.py."),
 ])
 
 OUTPUT = OptionGroup("Output", [

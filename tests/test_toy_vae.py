@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from reglue.encoders.toy import ToyVAESettings, latent_std, save_toy_vae, train_toy_vae
-from reglue.encoders.vae import build_tiny_vae, decode_latents, load_vae, posterior_moments
+from reglue.encoders.vae import build_tiny_vae, decode_latents, load_vae, posterior_moments, vae_id
 from reglue_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _reconstruction_mse(vae, images: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def trained():
     images, _ = _toy_images(per_class=4)
-    vae = train_toy_vae(images, ToyVAESettings(steps=100, batch=8, lr=5e-3))  # the demo: 300 x 32 at 64 px
+    vae = train_toy_vae(images, ToyVAESettings(steps=100, batch=8, lr=5e-3))  # the demo: 300 x 16 at 64 px
     return images, vae
 
 
@@ -83,3 +83,10 @@ def test_a_dataset_encoded_with_it_says_it_is_a_stand_in(trained, tmp_path, caps
     assert code == 0 and "is a stand-in; this dataset is not comparable to papers" in capsys.readouterr().out
     with h5py.File(tmp_path / "d.h5") as f:
         assert f.attrs["vae"] == str(folder.resolve()) and not f.attrs["comparable"]
+
+
+def test_a_local_vae_is_named_by_its_absolute_path_however_it_is_written(tmp_path, monkeypatch):
+    (tmp_path / "vae").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert vae_id("vae") == vae_id("./vae") == vae_id(str(tmp_path / "vae")) == str((tmp_path / "vae").resolve())
+    assert vae_id("tiny") == "tiny" and vae_id("stabilityai/sd-vae-ft-mse") == "stabilityai/sd-vae-ft-mse"

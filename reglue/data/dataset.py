@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from reglue.data import h5format as fmt
+from reglue.encoders.vae import vae_id
 from reglue.errors import UserError
 
 
@@ -93,7 +94,7 @@ class EncodedDataset(Dataset):
 
     def check_for(self, data, num_classes: int) -> None:
         """DatasetError unless this dataset is what the run's ``data`` section and label table expect."""
-        for key, ours in (("resolution", data.resolution), ("vae", data.vae)):
+        for key, ours in (("resolution", data.resolution), ("vae", vae_id(data.vae))):
             theirs = self.attrs.get(key)
             theirs = theirs.item() if hasattr(theirs, "item") else theirs
             if theirs != ours:

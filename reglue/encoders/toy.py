@@ -29,10 +29,10 @@ class ToyVAESettings:
     """How the stand-in is trained (the defaults reconstruct the demo's 64 px shapes recognisably)."""
 
     steps: int = 300
-    batch: int = 32
+    batch: int = 16
     lr: float = 2e-3
     seed: int = 0
-    widths: tuple[int, ...] = (16, 32, 32, 32)  # four blocks: three 2x downsamplings, as SD-VAE's 8x
+    widths: tuple[int, ...] = (8, 16, 32, 32)  # four blocks: three 2x downsamplings, as SD-VAE's 8x
 
 
 def build_toy_vae(widths: tuple[int, ...] = ToyVAESettings.widths) -> torch.nn.Module:

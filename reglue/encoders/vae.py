@@ -63,6 +63,16 @@ def _how_to_fetch(name: str) -> str:
             f"--vae DIR{env}")
 
 
+def vae_id(spec: str | None = None) -> str:
+    """The id a dataset encoded with the VAE ``spec`` records (and a run's data.vae is checked against): the hub
+    id or 'tiny' as given, a local folder by its absolute path (so demo_out/vae and ./demo_out/vae agree)."""
+    name = spec or DEFAULT_VAE
+    local = os.environ.get(LOCAL_COPY_ENV.get(name, ""), "") or name
+    if local != TINY_VAE and local == name and Path(local).exists():
+        return str(Path(local).resolve())
+    return name
+
+
 def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:
     """The VAE named by ``spec`` (hub id, local directory, or 'tiny'; default DEFAULT_VAE) and a description.
 
@@ -77,7 +87,7 @@ def load_vae(spec: str | None = None) -> tuple[torch.nn.Module, dict]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"VAE {spec}: expected a diffusers folder with config.json and the weights")
-        info = {"id": name if spec != name else str(path.resolve()), "comparable": stand_in_note(path) is None}
+        info = {"id": vae_id(name), "comparable": stand_in_note(path) is None}
         return _from_pretrained(str(path)), info
     if spec.count("/") != 1:
         raise ModelLoadError(f"unknown VAE {spec!r}: give a hub id like {DEFAULT_VAE}, a local folder, or 'tiny'")

@@ -7,11 +7,13 @@ through timm's ``forward_intermediates`` (DINOv2: VisionTransformer; DINOv3: Eva
 
 Weights come from timm's file or the family's own release (reglue.encoders.weights): the position table is
 resized once at load exactly as the family's code resizes it at run time (tests/test_vfm_layouts.py,
-tests/test_dinov2_files.py).
+tests/test_dinov2_files.py). The tiny stand-in (``tiny-dinov2``) is a seeded random ViT, or with ``weights`` the
+file of one trained on the demo's images (reglue.encoders.toy_vfm, scripts/toy_vfm.py); either is not comparable.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -91,20 +93,63 @@ def _global_token(grid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
 
 
 TINY_VFM_SIZE = 56  # the stand-in's native input: 4x4 tokens
+TINY_VFM_PATCH = 14
 
 
-def build_tiny_vfm(image_size: int = TINY_VFM_SIZE) -> VisionFoundationModel:
+def build_tiny_vfm(image_size: int = TINY_VFM_SIZE, state: dict[str, torch.Tensor] | None = None
+                   ) -> VisionFoundationModel:
     """A deterministic random ViT with DINOv2's layout (patch 14, 4 registers, no class pos-embed): 4 blocks, D=32;
-    at another ``image_size`` the same weights with the position table resampled (as timm does for DINOv2)."""
+    at another ``image_size`` the same weights with the position table resampled (as timm does for DINOv2).
+    ``state``: that ViT's state dict (reglue.encoders.toy_vfm's file; its position table at any square grid) in
+    place of the random weights, loaded strictly at its own grid, then resampled to ``image_size`` the same way."""
     from timm.models.vision_transformer import VisionTransformer
 
+    native = TINY_VFM_SIZE if state is None else _tiny_state_size(state)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_VFM_SEED)
-        vit = VisionTransformer(img_size=TINY_VFM_SIZE, patch_size=14, embed_dim=32, depth=4, num_heads=2,
+        vit = VisionTransformer(img_size=native, patch_size=TINY_VFM_PATCH, embed_dim=32, depth=4, num_heads=2,
                                 reg_tokens=4, no_embed_class=True, num_classes=0, init_values=1e-5)
-    if image_size != TINY_VFM_SIZE:
+    if state is not None:
+        _check_tiny_state(vit, state)
+        vit.load_state_dict(state, strict=True)
+    if image_size != native:
         vit.set_input_size(img_size=image_size)
     return VisionFoundationModel(vit, TINY_VFM, image_size, comparable=False)
+
+
+def _tiny_state_size(state: dict[str, torch.Tensor]) -> int:
+    """The input size whose token grid the state's position table holds (no class row: patches only)."""
+    table = state.get("pos_embed")
+    if table is None or table.dim() != 3:
+        raise ValueError("no position table (pos_embed) of shape (1, tokens, width)")
+    grid = math.isqrt(table.shape[1])
+    if grid * grid != table.shape[1] or not grid:
+        raise ValueError(f"pos_embed holds {table.shape[1]} positions, not a square grid")
+    return grid * TINY_VFM_PATCH
+
+
+def _check_tiny_state(vit: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """ValueError (one line, the first offending tensors) unless ``state`` has exactly the keys and shapes of
+    ``vit``."""
+    want = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"{k} is {list(have[k])}, expected {list(want[k])}" for k in want if k in have and have[k] != want[k]]
+    problems += [f"missing {k}" for k in want if k not in have] + [f"unexpected {k}" for k in have if k not in want]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"not a {TINY_VFM} state dict: {', '.join(problems[:3])}{more}")
+
+
+def _load_tiny(image_size: int, weights: str) -> VisionFoundationModel:
+    """The tiny stand-in holding the weights of the file ``weights`` (scripts/toy_vfm.py writes one)."""
+    if not Path(weights).is_file():
+        raise ModelLoadError(f"VFM weights {weights}: no such file")
+    try:
+        return build_tiny_vfm(image_size, read_weights(weights))
+    except Exception as exc:  # noqa: BLE001 - unreadable, foreign or truncated files: one line, never a traceback
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+        raise ModelLoadError(f"cannot load VFM {TINY_VFM} from {weights}: {reason}; train one with "
+                             f"`python scripts/toy_vfm.py IMAGES_DIR FILE`") from None
 
 
 def _create_timm(name: str, image_size: int, weights: str | None) -> nn.Module:
@@ -126,9 +171,11 @@ def _how_to_fetch(name: str) -> str:
 
 
 def load_vfm(name: str, image_size: int = 224, weights: str | None = None) -> VisionFoundationModel:
-    """The VFM called ``name`` (an entry of VFM_REGISTRY); ``weights`` (or $REGLUE_VFM) is a local file."""
+    """The VFM called ``name`` (an entry of VFM_REGISTRY); ``weights`` (or $REGLUE_VFM) is a local file. For the
+    tiny stand-in only ``weights`` counts (a trained stand-in, reglue.encoders.toy_vfm; without it the random one):
+    $REGLUE_VFM names the real VFM's file of a machine, which never fits the stand-in."""
     if name == TINY_VFM:
-        return build_tiny_vfm(image_size)
+        return _load_tiny(image_size, weights) if weights else build_tiny_vfm(image_size)
     entry = vfm_entry(name)
     weights = weights or os.environ.get(VFM_ENV)
     if weights and not Path(weights).is_file():
