@@ -117,7 +117,7 @@ def _row_from_metrics(path: Path, label: str, m: dict | None = None) -> dict:
     steps = settings.get("steps")
     sampler = f"SDE Euler-Maruyama {steps}" if sampler == "sde" else f"{sampler} {steps}"
     stand_in = info.get("decoder") == "tiny" or str(info.get("preset", "")).startswith("tiny") or \
-        not is_published_weights(m.get("inception_weights_sha256", ""))
+        bool(info.get("stand_ins")) or not is_published_weights(m.get("inception_weights_sha256", ""))
     unconditional = info.get("num_classes") == 0 or str(info.get("preset", "")).endswith(UNCOND_PRESET_SUFFIX)
     conditioning = CONDITIONINGS[1] if unconditional else CONDITIONINGS[0]
     return {"group": "ours", "method": label, "model": info.get("preset", "?"), "steps": info.get("step"),
@@ -202,7 +202,7 @@ def caveats(rows: list[dict]) -> list[str]:
     if any(r["steps"] is None or r.get("epochs") for r in rows):
         notes.append("Steps and epochs are mixed: 80 epochs = 400K steps at batch 256; LightningDiT trains at 1024.")
     if any(r.get("stand_in") for r in rows):
-        notes.append("Rows marked '!' were computed with random-weight stand-ins (tiny VAE/VFM or Inception weights "
+        notes.append("Rows marked '!' were computed with stand-ins (a tiny or toy VAE/VFM, or Inception weights "
                      "other than the published file): not comparable to papers.")
     if any(r["ours"] for r in rows):
         notes.append("Reruns of one baseline vary by 1-3 FID (REPA SiT-B/2: 24.4 published, 22.38-27.33 rerun).")
@@ -237,7 +237,7 @@ def format_rows(rows: list[dict], fmt: str = "table") -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(HEADER, *cells)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [HEADER, *cells]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    legend = "* our runs (reglue eval); ! random-weight stand-ins"
+    legend = "* our runs (reglue eval); ! stand-ins (random-weight or toy models)"
     return "\n".join(lines) + f"\n{legend}" + ("\n\nCaveats:\n" + notes if notes else "")
 
 

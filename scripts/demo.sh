@@ -51,7 +51,8 @@ for RUN in reglue sit; do
         --inception-weights random --json "$OUT/$RUN/eval/$NAME.json" --quiet
   done
 done
-step "$REGLUE" compare "$OUT/reglue" "$OUT/sit" --baselines none --plot "$OUT/fid.png"
+step "$PY" scripts/grid_panel.py "$OUT/grids.png" "$OUT/reglue" "$OUT/sit"
+step "$REGLUE" compare "$OUT/reglue" "$OUT/sit" --baselines ablation --plot "$OUT/fid.png"
 echo
 echo "Stand-ins throughout (toy VAE, toy VFM, random-weight Inception): compare the two methods and the checkpoints"
-echo "with each other, never with a paper. Plot: $OUT/fid.png   Sample grids: $OUT/*/samples-*/grid.png"
+echo "with each other, never with a paper. Plot: $OUT/fid.png   Sample grids, side by side: $OUT/grids.png"

@@ -107,7 +107,7 @@ def test_other_formats_and_stand_in_marks(tmp_path):
     rows = load_ours([str(run)])
     assert rows[0]["stand_in"]
     text = format_rows(rows + load_baselines(["ablation"]), "table")
-    assert "*!" in text and "random-weight stand-ins" in text
+    assert "*!" in text and "stand-ins (random-weight or toy models)" in text
     csv_text = format_rows(rows, "csv")
     assert csv_text.splitlines()[0].startswith(",method,model,steps,FID")
     assert json.loads(format_rows(rows, "json"))["rows"][0]["method"] == "demo"
@@ -316,3 +316,12 @@ def test_our_run_is_unconditional_when_its_samples_say_num_classes_0(tmp_path):
         path = tmp_path / "metrics.json"
         path.write_text(json.dumps({"fid": 30.0, "sample_info": info}))
         assert _row_from_metrics(path, "ours")["conditioning"] == expected
+
+
+def test_a_run_whose_samples_record_stand_ins_is_marked_even_with_the_published_inception(tmp_path):
+    run = _fake_run(tmp_path, "toy", preset="demo-sit", decoder="/work/demo_out/vae")
+    assert not load_ours([str(run)])[0]["stand_in"]  # published Inception, a real-looking decoder: nothing to see
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics["sample_info"]["stand_ins"] = ["decoder", "vae"]
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    assert load_ours([str(run)])[0]["stand_in"]

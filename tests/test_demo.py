@@ -156,7 +156,7 @@ def test_demo_pipeline_runs_end_to_end_and_again(tmp_path):
                  "reglue train --preset demo-sit", "reglue sample", "reglue eval", "reglue compare", "FID"):
         assert text in out, text
     demo = tmp_path / "demo"
-    assert (demo / "fid.png").stat().st_size > 0
+    assert (demo / "fid.png").stat().st_size > 0 and (demo / "grids.png").stat().st_size > 0
     for run in ("reglue", "sit"):
         for step in ("0000002", "0000004"):
             assert (demo / run / f"samples-{step}" / "grid.png").exists()

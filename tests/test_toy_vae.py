@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from reglue import presets
 from reglue.encoders.toy import ToyVAESettings, latent_std, save_toy_vae, train_toy_vae
 from reglue.encoders.vae import build_tiny_vae, decode_latents, load_vae, posterior_moments, vae_id
+from reglue.sampling.run import stand_ins
 from reglue_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +92,16 @@ def test_a_local_vae_is_named_by_its_absolute_path_however_it_is_written(tmp_pat
     monkeypatch.chdir(tmp_path)
     assert vae_id("vae") == vae_id("./vae") == vae_id(str(tmp_path / "vae")) == str((tmp_path / "vae").resolve())
     assert vae_id("tiny") == "tiny" and vae_id("stabilityai/sd-vae-ft-mse") == "stabilityai/sd-vae-ft-mse"
+
+
+def test_samples_name_every_stand_in_behind_them(trained, tmp_path):
+    images, vae = trained
+    toy = str(save_toy_vae(vae, tmp_path / "vae", 1.0, "toy"))
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text("{}")  # a folder without the stand-in mark counts as a real VAE
+    assert stand_ins(presets.load("sit-b2-reglue"), "stabilityai/sd-vae-ft-ema") == []
+    assert stand_ins(presets.load("tiny-reglue"), "tiny") == ["decoder", "vae", "vfm"]
+    assert stand_ins(presets.load("tiny-sit", data__vae=str(real)), str(real)) == []  # no VFM in plain SiT
+    assert stand_ins(presets.load("demo-sit", data__vae=toy), toy) == ["decoder", "vae"]
+    assert stand_ins(presets.load("demo-reglue", data__vae=str(real)), str(real)) == ["vfm"]

@@ -45,6 +45,11 @@ def stand_in_note(folder: Path) -> str | None:
     return str(note) if note else None
 
 
+def is_stand_in(spec: str | None) -> bool:
+    """Whether the VAE ``spec`` names is a stand-in: the random 'tiny' one or a folder marked STAND_IN_KEY."""
+    return spec == TINY_VAE or (spec is not None and Path(spec).is_dir() and stand_in_note(Path(spec)) is not None)
+
+
 def _from_pretrained(source: str, **kwargs) -> torch.nn.Module:
     import warnings
 

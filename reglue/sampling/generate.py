@@ -46,7 +46,8 @@ class GeneratedImages:
         """What `reglue sample` would have recorded in samples.h5 (as evaluate's ``sample_info``)."""
         attrs = self.prepared.attrs
         return {**{k: attrs[k] for k in PROVENANCE_KEYS}, "settings": json.loads(attrs["settings"]),
-                "environment": json.loads(attrs["environment"]), "generated_in_process": True}
+                "environment": json.loads(attrs["environment"]), "stand_ins": json.loads(attrs["stand_ins"]),
+                "generated_in_process": True}
 
     def batches(self, batch: int, start: int = 0, stop: int | None = None):
         """uint8 (b, H, W, 3) arrays for images [start, stop)."""

@@ -28,7 +28,8 @@ from reglue.checkpoints import load_model
 from reglue.config.sections import SamplingConfig
 from reglue.constants import SAMPLE_QUANTISATION, VAE_DOWNSAMPLE
 from reglue.distributed import DistInfo, barrier, from_main, main_phase, patient_barrier
-from reglue.encoders.vae import decode_latents, load_vae
+from reglue.encoders.registry import TINY_VFM
+from reglue.encoders.vae import decode_latents, is_stand_in, load_vae
 from reglue.locks import directory_lock
 from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNoise, make_labels, sample_seed
 from reglue.sampling.store import SampleStoreError, check_out_dir, done_indices, merge, open_part
@@ -243,8 +244,18 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
              "num_classes": cfg.num_classes, "null_class": -1 if model.null_class is None else model.null_class,
              "quantisation": SAMPLE_QUANTISATION,
              "latent_scale": config.data.latent_scale, "settings": json.dumps(settings.describe()),
-             "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env)}
+             "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env),
+             "stand_ins": json.dumps(stand_ins(config, vae_id))}
     return Prepared(model, config, settings, taken, path, vae_id, attrs)
+
+
+def stand_ins(config, decoder: str) -> list[str]:
+    """Which parts behind these samples are stand-ins (their numbers are not comparable to papers): the decoder,
+    the VAE the training data was encoded with, the VFM the model was trained against."""
+    m = config.model
+    uses_vfm = bool(m.semantic_channels or m.cls_token or m.projector is not None)
+    return [part for part, standing_in in (("decoder", is_stand_in(decoder)), ("vae", is_stand_in(config.data.vae)),
+                                           ("vfm", uses_vfm and config.vfm.name == TINY_VFM)) if standing_in]
 
 
 def log_taken(prepared: Prepared, log: Callable[[str], None]) -> None:
