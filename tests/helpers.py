@@ -1,6 +1,7 @@
-"""Plain helpers the test files share (fixtures live in conftest.py): a folder of mixed images, an npz writer, and
-`reglue` run as the user runs it with the one-line error check."""
+"""Plain helpers the test files share (fixtures live in conftest.py): a folder of mixed images, the demo's toy
+images, an npz writer, and `reglue` run as the user runs it with the one-line error check."""
 
+import importlib.util
 import os
 import resource
 import subprocess
@@ -38,6 +39,25 @@ def make_folder(root: Path, per_class: int = 5, seed: int = 0, corrupt: bool = T
     if corrupt:
         (root / "n01" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     return root
+
+
+def script(name: str):
+    """The module of scripts/NAME.py (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_images(per_class: int, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, size, size, 3) images drawn by the demo's own scripts/toy_dataset.py, with their class ids in the
+    order `reglue encode` numbers the demo's folders (sorted names: circle-blue, circle-red, cross-blue, ...)."""
+    toy = script("toy_dataset")
+    names = sorted(f"{shape}-{colour}" for shape in toy.SHAPES for colour in toy.COLOURS)
+    rng = np.random.default_rng(seed)
+    images = [np.asarray(toy.draw(n.split("-")[0], toy.COLOURS[n.split("-")[1]], size, rng))
+              for n in names for _ in range(per_class)]
+    return np.stack(images), np.repeat(np.arange(len(names)), per_class)
 
 
 def write_npz(path, images, **extra):

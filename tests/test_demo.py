@@ -4,7 +4,6 @@ images, finds most samples of every conditioned class to be of that class, and t
 Inception's features, the distance computed here in float64 SciPy) falls from the first checkpoint to the last.
 (2) scripts/demo.sh end to end at a small size, twice: the rerun reuses every stage and prints the same numbers."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,30 +18,13 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import toy_images
 
 from evaluation.inception import InceptionFeatures, random_weights_file
 from reglue_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 64  # the demo's image side
-
-
-def _toy_module():
-    spec = importlib.util.spec_from_file_location("toy_dataset", REPO / "scripts" / "toy_dataset.py")
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
-    return toy
-
-
-def _toy_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, 64, 64, 3) toy images with their class ids, classes in the order `reglue encode` numbers the
-    demo's folders (sorted names: circle-blue, circle-red, cross-blue, ...)."""
-    toy = _toy_module()
-    names = sorted(f"{shape}-{colour}" for shape in toy.SHAPES for colour in toy.COLOURS)
-    rng = np.random.default_rng(seed)
-    images = [np.asarray(toy.draw(n.split("-")[0], toy.COLOURS[n.split("-")[1]], SIDE, rng))
-              for n in names for _ in range(per_class)]
-    return np.stack(images), np.repeat(np.arange(len(names)), per_class)
 
 
 def _as_input(images: np.ndarray) -> torch.Tensor:
@@ -53,7 +35,7 @@ def _toy_classifier(steps: int = 300) -> nn.Module:
     """A small CNN trained on 500 fresh toy images, blurred at random (the samples are decoded by a small
     autoencoder, so they are soft); about 99% accurate on held-out toy images."""
     torch.manual_seed(0)
-    images, labels = _toy_images(50, seed=100)
+    images, labels = toy_images(50, seed=100)
     x, y = _as_input(images), torch.from_numpy(labels)
     net = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -111,7 +93,7 @@ def test_the_demo_preset_samples_every_toy_class_by_an_independent_classifier(de
     _, samples = demo_sit
     assert sorted(samples) == [500, 1000]  # the preset's defaults: 1,000 steps, a checkpoint every 500
     net = _toy_classifier()
-    held_out, truth = _toy_images(10, seed=7)
+    held_out, truth = toy_images(10, seed=7)
     assert (_classify(net, held_out) == truth).mean() >= 0.95  # the measure itself is sound
     _, images, labels = samples[1000]
     assert np.bincount(labels, minlength=10).tolist() == [10] * 10  # --balanced
@@ -140,7 +122,7 @@ def test_the_stand_in_fid_falls_from_the_first_checkpoint_to_the_last(demo_sit):
             return np.concatenate([extractor(torch.from_numpy(images[i:i + 50]).permute(0, 3, 1, 2).contiguous())
                                    .pool.double().numpy() for i in range(0, len(images), 50)])
 
-    reference = pool(_toy_images(5, seed=11)[0])
+    reference = pool(toy_images(5, seed=11)[0])
     assert np.array_equal(samples[500][2], samples[1000][2])  # same seeds, same labels
     fids = {step: _frechet_distance(pool(images[:50]), reference) for step, (_, images, _) in samples.items()}
     assert fids[1000] < fids[500], fids

@@ -3,12 +3,12 @@ it never saw, it is saved as a .safetensors file marked as a stand-in, and load_
 back the same features; a bad file fails in one line; without a file the random stand-in is unchanged."""
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import script, toy_images
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -18,25 +18,7 @@ from reglue.encoders.loading import ModelLoadError
 from reglue.encoders.toy_vfm import LOCAL_LAYERS, STAND_IN_NOTE, ToyVFMSettings, save_toy_vfm, train_toy_vfm
 from reglue.encoders.vfm import TINY_VFM, VFM_ENV, build_tiny_vfm, load_vfm
 
-ROOT = Path(__file__).resolve().parents[1]
-SIZE = 64  # the demo's resolution
 SETTINGS = ToyVFMSettings(steps=600)  # the demo: 1000 steps on its 40 images a class
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _toy_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, SIZE, SIZE, 3) toy images drawn by the demo's own script, and their class ids (10 classes)."""
-    toy = _script("toy_dataset")
-    rng = np.random.default_rng(seed)
-    classes = [(shape, colour) for shape in toy.SHAPES for colour in toy.COLOURS.values()]
-    images = [np.asarray(toy.draw(s, c, SIZE, rng)) for s, c in classes for _ in range(per_class)]
-    return np.stack(images), np.repeat(np.arange(len(classes)), per_class)
 
 
 def _stand_in_note(path: Path) -> str | None:
@@ -67,7 +49,7 @@ def _held_out_accuracies(vfm, train, test) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def trained():
-    train = _toy_images(per_class=60, seed=0)
+    train = toy_images(per_class=60, seed=0)
     return train, train_toy_vfm(*train, SETTINGS)
 
 
@@ -80,14 +62,14 @@ def test_the_local_blocks_are_the_tiny_presets():
 def test_its_features_separate_held_out_classes_where_the_random_ones_cannot(trained):
     train, vfm = trained
     assert not vfm.vit.training and not any(p.requires_grad for p in vfm.parameters()) and not vfm.comparable
-    test = _toy_images(per_class=20, seed=1)
+    test = toy_images(per_class=20, seed=1)
     ours, random = _held_out_accuracies(vfm, train, test), _held_out_accuracies(build_tiny_vfm(), train, test)
     # measured: trained about 0.78 for both, random about 0.28 (colour only: chance on the 5 shapes)
     assert min(ours) > 0.6 and max(random) < 0.4, (ours, random)
 
 
 def test_training_is_deterministic_for_a_seed():
-    images, labels = _toy_images(per_class=2, seed=2)
+    images, labels = toy_images(per_class=2, seed=2)
     settings = ToyVFMSettings(steps=3, batch=8)
     one, two = (train_toy_vfm(images, labels, settings).vit.state_dict() for _ in range(2))
     assert all(torch.equal(one[k], two[k]) for k in one)
@@ -122,7 +104,7 @@ def test_without_weights_the_random_stand_in_is_unchanged(monkeypatch, tmp_path)
     for size in (56, 112):
         ours, reference = load_vfm(TINY_VFM, size).vit.state_dict(), build_tiny_vfm(size).vit.state_dict()
         assert all(torch.equal(v, reference[k]) for k, v in ours.items())
-    images = _toy_images(per_class=1, seed=3)[0]
+    images = toy_images(per_class=1, seed=3)[0]
     torch.manual_seed(0)  # the stand-in's weights do not depend on the global seed
     first = _features(load_vfm(TINY_VFM, 56), images)
     torch.manual_seed(1)
@@ -157,22 +139,22 @@ def test_bad_files_fail_in_one_line_naming_the_file(trained, tmp_path):
 
 
 def test_the_script_trains_saves_and_reuses(tmp_path, capsys, monkeypatch):
-    script = _script("toy_vfm")
-    images, labels = _toy_images(per_class=1, seed=4)
+    toy_vfm = script("toy_vfm")
+    images, labels = toy_images(per_class=1, seed=4)
     for i, (image, label) in enumerate(zip(images, labels)):
         folder = tmp_path / "imgs" / f"c{9 - label}"  # folder names sorted the other way round from draw order
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
-    read, read_labels, classes = script.read_images(tmp_path / "imgs")
+    read, read_labels, classes = toy_vfm.read_images(tmp_path / "imgs")
     assert classes == tuple(f"c{k}" for k in range(10)) and list(read_labels) == list(range(10))
     assert np.array_equal(read, images[::-1])  # label k = sorted folder k, as `reglue encode` assigns
     out = tmp_path / "vfm.safetensors"
     for expected in ("held-in nearest-centroid accuracy", "already trained"):
         monkeypatch.setattr("sys.argv", ["toy_vfm.py", str(tmp_path / "imgs"), str(out), "--steps", "2"])
-        script.main()
+        toy_vfm.main()
         assert expected in capsys.readouterr().out
     assert _stand_in_note(out) == STAND_IN_NOTE
     (tmp_path / "empty" / "c0").mkdir(parents=True)
     with pytest.raises(SystemExit) as info:
-        script.read_images(tmp_path / "empty")
+        toy_vfm.read_images(tmp_path / "empty")
     assert info.value.code == 2 and "no images found" in capsys.readouterr().err

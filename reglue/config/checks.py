@@ -25,10 +25,6 @@ def _spec(vfm) -> VFMEntry:
     return spec
 
 
-def _uses_vfm(model) -> bool:
-    return bool(model.semantic_channels or model.cls_token or model.projector)
-
-
 def _unread(run, key: str, why: str) -> None:
     """ConfigError for ``key`` ('section.name') set away from its default in a run where no code would read it."""
     section_name, name = key.split(".")
@@ -102,7 +98,7 @@ def check_diffusion(run: DiffusionRun, stored: bool = False) -> DiffusionRun:
     check_resolution(run.data, run.model)
     if not stored:
         _check_unread(run)
-    if not _uses_vfm(run.model):
+    if not run.model.uses_vfm:
         return run
     spec = _spec(run.vfm)
     _check_semantics(run, spec)
@@ -116,7 +112,7 @@ def unread_sections(run) -> tuple[str, ...]:
     """Sections this run never reads (a plain SiT reads no VFM and no compressor): ignored when resuming."""
     if run.kind != "diffusion":
         return ()
-    if not _uses_vfm(run.model):
+    if not run.model.uses_vfm:
         return ("vfm", "compressor")
     return () if run.model.semantic_source == "compressor" else ("compressor",)
 

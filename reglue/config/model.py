@@ -80,6 +80,11 @@ class ModelConfig:
         return self.latent_channels + self.semantic_channels
 
     @property
+    def uses_vfm(self) -> bool:
+        """Whether the model is trained against the VFM: semantic channels, a [CLS] token or a REPA projector."""
+        return bool(self.semantic_channels or self.cls_token or self.projector is not None)
+
+    @property
     def num_patches(self) -> int:
         """Spatial tokens after patchification."""
         return (self.input_size // self.patch_size) ** 2

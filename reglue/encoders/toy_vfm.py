@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from evaluation.determinism import deterministic_kernels
-from reglue.encoders.vfm import TINY_VFM, TINY_VFM_SIZE, VisionFoundationModel, build_tiny_vfm
+from reglue.encoders.vfm import (
+    TINY_VFM,
+    TINY_VFM_SIZE,
+    VisionFoundationModel,
+    block_outputs,
+    build_tiny_vfm,
+    global_token,
+)
 from reglue.fileio import atomic_path
 
 LOCAL_LAYERS = (2, 3)  # the blocks tiny-reglue and compressor-tiny read as local semantics (vfm.layers)
@@ -49,14 +56,11 @@ class ToyVFMSettings:
 
 def _features(vit: nn.Module, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed [CLS] of the last block (N, D), mean of the normed patch maps of ``layers`` (N, D * len(layers))),
-    from preprocessed images, by the calls VisionFoundationModel.forward makes."""
+    from preprocessed images, by the code VisionFoundationModel.forward runs (block_outputs, global_token)."""
     last = len(vit.blocks) - 1
-    wanted = sorted({*layers, last})
-    outputs = vit.forward_intermediates(x, indices=wanted, norm=True, output_fmt="NCHW", intermediates_only=True,
-                                        return_prefix_tokens=True)
-    by_block = dict(zip(wanted, outputs))  # block -> (patch maps (N, D, g, g), prefix tokens (N, 1 + R, D))
+    by_block = block_outputs(vit, x, {*layers, last})
     local = torch.cat([by_block[i][0].mean(dim=(2, 3)) for i in layers], dim=1)
-    return by_block[last][1][:, 0], local
+    return global_token(*by_block[last]), local
 
 
 def train_toy_vfm(images: np.ndarray, labels: np.ndarray, settings: ToyVFMSettings = ToyVFMSettings(),

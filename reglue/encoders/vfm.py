@@ -26,7 +26,8 @@ from reglue.encoders.loading import ModelLoadError, hub_cache_dir, hub_reachable
 from reglue.encoders.registry import DINOV2_B_REG, IMAGENET_MEAN, IMAGENET_STD, TINY_VFM, VFM_REGISTRY, vfm_entry
 from reglue.encoders.weights import download_state, read_weights, vit_from_state
 
-__all__ = ["DINOV2_B_REG", "TINY_VFM", "VFMFeatures", "VisionFoundationModel", "build_tiny_vfm", "load_vfm"]
+__all__ = ["DINOV2_B_REG", "TINY_VFM", "VFMFeatures", "VisionFoundationModel", "block_outputs", "build_tiny_vfm",
+           "global_token", "load_vfm"]
 
 VFM_ENV = "REGLUE_VFM"  # a local weights file (the family's own release or timm's) of the VFM a run names
 TINY_VFM_SEED = 4321
@@ -73,21 +74,26 @@ class VisionFoundationModel(nn.Module):
         ``cls_layer`` and the normed [CLS] + patch tokens after block ``repa_layer`` (0-based; -1: the last)."""
         depth = len(self.vit.blocks)
         cls_at, repa_at = cls_layer % depth, repa_layer % depth
-        wanted = sorted({*layers, cls_at, repa_at})
-        outputs = self.vit.forward_intermediates(self.preprocess(images), indices=wanted, norm=True,
-                                                 output_fmt="NCHW", intermediates_only=True,
-                                                 return_prefix_tokens=True)
-        # block -> (patch maps (N, D, g, g), prefix tokens (N, P, D)); timm gives maps alone when P is 0
-        by_block = {i: out if isinstance(out, tuple) else (out, out.new_zeros(out.shape[0], 0, out.shape[1]))
-                    for i, out in zip(wanted, outputs)}
+        by_block = block_outputs(self.vit, self.preprocess(images), {*layers, cls_at, repa_at})
         maps = torch.cat([by_block[i][0] for i in layers], dim=1)
-        cls = _global_token(*by_block[cls_at])
+        cls = global_token(*by_block[cls_at])
         grid, prefix = by_block[repa_at]
-        tokens = torch.cat([_global_token(grid, prefix)[:, None], grid.flatten(2).transpose(1, 2)], dim=1)
+        tokens = torch.cat([global_token(grid, prefix)[:, None], grid.flatten(2).transpose(1, 2)], dim=1)
         return VFMFeatures(maps, cls, tokens)  # [CLS] + patches, registers dropped
 
 
-def _global_token(grid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+def block_outputs(vit: nn.Module, x: torch.Tensor, blocks) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """block -> (normed patch maps (N, D, g, g), normed prefix tokens (N, P, D)) of preprocessed images ``x``, for
+    the 0-based ``blocks``, through timm's ``forward_intermediates`` with the final norm (P is 0 for a model without
+    [CLS] or registers; timm then gives the maps alone)."""
+    wanted = sorted(set(blocks))
+    outputs = vit.forward_intermediates(x, indices=wanted, norm=True, output_fmt="NCHW", intermediates_only=True,
+                                        return_prefix_tokens=True)
+    return {i: out if isinstance(out, tuple) else (out, out.new_zeros(out.shape[0], 0, out.shape[1]))
+            for i, out in zip(wanted, outputs)}
+
+
+def global_token(grid: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     """(N, D): the [CLS] token, or the mean of the patch tokens (N, D, g, g) for a model without one."""
     return prefix[:, 0] if prefix.shape[1] else grid.mean(dim=(2, 3))
 

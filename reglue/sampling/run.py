@@ -252,10 +252,9 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
 def stand_ins(config, decoder: str) -> list[str]:
     """Which parts behind these samples are stand-ins (their numbers are not comparable to papers): the decoder,
     the VAE the training data was encoded with, the VFM the model was trained against."""
-    m = config.model
-    uses_vfm = bool(m.semantic_channels or m.cls_token or m.projector is not None)
     return [part for part, standing_in in (("decoder", is_stand_in(decoder)), ("vae", is_stand_in(config.data.vae)),
-                                           ("vfm", uses_vfm and config.vfm.name == TINY_VFM)) if standing_in]
+                                           ("vfm", config.model.uses_vfm and config.vfm.name == TINY_VFM))
+            if standing_in]
 
 
 def log_taken(prepared: Prepared, log: Callable[[str], None]) -> None:

@@ -137,7 +137,7 @@ def build_semantic_encoder(config, dataset, vfm_weights: str | None, device, run
     in run_dir. Widths were checked against the VFM's known shape when the configuration was built."""
 
     m, v = config.model, config.vfm
-    if not (m.semantic_channels or m.cls_token or m.projector):
+    if not m.uses_vfm:
         return None
     vfm = load_vfm(v.name, v.image_size, vfm_weights).to(device)
     blocks = dict(layers=list(v.layers), cls_layer=v.cls_layer, repa_layer=v.repa_layer)
