@@ -69,7 +69,7 @@ def training_step(config, batch: int, device, compiled: bool):
         terms.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, config.optim.ema_decay)
+        update_ema(ema, model, config.ema.decay)
     return step
 
 

@@ -235,7 +235,7 @@ def sample_provenance(path) -> dict:
         return {}
     keys = ("preset", "step", "decoder", "quantisation", "checkpoint", "num_classes")
     info = {k: attrs[k] for k in keys if k in attrs}
-    for key in ("settings", "environment", "stand_ins"):  # older samples lack the environment and stand_ins
+    for key in ("settings", "environment", "stand_ins", "ema"):  # older samples lack the last three
         if key in attrs:
             info[key] = json.loads(attrs[key])
     return info

@@ -10,6 +10,7 @@ import click
 from evaluation.collectives import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from reglue.errors import UserError
 from reglue_cli.compare import compare
+from reglue_cli.ema import ema
 from reglue_cli.encode import encode
 from reglue_cli.errors import EXIT_USAGE, report
 from reglue_cli.eval import eval_
@@ -50,13 +51,14 @@ def cli() -> None:
       samples.npz --eval--> metrics.json --compare--> tables beside the published numbers
     Generate and score in one process: `eval --ckpt` (one setting), `sweep` (a grid of guidance settings),
     `train --eval-every N` (FID while training). ImageNet's reference batches are downloaded by name;
-    `make-ref` builds one for another dataset or resolution.
+    `make-ref` builds one for another dataset or resolution. `ema` rebuilds any EMA length after training
+    from a run's snapshots (post-hoc EMA).
 
     Run `reglue COMMAND --help` for the options of each step.
     """
 
 
-for command in (encode, train, sample, make_ref, eval_, sweep, compare):
+for command in (encode, train, ema, sample, make_ref, eval_, sweep, compare):
     cli.add_command(command)
 
 

@@ -9,10 +9,13 @@ import click
 from evaluation.evaluate import EvalOptions
 from evaluation.extract import FEATURE_CHUNK
 from reglue.distributed import init_distributed, shutdown
+from reglue.ema.reconstruct import MAX_RESIDUAL
+from reglue.ema.source import PostHocSource
 from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
 from reglue.sampling.seeds import SampleError, check_repeats
 from reglue.scoring.sweep import (  # for --many-points' help
+    EMA_CACHE,
     HARD_MAX_POINTS,
     MAX_POINTS,
     SweepError,
@@ -50,7 +53,8 @@ FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
 
 
 INPUTS = OptionGroup("Inputs", [
-    option("--ckpt", required=True, type=click.Path(dir_okay=False), help="The checkpoint to sample."),
+    option("--ckpt", required=True, type=click.Path(),
+           help="The checkpoint to sample; with --ema, the training run directory whose ema/ snapshots to use."),
     option("--ref", default=None, metavar="NAME|PATH",
            help="Reference batch [default: the ImageNet batch at the samples' resolution]."),
     option("--n", "--num-samples", "n", type=click.IntRange(min=2), default=10_000, show_default=True,
@@ -69,6 +73,15 @@ GRID = OptionGroup(GUIDANCE, [  # the scales and intervals are the grid's own; t
     option("--many-points", is_flag=True,
            help=f"Allow more than {MAX_POINTS} points (--cfg x --cls-cfg x --interval; never more than "
                 f"{HARD_MAX_POINTS:,})."),
+])
+
+EMA = OptionGroup("Post-hoc EMA", [
+    option("--ema", "ema_spec", metavar="START:STOP:STEP|LIST",
+           help="EMA lengths (sigma_rel) rebuilt from --ckpt's snapshots, crossed with the guidance grid "
+                "(reglue ema --list shows the range they support)."),
+    option("--ema-step", type=click.IntRange(min=1), help="The step of the EMAs [default: the last snapshot's]."),
+    option("--max-residual", type=click.FloatRange(min=0), default=MAX_RESIDUAL, show_default=True,
+           help="Refuse an EMA length whose profile the snapshots reproduce only to a larger relative error."),
 ])
 
 EVALUATOR = OptionGroup("Evaluator", [
@@ -102,9 +115,10 @@ RUN_OPTIONS = OptionGroup(RUN, [
 
 @click.command(cls=SectionedCommand,
                short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
-@with_options(INPUTS, GRID, GUIDANCE_CHANNELS, SAMPLER, DRAWS, SELECTION, EVALUATOR, OUTPUT, RUN_OPTIONS)
-def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, inception_weights, batch_size, feature_chunk,
-          wandb_project, new_set, overwrite, many_points, device, quiet, **sampling) -> None:
+@with_options(INPUTS, GRID, EMA, GUIDANCE_CHANNELS, SAMPLER, DRAWS, SELECTION, EVALUATOR, OUTPUT, RUN_OPTIONS)
+def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual, n, ref, out, repeats, fmt,
+          inception_weights, batch_size, feature_chunk, wandb_project, new_set, overwrite, many_points, device, quiet,
+          **sampling) -> None:
     """Generate and score CKPT at every combination of --cfg, --cls-cfg and --interval, all with the same seeds
     (common random numbers: the differences between points are not seed noise).
 
@@ -114,15 +128,23 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
     other settings into the same OUT are refused, naming them, unless --new-set (docs/scoring.md).
       reglue sweep --ckpt runs/b2/checkpoints/0400000.pt --cfg 1.5:3.0:0.25 --interval 0,0.7 --interval 0,0.9 \\
           --n 10000 --ref imagenet256 --out sweeps/b2
+    With --ema, CKPT is a run directory trained with EMA snapshots and every point also has an EMA length
+    (post-hoc EMA, docs/ema.md): the best EMA and guidance together, the plot FID against sigma_rel per scale:
+      reglue sweep --ckpt runs/b2 --ema 0.04:0.16:0.02 --cfg 1.5:3.0:0.25 --n 10000 --out sweeps/b2-ema
     Under torchrun every point is generated on all GPUs.
     """
 
     try:  # the grammar, the grid's size and the seed range: before anything is loaded
+        emas = parse_values(ema_spec, "--ema") if ema_spec else None
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
-                      [parse_interval(i) for i in intervals] or [None], many_points)
+                      [parse_interval(i) for i in intervals] or [None], many_points, emas)
         check_repeats(sampling["seed"], repeats)
     except (SweepError, SampleError) as exc:
         fail(str(exc))
+    if Path(ckpt).is_dir() != bool(emas):
+        fail(f"--ckpt {ckpt}: a run directory goes with --ema (post-hoc EMA lengths), a checkpoint file without it")
+    if (ema_step is not None) and not emas:
+        fail("--ema-step goes with --ema")
     if wandb_project:
 
         check_wandb(wandb_project, Path(out))  # the package, the project name, a stored run id: nothing opened
@@ -133,7 +155,9 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
     lock = directory_lock(Path(out)).acquire() if dist.is_main else None
     tracker = None
     try:
-        plan = plan_sweep(ckpt, base, points, out, ref, inception_weights, options, repeats, overwrite, new_set)
+        source = PostHocSource.open(ckpt, emas, ema_step, max_residual, Path(out) / EMA_CACHE) if emas else None
+        plan = plan_sweep(ckpt, base, points, out, ref, inception_weights, options, repeats, overwrite, new_set,
+                          source)
         tracker = _tracker(wandb_project, out, base) if wandb_project and dist.is_main else None  # checks passed
         rows = run_plan(plan, dist, on_point=lambda p, r: _progress(p, r, tracker, quiet),
                         log=lambda line: click.echo(line, err=True))
@@ -151,7 +175,8 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, n, ref, out, repeats, fmt, incept
     atomic_write_text(Path(out) / f"sweep.{FORMATS[fmt]}", text + "\n")
     click.echo(text)
     top = best(rows)
-    click.echo(f"best: FID {top['fid']:.4f} at cfg {exact(top['cfg'])}, [CLS] {exact(top['cls_cfg'])}, "
+    where = f"ema {exact(top['ema'])}, " if "ema" in top else ""
+    click.echo(f"best: FID {top['fid']:.4f} at {where}cfg {exact(top['cfg'])}, [CLS] {exact(top['cls_cfg'])}, "
                f"interval {top['interval']}")
     try:
         click.echo(f"plot: {plot(rows, Path(out) / 'sweep.png')}")

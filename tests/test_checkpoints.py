@@ -62,7 +62,9 @@ def test_round_trip_is_bit_exact(tmp_path):
         assert not loaded.training and loaded_config.preset == "tiny-reglue"
         assert isinstance(loaded_config, DiffusionRun) and dataclasses.replace(loaded_config, origin=None) == config
         assert loaded_config.origin == {"format": "reglue", "path": str(path), "step": 2,
-                                        "weights": "ema" if ema_flag else "model"}
+                                        "weights": "ema" if ema_flag else "model",
+                                        "ema": {"kind": "classic", "decay": config.ema.decay} if ema_flag else
+                                        {"kind": "none"}}
 
 
 def test_rng_state_restores_every_generator(tmp_path):
@@ -186,7 +188,8 @@ def test_official_reglue_checkpoint_loads_and_matches(tmp_path, ema):
     assert config.preset == "sit-b2-reglue" and not ours.training
     assert config.origin == {"format": "official-reglue", "path": str(path), "step": 123,
                              "weights": "ema" if ema else "model", "compressor": "/x/compression_model.pth",
-                             "norm_stats": "/x/dino_mean_std.pth"}
+                             "norm_stats": "/x/dino_mean_std.pth",
+                             "ema": {"kind": "classic", "decay": 0.9999} if ema else {"kind": "none"}}
     m = config.model
     assert (m.semantic_channels, m.cls_token, m.cls_dim, m.input_size) == (16, True, VFM_WIDTH, GRID)
     assert (m.hidden_size, m.depth, m.projector.hidden_dim) == (128, 2, 24)  # read off the weights, not B/2's

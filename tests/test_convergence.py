@@ -83,7 +83,7 @@ def trained(tmp_path_factory):
     data = _write_dataset(root / "data.h5", latent)
     config = presets.load("tiny-reglue", model__num_classes=K, compressor__path="closed-form stand-in",
                           train__max_steps=STEPS, train__global_batch=32, train__ckpt_every=STEPS,
-                          train__sample_every=0, train__log_every=100, optim__lr=2e-3, optim__ema_decay=0.99)
+                          train__sample_every=0, train__log_every=100, optim__lr=2e-3, ema__decay=0.99)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(diffusion, "build_semantic_encoder", lambda *a, **k: ClosedFormSemantics(semantic, cls))
         train_diffusion(config, TrainOptions(data=str(data), outdir=str(root / "run"), workers=0, progress=False,

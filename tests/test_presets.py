@@ -45,7 +45,7 @@ def test_reglue_b2_carries_every_hyperparameter_of_method_md():
     assert to_dict(c)["transport"] == dict(path="linear", time_sampler="uniform")
     o = c.optim
     assert (o.name, o.lr, o.betas, o.weight_decay, o.eps) == ("adamw", 1e-4, (0.9, 0.999), 0.0, 1e-8)
-    assert (o.grad_clip, o.ema_decay) == (1.0, 0.9999)
+    assert o.grad_clip == 1.0 and c.ema.decay == 0.9999 and c.ema.sigma_rels == () and c.ema.snapshot_every == 0
     assert (c.train.global_batch, c.train.max_steps, c.data.latent_scale) == (256, 400_000, 0.18215)
 
 
@@ -125,7 +125,10 @@ def test_parse_assignment():
     ("train.ckpt_every=0", "train.ckpt_every=0"),
     ("train.max_steps=null", "train.max_steps=None"),
     ("loss.semantic_schedule=[[1]]", "loss.semantic_schedule[0]=[1]: expected a list of 2 values"),
-    ("optim.ema_decay=1.5", "optim.ema_decay=1.5"),
+    ("ema.decay=1.5", "ema.decay=1.5"),
+    ("ema.sigma_rels=[0.05,0.05]", "ema.sigma_rels=[0.05, 0.05]: expected a list of distinct"),
+    ("ema.sigma_rels=[0.3]", "ema.sigma_rels=[0.3]: expected a list of distinct relative widths in (0, 0.2887)"),
+    ("optim.ema_decay=0.999", "override optim.ema_decay: this key is now ema.decay"),
     ("transport.path=spiral", "transport.path='spiral'"),
 ])
 def test_out_of_range_values_are_one_line_at_dry_run(assignment, message, capsys):

@@ -143,6 +143,8 @@ def load_official(path: Path, raw: dict, ema: bool) -> tuple[SiT, DiffusionRun]:
                                                               ("norm_stats", "norm_stats"))
              if isinstance(getattr(args, theirs, None), str)}  # the semantic pipeline it was trained with
     origin = {"format": f"official-{_official_family(weights)}", "path": str(path),
-              "step": 0 if bare else int(raw.get("steps") or 0), "weights": "state dict" if bare else key, **files}
+              "step": 0 if bare else int(raw.get("steps") or 0), "weights": "state dict" if bare else key,
+              "ema": {"kind": "classic", "decay": config.ema.decay} if key == "ema" and not bare else
+              {"kind": "unknown" if bare else "none"}, **files}
     config = dataclasses.replace(config, origin=origin)
     return built_and_loaded(lambda: build(config), map_official_keys(weights), path), config

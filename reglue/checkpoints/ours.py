@@ -17,12 +17,13 @@ VERSION = 1
 CHECKPOINT_NAME = re.compile(r"^(\d{7})\.pt$")
 
 
-def save_checkpoint(path, *, config, step: int, model, ema=None, optimizer=None, scaler=None,
+def save_checkpoint(path, *, config, step: int, model, ema=None, optimizer=None, scaler=None, power_ema=None,
                     data_state: dict | None = None, rng: dict | None = None, extra: dict | None = None) -> Path:
     """Write a training checkpoint atomically (temp file in the same directory, fsync, rename); ``config`` (a run
-    configuration) is stored in its plain form."""
+    configuration) is stored in its plain form; ``power_ema`` (reglue.ema.tracking.PowerEMA) only when tracked."""
     config = plain(config) if dataclasses.is_dataclass(config) else config
-    parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler}
+    parts = {"model": model, "ema": ema, "optimizer": optimizer, "scaler": scaler,
+             **({"power_ema": power_ema} if power_ema is not None else {})}
     device = next((p.device for p in model.parameters()), None) if model is not None else None
     payload = {"format": FORMAT, "version": VERSION, "step": int(step), "config": config,
                "environment": environment(device),  # what decided the weights' last bits

@@ -19,13 +19,15 @@ from reglue.config.sections import (
 )
 from reglue.errors import ConfigError
 
-__all__ = ["KINDS", "CompressorRun", "ConfigError", "DiffusionRun", "LatentData", "RunConfig", "SamplingConfig",
+__all__ = ["KINDS", "MOVED", "CompressorRun", "ConfigError", "DiffusionRun", "LatentData", "RunConfig", "SamplingConfig",
            "TransportConfig", "defaults", "describe", "from_dict", "plain", "to_dict"]
 
 # Keys older versions wrote that no longer exist, each with the only value that was ever honoured (None: any).
 # Checkpoints and run directories written before the typed configuration still load; a preset or --set holding
 # one of them is refused like any unknown key.
 RETIRED = {("transport", "prediction"): "v", ("train", "steps_per_epoch"): None}
+# Keys older versions wrote under another name: a stored value is read from its new home.
+MOVED = {("optim", "ema_decay"): ("ema", "decay")}
 
 
 def _kind(data: dict) -> type:
@@ -44,8 +46,12 @@ def defaults(kind: str) -> dict:
 
 
 def retire(data: dict) -> dict:
-    """A copy of stored plain config ``data`` without RETIRED keys; ConfigError when one holds another value."""
+    """A copy of stored plain config ``data`` with MOVED keys in their new homes and without RETIRED keys;
+    ConfigError when a retired key holds another value."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, key), (home, name) in MOVED.items():
+        if key in (data.get(section) or {}):
+            data.setdefault(home, {})[name] = data[section].pop(key)
     for (section, key), only in RETIRED.items():
         if key in (data.get(section) or {}):
             value = data[section].pop(key)
@@ -58,6 +64,10 @@ def from_dict(data: dict, stored: bool = False) -> RunConfig:
     """The typed, checked run configuration of plain ``data``; ``stored``: written by an earlier run (RETIRED)."""
     if not isinstance(data, dict):
         raise ConfigError(f"a run configuration is a mapping of sections, got {type(data).__name__}")
+    if not stored:
+        for (section, key), home in MOVED.items():
+            if key in (data.get(section) or {}):
+                raise ConfigError(f"{section}.{key}: this key is now {'.'.join(home)}")
     data = retire(data) if stored else data
     run = parse(_kind(data), data, "")
     return (check_diffusion if run.kind == "diffusion" else check_compressor)(run, stored)

@@ -83,6 +83,12 @@ def _check_unread(run: DiffusionRun) -> None:
     if m.semantic_source != "compressor":
         unread += [(f"compressor.{k}", f"model.semantic_source is {m.semantic_source}, not compressor")
                    for k in ("channels", "path", "norm_stats")]
+    if not run.ema.sigma_rels:
+        unread += [(f"ema.{k}", "ema.sigma_rels is empty (no power-function EMA is tracked)")
+                   for k in ("snapshot_every", "snapshot_precision", "snapshot_keep_every", "snapshot_keep_last")]
+    elif not run.ema.snapshot_every:
+        raise ConfigError(f"ema.sigma_rels {list(run.ema.sigma_rels)}: tracked but never written; set "
+                          "ema.snapshot_every (EDM2 snapshots every ~1-2% of training)")
     for key, why in unread:
         _unread(run, key, why)
     if not m.num_classes:

@@ -31,10 +31,13 @@ from reglue.config.schema import (
     parse,
 )
 from reglue.constants import CFG_CHANNELS, LATENT_SCALE
+from reglue.ema.profiles import SIGMA_REL_MAX
 
 Precision = Literal["fp32", "bf16", "fp16"]
 BATCH = count(MAX_BATCH)
 STEPS = count(MAX_STEPS)
+SIGMA_RELS = (lambda v: len(set(v)) == len(v) and all(0 < s < SIGMA_REL_MAX for s in v),
+              f"a list of distinct relative widths in (0, {SIGMA_REL_MAX:.4f})")
 CHANNELS = (lambda v: len(v) >= 2 and all(1 <= c <= MAX_WIDTH for c in v),
             f"a list of at least two channel counts in 1..{MAX_WIDTH}")
 
@@ -166,10 +169,22 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class DiffusionOptim(OptimConfig):
-    """The diffusion model's optimiser and EMA."""
+class EMAConfig:
+    """The diffusion model's EMAs: the classic decay (the weights `sample` uses) and, beside it, power-function
+    profiles whose snapshots let `reglue ema` choose the EMA length after training (EDM2; docs/ema.md)."""
 
-    ema_decay: float = knob(0.9999, "EMA decay, every step, from a copy of the initial weights", FRACTION)
+    decay: float = knob(0.9999, "classic EMA decay, every step, from a copy of the initial weights (the checkpoint's "
+                                "`ema` weights)", FRACTION)
+    sigma_rels: tuple[float, ...] = knob((), "power-function EMAs tracked beside it, by relative std (EDM2: [0.05, "
+                                             "0.10]); their snapshots feed `reglue ema`", SIGMA_RELS)
+    snapshot_every: int = knob(0, "write the power-function EMAs to ema/NNNNNNN.pt every N steps and at the end "
+                                  "(0: never)", count(MAX_STEPS, 0))
+    snapshot_precision: Literal["fp16", "fp32"] = knob("fp16", "the snapshots' float precision (fp16: half the disk, "
+                                                               "~1e-3 relative rounding per weight)")
+    snapshot_keep_every: int | None = knob(None, "once a snapshot is not among the newest snapshot_keep_last, keep "
+                                                 "it only at multiples of N steps (null: keep every snapshot)",
+                                           optional(STEPS))
+    snapshot_keep_last: int = knob(4, "the newest snapshots always kept (with snapshot_keep_every)", STEPS)
 
 
 @dataclass(frozen=True)
@@ -267,7 +282,8 @@ class DiffusionRun(RunHeader):
     compressor: FrozenCompressor = section(FrozenCompressor, "the frozen compressor")
     transport: TransportConfig = section(TransportConfig, "interpolant and times")
     loss: LossWeights = section(LossWeights, "weights of the joint loss")
-    optim: DiffusionOptim = section(DiffusionOptim, "optimiser and EMA")
+    optim: OptimConfig = section(OptimConfig, "optimiser")
+    ema: EMAConfig = section(EMAConfig, "the EMAs of the weights")
     train: DiffusionTrain = section(DiffusionTrain, "length and cadence")
     sampling: SamplingConfig = section(SamplingConfig, "default sampling settings")
     origin: dict | None = knob(None, "set when a checkpoint is loaded: its format, path, step and weights (not a "

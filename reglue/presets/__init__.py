@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from reglue import config as run_config
+from reglue.config import MOVED
 from reglue.config.yamlfile import load_yaml
 from reglue.encoders.registry import VFM_REGISTRY, vfm_entry
 from reglue.errors import ConfigError
@@ -97,6 +98,9 @@ def apply_override(config: dict, key: str, value: Any) -> dict:
             raise PresetError(f"override {'.'.join(path)}: {part!r} is not a section of this preset")
         node = node[part]
     if path[-1] not in node:
+        moved = MOVED.get(tuple(path))
+        if moved is not None:
+            raise PresetError(f"override {'.'.join(path)}: this key is now {'.'.join(moved)}")
         raise PresetError(f"override {'.'.join(path)}: no such key; valid here: {', '.join(sorted(node))}")
     node[path[-1]] = _check_type(path, node[path[-1]], value)
     return config

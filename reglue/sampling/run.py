@@ -226,7 +226,8 @@ class Prepared:
 def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, config=None) -> Prepared:
     """Load ``ckpt`` (or take an in-memory ``model`` and its run ``config``; ``ckpt`` then only names it), resolve
     and check the settings."""
-    if model is None:
+    in_memory = model is not None
+    if not in_memory:
         model, config = load_model(ckpt, ema=settings.weights == "ema")
     taken: list[str] = []
     if isinstance(settings, SampleRequest):
@@ -245,8 +246,20 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
              "quantisation": SAMPLE_QUANTISATION,
              "latent_scale": config.data.latent_scale, "settings": json.dumps(settings.describe()),
              "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env),
-             "stand_ins": json.dumps(stand_ins(config, vae_id))}
+             "stand_ins": json.dumps(stand_ins(config, vae_id)),
+             "ema": json.dumps(ema_of(config, settings.weights, in_memory))}
     return Prepared(model, config, settings, taken, path, vae_id, attrs)
+
+
+def ema_of(config, weights: str, in_memory: bool) -> dict:
+    """Which average of the weights the samples come from: the loader's record (reglue.checkpoints.model.ema_used),
+    or for in-memory weights (training's evaluation) the run's classic EMA or its raw model."""
+    recorded = (config.origin or {}).get("ema")
+    if recorded is not None:
+        return recorded
+    if in_memory and weights == "ema":
+        return {"kind": "classic", "decay": config.ema.decay}
+    return {"kind": "none" if weights == "model" else "unknown"}
 
 
 def stand_ins(config, decoder: str) -> list[str]:

@@ -26,6 +26,7 @@ from evaluation.evaluate import EvalOptions
 from evaluation.fileio import JSONFileError, read_json_object
 from reglue.constants import VAE_DOWNSAMPLE
 from reglue.distributed import DistInfo, all_sum
+from reglue.ema.source import PostHocSource
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
 from reglue.fileio import atomic_path, atomic_write_text
@@ -45,6 +46,8 @@ POINTS = "points"  # one `reglue eval --json` result per point, named by its ide
 MAX_POINTS = 200  # points in one sweep (--cfg x --cls-cfg x --interval) without --many-points
 HARD_MAX_POINTS = 10_000  # points in one sweep, whatever the flags: split a larger grid over several sweeps
 GUIDANCE_KEYS = ("scale", "cls_scale", "interval")  # the settings that differ between points of one sweep
+EMA_SHARED_KEYS = ("run", "step", "snapshots")  # of an EMA point's identity, what every point of an EMA sweep shares
+EMA_CACHE = "ema"  # OUT/ema/: the post-hoc EMA checkpoints of an EMA sweep, each computed once
 
 
 class SweepError(UserError, ValueError):
@@ -92,46 +95,52 @@ def _list(text: str, flag: str) -> list[float]:
 
 
 def parse_values(text: str, flag: str) -> list[float]:
-    """'1.5:3.0:0.25' (inclusive range), '1.5,2,2.5' (a list) or '2' -> the scales, each once, in order."""
+    """'1.5:3.0:0.25' (inclusive range), '1.5,2,2.5' (a list) or '2' -> the values (scales, or sigma_rel for
+    --ema), each once, in order."""
     values = _range(text, flag) if ":" in text else _list(text, flag)
     if any(v < 0 for v in values):
-        raise SweepError(f"{flag} {text}: guidance scales are >= 0")
+        raise SweepError(f"{flag} {text}: {'sigma_rel values' if flag == '--ema' else 'guidance scales'} are >= 0")
     return list(dict.fromkeys(v + 0.0 for v in values))  # 1.5,1.5 is one point (1.5,1.5000001 two); -0 is 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One sweep point: the guidance it samples with."""
+    """One sweep point: the guidance it samples with and, in an EMA sweep, the post-hoc EMA length."""
 
     cfg: float
     cls_cfg: float | None  # None: follows cfg
     interval: tuple[float, float] | None  # None: the checkpoint's sampling.guidance_interval
+    ema: float | None = None  # sigma_rel of the post-hoc EMA (reglue.ema.reconstruct); None: the checkpoint's weights
 
     @property
     def label(self) -> str:
         """The point in words, its scales exact."""
+        ema = "" if self.ema is None else f"ema {exact(self.ema)}, "
         cls = "" if self.cls_cfg is None else f", [CLS] {exact(self.cls_cfg)}"
         interval = "" if self.interval is None else f", interval {exact(self.interval[0])},{exact(self.interval[1])}"
-        return f"cfg {exact(self.cfg)}{cls}{interval}"
+        return f"{ema}cfg {exact(self.cfg)}{cls}{interval}"
 
     def file_prefix(self) -> str:
         """The readable start of its file name (the identity key that follows is what names it)."""
+        ema = "" if self.ema is None else f"ema{exact(self.ema)}_"
         cls = "same" if self.cls_cfg is None else exact(self.cls_cfg)
-        return f"cfg{exact(self.cfg)}_cls{cls}_t{exact(self.interval[0])}-{exact(self.interval[1])}"
+        return f"{ema}cfg{exact(self.cfg)}_cls{cls}_t{exact(self.interval[0])}-{exact(self.interval[1])}"
 
 
 def grid(cfgs: list[float], cls_cfgs: list[float] | None, intervals: list[tuple[float, float] | None],
-         many_points: bool = False) -> list[Point]:
-    """Every combination, interval-major, each once; its size checked against MAX_POINTS before it is built."""
+         many_points: bool = False, emas: list[float] | None = None) -> list[Point]:
+    """Every combination, EMA-major then interval-major, each once; its size checked against MAX_POINTS before it is
+    built."""
     intervals = list(dict.fromkeys(intervals))
-    count = len(cfgs) * len(cls_cfgs or [None]) * len(intervals)
+    count = len(emas or [None]) * len(cfgs) * len(cls_cfgs or [None]) * len(intervals)
+    axes = "--ema x --cfg x --cls-cfg x --interval" if emas else "--cfg x --cls-cfg x --interval"
     if count > HARD_MAX_POINTS:
-        raise SweepError(f"{count:,} points (--cfg x --cls-cfg x --interval): one sweep has at most "
-                         f"{HARD_MAX_POINTS:,}; split the grid over several sweeps")
+        raise SweepError(f"{count:,} points ({axes}): one sweep has at most {HARD_MAX_POINTS:,}; split the grid over "
+                         "several sweeps")
     if count > MAX_POINTS and not many_points:
-        raise SweepError(f"{count:,} points (--cfg x --cls-cfg x --interval), more than {MAX_POINTS}: each is N "
-                         "samples generated and scored; pass --many-points if you mean it")
-    return [Point(c, k, i) for i, c, k in itertools.product(intervals, cfgs, cls_cfgs or [None])]
+        raise SweepError(f"{count:,} points ({axes}), more than {MAX_POINTS}: each is N samples generated and scored; "
+                         "pass --many-points if you mean it")
+    return [Point(c, k, i, e) for e, i, c, k in itertools.product(emas or [None], intervals, cfgs, cls_cfgs or [None])]
 
 
 def _plain(data: dict) -> dict:
@@ -140,11 +149,14 @@ def _plain(data: dict) -> dict:
 
 
 def shared_identity(identity: dict) -> dict:
-    """A point's identity without its guidance point: what every point of its sweep shares (OUT/sweep.json)."""
+    """A point's identity without its guidance point and its EMA length: what every point of its sweep shares
+    (OUT/sweep.json)."""
     shared = _plain(identity)
     guidance = shared["sampling"]["settings"]["guidance"]
     for key in GUIDANCE_KEYS:
         guidance.pop(key, None)
+    if "ema" in shared:
+        shared["ema"] = {k: v for k, v in shared["ema"].items() if k in EMA_SHARED_KEYS}
     return shared
 
 
@@ -163,6 +175,7 @@ class Plan:
     options: EvalOptions
     repeats: int
     overwrite: bool
+    ema: PostHocSource | None = None  # an EMA sweep's weights by sigma_rel
 
     def path(self, index: int) -> Path:
         """The result file of point ``index``: a readable prefix, then its identity key."""
@@ -171,11 +184,17 @@ class Plan:
 
 
 def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, inception_weights, options: EvalOptions,
-               repeats: int = 1, overwrite: bool = False, new_set: bool = False) -> Plan:
+               repeats: int = 1, overwrite: bool = False, new_set: bool = False,
+               ema: PostHocSource | None = None) -> Plan:
     """Check all a sweep needs before anything is scored or written: the seed range, every point's guidance against
-    the model, the reference (opened) and the Inception weights (both hashed once, here), and what ``out`` holds."""
+    the model, the reference (opened) and the Inception weights (both hashed once, here), and what ``out`` holds.
+    ``ema``: the post-hoc EMA weights of the points' ``ema`` values (``ckpt`` is then the run directory)."""
     check_repeats(base.seed, repeats)
-    prepared = prepare(ckpt, base, options.device or "cpu")
+    if ema is not None:
+        model, config = ema.template()
+        prepared = prepare(ckpt, base, options.device or "cpu", model=model, config=config)
+    else:
+        prepared = prepare(ckpt, base, options.device or "cpu")
     default_interval = tuple(prepared.settings.guidance.interval)  # the checkpoint's, when no --interval is given
     resolved = [dataclasses.replace(p, interval=p.interval or default_interval) for p in points]
     guided = [_guided(prepared, p) for p in resolved]  # every point checked before the first is scored
@@ -184,13 +203,13 @@ def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, incepti
     unique: dict[str, tuple] = {}
     for point, settings in zip(resolved, guided):
         identity = _plain({"sampling": sampling_identity(settings), "evaluator": evaluator, "n": base.n,
-                           "repeats": repeats})
+                           "repeats": repeats, **({"ema": ema.identity(point.ema)} if point.ema is not None else {})})
         unique.setdefault(identity_key(identity), (point, settings, identity))  # --interval given twice: once
     kept_points, kept_guided, identities = (list(column) for column in zip(*unique.values()))
     shared = shared_identity(identities[0])
     check_directory(Path(out), shared, overwrite or new_set)
     return Plan(Path(out), prepared, kept_points, kept_guided, identities, shared, ref, inception_weights, options,
-                repeats, overwrite)
+                repeats, overwrite, ema)
 
 
 def _guided(prepared: Prepared, point: Point) -> Prepared:
@@ -287,13 +306,16 @@ def run_plan(plan: Plan, dist=None, on_point=None, log: Callable[[str], None] | 
         if not all_sum([float(result is not None)])[0]:  # rank 0 decides for all
             if vae is None:
                 vae = load_vae(plan.prepared.vae_id)[0].to(device)
-            result = score_repeats(guided, plan.ref, plan.inception_weights, plan.options, plan.repeats, vae)
+            result = score_repeats(_weighted(plan, point, guided), plan.ref, plan.inception_weights, plan.options,
+                                   plan.repeats, vae)
             if dist.is_main:
                 _check_inputs_unchanged(result, plan)
                 result = {**result, "identity": identity, "identity_key": identity_key(identity)}
                 if not taken:
                     take_directory(plan.out, plan.identity, plan.overwrite)
                     taken = True
+                if point.ema is not None:
+                    plan.ema.keep(point.ema)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(result, indent=2))
                 if on_point is not None:
@@ -303,6 +325,15 @@ def run_plan(plan: Plan, dist=None, on_point=None, log: Callable[[str], None] | 
     if dist.is_main and not taken:
         take_directory(plan.out, plan.identity, plan.overwrite)
     return rows
+
+
+def _weighted(plan: Plan, point: Point, guided: Prepared) -> Prepared:
+    """``guided`` with the point's post-hoc EMA weights and their record, in an EMA sweep."""
+    if point.ema is None:
+        return guided
+    model = plan.ema.model(point.ema).to(plan.options.device or "cpu")
+    return dataclasses.replace(guided, model=model, attrs={**guided.attrs, "ema": json.dumps(
+        {"kind": "post-hoc", **{k: plan.ema.record(point.ema)[k] for k in ("sigma_rel", "step", "residual")}})})
 
 
 def run_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, inception_weights, options: EvalOptions,
@@ -333,8 +364,10 @@ def _metrics(result: dict) -> dict:
 
 
 def row_of(point: Point, result: dict) -> dict:
-    """A table row: the point and its metrics (the mean over repeats, with the std, when there were repeats)."""
-    return {"interval": f"{exact(point.interval[0])},{exact(point.interval[1])}", "cfg": point.cfg,
+    """A table row: the point (its EMA length first in an EMA sweep) and its metrics (the mean over repeats, with
+    the std, when there were repeats)."""
+    return {**({"ema": point.ema} if point.ema is not None else {}),
+            "interval": f"{exact(point.interval[0])},{exact(point.interval[1])}", "cfg": point.cfg,
             "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg, **_metrics(result)}
 
 
@@ -366,35 +399,44 @@ def format_table(rows: list[dict], fmt: str = "table") -> str:
 
 
 def _cell(column: str, value) -> str:
-    if column in ("cfg", "cls_cfg"):
+    if column in ("cfg", "cls_cfg", "ema"):
         return exact(value)
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _series_label(row: dict, by_ema: bool) -> str:
+    """The curve a row belongs to: its interval and [CLS] scale, and in an EMA sweep its CFG scale too."""
+    label = f"interval {row['interval']}" + ("" if row["cls_cfg"] == row["cfg"] else f", [CLS] {exact(row['cls_cfg'])}")
+    return f"cfg {exact(row['cfg'])}, {label}" if by_ema else label
+
+
 def plot(rows: list[dict], path) -> Path:
-    """FID and IS against the CFG scale, one line per interval (and [CLS] scale), the best point ringed."""
+    """FID and IS against the CFG scale, one line per interval (and [CLS] scale); in an EMA sweep against the EMA
+    length (sigma_rel), one line per guidance setting; the best point ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_ema = "ema" in rows[0]
+    x_key, x_name = ("ema", "EMA length (sigma_rel)") if by_ema else ("cfg", "CFG scale")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     series: dict[str, list[dict]] = {}
     for r in rows:
-        label = f"interval {r['interval']}" + ("" if r["cls_cfg"] == r["cfg"] else f", [CLS] {exact(r['cls_cfg'])}")
-        series.setdefault(label, []).append(r)
+        series.setdefault(_series_label(r, by_ema), []).append(r)
     for ax, key, name in ((axes[0], "fid", "FID"), (axes[1], "inception_score", "Inception Score")):
         for label, points in series.items():
-            points = sorted(points, key=lambda r: r["cfg"])
-            xs, ys = [r["cfg"] for r in points], [r[key] for r in points]
+            points = sorted(points, key=lambda r: r[x_key])
+            xs, ys = [r[x_key] for r in points], [r[key] for r in points]
             errors = [r.get(f"{key}_std", 0.0) for r in points]
             ax.errorbar(xs, ys, yerr=errors if any(errors) else None, marker="o", capsize=3, label=label)
-        ax.set_xlabel("CFG scale")
+        ax.set_xlabel(x_name)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     top = best(rows)
-    axes[0].scatter([top["cfg"]], [top["fid"]], s=160, facecolors="none", edgecolors="crimson", linewidths=2,
-                    label=f"best: cfg {exact(top['cfg'])}, {top['interval']}", zorder=5)
+    where = f"ema {exact(top['ema'])}, " if by_ema else ""
+    axes[0].scatter([top[x_key]], [top["fid"]], s=160, facecolors="none", edgecolors="crimson", linewidths=2,
+                    label=f"best: {where}cfg {exact(top['cfg'])}, {top['interval']}", zorder=5)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
 
@@ -402,4 +444,3 @@ def plot(rows: list[dict], path) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
-

@@ -17,7 +17,9 @@ from evaluation.environment import environment
 from reglue import config as run_config
 from reglue.config.sections import DiffusionRun, DiffusionTrain
 from reglue.data.dataset import EncodedDataset
-from reglue.distributed import DistInfo, all_sum_tensor, barrier
+from reglue.distributed import DistInfo, all_sum_tensor, barrier, main_phase
+from reglue.ema.snapshots import prune_snapshots, save_snapshot
+from reglue.ema.tracking import PowerEMA
 from reglue.encoders.vae import load_vae, sample_latents
 from reglue.models import build
 from reglue.sampling.grid import save_sample_grid
@@ -55,6 +57,7 @@ class Trainer:
     run: RunDir
     model: torch.nn.Module
     ema: torch.nn.Module
+    power_ema: PowerEMA | None  # the ema.sigma_rels profiles, when tracked
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     dataset: EncodedDataset
@@ -85,8 +88,9 @@ class Trainer:
 
     @property
     def checkpointer(self) -> Checkpointer:
-        """Saves and resumes model, EMA, optimiser, scaler, step, RNG and data position."""
-        parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler}
+        """Saves and resumes model, EMAs, optimiser, scaler, step, RNG and data position."""
+        parts = {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.scaler,
+                 **({"power_ema": self.power_ema} if self.power_ema is not None else {})}
         return Checkpointer(self.run, self.config, parts, self.dist.is_main, self.options.echo, self.options.keep_last,
                             self.options.keep_every)
 
@@ -114,8 +118,9 @@ def _build(config: DiffusionRun, options: TrainOptions, dist, run, dataset) -> T
     torch.manual_seed(config.train.seed)
     model = build(config).to(dist.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    power_ema = PowerEMA(model, config.ema.sigma_rels) if config.ema.sigma_rels else None
     trainer = Trainer(
-        config, options, dist, run, model, ema, make_optimizer(model, config.optim),
+        config, options, dist, run, model, ema, power_ema, make_optimizer(model, config.optim),
         make_scaler(dist.device, config.train.precision), dataset,
         build_semantic_encoder(config, dataset, options.vfm_weights, dist.device, run.root, dist.is_main),
         guard=NonFiniteGuard(options.max_nonfinite),
@@ -190,13 +195,14 @@ def _apply_update(trainer: Trainer, totals: torch.Tensor) -> dict:
     norm = None if scaler.is_enabled() else grad_norm(model)  # fp16: the scaler unscales (and reads) first
     host = torch.cat([summed, norm.reshape(1).to(summed)]).tolist() if norm is not None else summed.tolist()
     logged = dict(zip(TERMS, (v / world for v in host[: len(TERMS)])))
-    optim = trainer.config.optim
-    skipped, norm_value = optimiser_step(model, trainer.optimizer, scaler, optim.grad_clip,
+    skipped, norm_value = optimiser_step(model, trainer.optimizer, scaler, trainer.config.optim.grad_clip,
                                          loss_finite=host[len(TERMS)] == 0,
                                          norm=None if norm is None else (norm, host[-1]))
     if not skipped:
-        update_ema(trainer.ema, model, optim.ema_decay)
+        update_ema(trainer.ema, model, trainer.config.ema.decay)
         logged["grad_norm"] = norm_value
+    if trainer.power_ema is not None:  # every step, skipped ones too: the snapshot of step t is the profile at t
+        trainer.power_ema.update(model, trainer.step + 1)
     logged["skipped"] = bool(skipped)
     return logged
 
@@ -244,12 +250,26 @@ def _train(trainer: Trainer) -> Trainer:
             """train_step on this step's micro-batches and noise; the throughput since the launch."""
             logged = train_step(trainer, net, loss_fn, [next(batches) for _ in range(split.accum)], split,
                                 noise(trainer.step))
+            _snapshot_when_due(trainer, trainer.step + 1)  # before the step's checkpoint: a resume never skips it
             return StepResult(logged, speed.add(split.global_batch))
 
         loop = Loop(tc.max_steps, tc.log_every, tc.ckpt_every, step=step, log=partial(_log, trainer, loss_fn),
                     after_step=partial(_after_step, trainer, vae))
         run_steps(trainer, loop, bar)
     return trainer
+
+
+def _snapshot_when_due(trainer: Trainer, step: int) -> None:
+    """Rank 0 writes the power EMAs of ``step`` to RUN/ema/ every ema.snapshot_every steps and at the end, then
+    prunes by ema.snapshot_keep_*; every rank waits."""
+    ema = trainer.config.ema
+    if trainer.power_ema is None or not (step % ema.snapshot_every == 0 or step == trainer.train_cfg.max_steps):
+        return
+    with main_phase("ema-snapshot"):
+        if trainer.dist.is_main:
+            path = save_snapshot(trainer.run.root, step, trainer.power_ema, ema.snapshot_precision, trainer.config)
+            prune_snapshots(trainer.run.root, ema.snapshot_keep_last, ema.snapshot_keep_every)
+            trainer.run.log(f"step {step}: saved EMA snapshot {path}", trainer.options.echo)
 
 
 def _log(trainer: Trainer, loss_fn: JointLoss, result: StepResult) -> None:

@@ -21,7 +21,8 @@ from reglue.fileio import atomic_write_text
 from reglue.locks import directory_lock
 
 # Keys that may change between the first launch and a resume (how long and how often, not what is trained).
-RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs"}
+RESUMABLE_KEYS = {"train.max_steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.epochs",
+                  "ema.snapshot_keep_every", "ema.snapshot_keep_last"}
 IGNORED_PREFIXES = ("sources.", "description", "sampling.")  # provenance and sampling defaults: not the training
 
 

@@ -1,0 +1,1 @@
+"""Post-hoc EMA (EDM2): power-function EMA profiles, their snapshots and reconstruction; docs/ema.md."""
