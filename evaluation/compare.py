@@ -125,7 +125,21 @@ def _row_from_metrics(path: Path, label: str, m: dict | None = None) -> dict:
             "precision": m.get("precision"), "recall": m.get("recall"), "sampler": sampler, "cfg": cfg,
             "decoder": decoder_name(info.get("decoder", "?")), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
             "source": str(path), "note": None, "conditioning": conditioning, "ours": True, "stand_in": stand_in,
+            "ema": ema_label(info.get("ema")),
             "reference_sha256": m.get("reference_sha256"), "inception_sha256": m.get("inception_weights_sha256")}
+
+
+def ema_label(ema) -> str | None:
+    """The average of the weights a row's samples came from, as the table shows it: '0.9999' (a classic decay),
+    'post-hoc 0.08' (sigma_rel, `reglue ema`), 'raw' (no EMA); None when the samples do not say."""
+    if not isinstance(ema, dict):
+        return None
+    kind = ema.get("kind")
+    if kind == "classic":
+        return f"{ema.get('decay'):g}" if isinstance(ema.get("decay"), (int, float)) else "classic"
+    if kind == "post-hoc":
+        return f"post-hoc {ema.get('sigma_rel'):g}" if isinstance(ema.get("sigma_rel"), (int, float)) else "post-hoc"
+    return "raw" if kind == "none" else None
 
 
 def is_unconditional(row: dict) -> bool:
@@ -192,6 +206,10 @@ def caveats(rows: list[dict]) -> list[str]:
     if any(r["cfg"] and r["cfg"].get("interval") for r in guided):
         notes.append("Guidance intervals use t = 1 as noise (REPA/REG/REGLUE): 'high 0.7' leaves the noisiest 30% "
                      "unguided; SiT and LightningDiT run time the other way.")
+    emas = sorted({str(r["ema"]) for r in rows if r["ours"] and r.get("ema")})
+    if len(emas) > 1:
+        notes.append(f"Our rows average the weights differently (EMA {', '.join(emas)}): the EMA length alone moves "
+                     "FID by more than most differences between methods (docs/ema.md).")
     decoders = sorted({str(r["decoder"]) for r in rows})
     if len(decoders) > 1:
         notes.append(f"VAE decoders differ ({', '.join(decoders)}).")
@@ -214,10 +232,10 @@ def _cells(row: dict) -> list[str]:
     cfg = "-" if not row["cfg"] else f"{row['cfg'].get('scale')} ({row['cfg'].get('channels')})"
     steps = "-" if row["steps"] is None else f"{row['steps'] / 1000:g}K"
     metrics = ["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in METRICS]
-    return [mark, method_label(row), str(row["model"]), steps, *metrics, cfg, row["source"]]
+    return [mark, method_label(row), str(row["model"]), steps, *metrics, cfg, row.get("ema") or "-", row["source"]]
 
 
-HEADER = ["", "method", "model", "steps", *[name for name, _, _ in METRICS], "CFG", "source"]
+HEADER = ["", "method", "model", "steps", *[name for name, _, _ in METRICS], "CFG", "EMA", "source"]
 
 
 def format_rows(rows: list[dict], fmt: str = "table") -> str:

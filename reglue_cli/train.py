@@ -13,6 +13,7 @@ from evaluation.extract import FEATURE_CHUNK
 from reglue import config as run_config
 from reglue import presets
 from reglue.distributed import shutdown
+from reglue.ema.profiles import classic_sigma_rel
 from reglue.models import count_compressor_parameters, count_parameters
 from reglue.models.flops import forward_gflops
 from reglue.scoring.during_training import TrainingEvaluator
@@ -86,6 +87,21 @@ def print_dry_run(config: run_config.RunConfig, counts: dict[str, int], as_json:
                    f"latents){' + 1 [CLS]' if m.cls_token else ''}; VFM {v.name} at {v.image_size} px")
         click.echo(f"# forward: {gflops:.2f} GFLOPs per image (a multiply-add counted once, as the DiT paper; "
                    "the frozen VAE and VFM not included)")
+        _echo_ema(config, counts["total"])
+
+
+def _echo_ema(config, parameters: int) -> None:
+    """The EMAs in words: the classic decay as a sigma_rel at the last step and, with post-hoc EMA, the snapshots'
+    disk cost."""
+    ema, steps = config.ema, config.train.max_steps
+    click.echo(f"# EMA: classic decay {ema.decay:g} = sigma_rel {classic_sigma_rel(ema.decay, steps):.4f} at step "
+               f"{steps:,} (docs/ema.md)")
+    if ema.sigma_rels:
+        each = parameters * len(ema.sigma_rels) * (2 if ema.snapshot_precision == "fp16" else 4) / 2**30
+        count = -(-steps // ema.snapshot_every)
+        click.echo(f"#   post-hoc: sigma_rel {', '.join(map(str, ema.sigma_rels))} tracked; a snapshot every "
+                   f"{ema.snapshot_every:,} steps, about {each:.2f} GiB each, {count * each:.1f} GiB for {count} "
+                   "if all are kept")
 
 
 def _evaluator(config, every: int, n: int, ref: str | None, inception_weights: str | None, feature_chunk: int,

@@ -2,6 +2,8 @@
 the training, a profile rebuilt from snapshots equals one tracked directly, the rebuilt checkpoint samples and
 scores, an EMA x guidance sweep resumes after SIGKILL, and the configuration refuses keys nothing would read."""
 
+import csv
+import io
 import json
 import os
 import signal
@@ -106,6 +108,9 @@ def test_the_rebuilt_checkpoint_samples_and_scores_and_says_which_ema(runs, tmp_
     assert ema["kind"] == "post-hoc" and ema["sigma_rel"] == 0.06 and ema["step"] == 6
     with h5py.File(tmp_path / "s" / "samples.h5", "r") as f:  # what `reglue eval` reads back from the file
         assert json.loads(f.attrs["ema"]) == ema
+    shown = list(csv.DictReader(io.StringIO(reglue("compare", tmp_path / "m.json", "--format", "csv").stdout)))
+    assert [row["EMA"] for row in shown if row["source"] == str(tmp_path / "m.json")] == ["post-hoc 0.06"]
+    assert {row["EMA"] for row in shown if row["source"] != str(tmp_path / "m.json")} == {"-"}  # published: unsaid
 
 
 @pytest.mark.parametrize("run, argv, words", [

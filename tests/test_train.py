@@ -130,10 +130,14 @@ def _cli_train(outdir, data, compressor, *extra, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+POST_HOC = ("--set", "ema.sigma_rels=[0.05,0.1]", "--set", "ema.snapshot_every=2", "--set",
+            "ema.snapshot_keep_every=4", "--set", "ema.snapshot_keep_last=2")  # post-hoc EMA snapshots (docs/ema.md)
+
+
 def test_resume_after_sigkill_is_bit_exact(data, compressor, tmp_path):
-    straight = _cli_train(tmp_path / "a", data, compressor, "--max-steps", "12", "--ckpt-every", "2")
+    straight = _cli_train(tmp_path / "a", data, compressor, "--max-steps", "12", "--ckpt-every", "2", *POST_HOC)
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
-    killed = _cli_train(tmp_path / "b", data, compressor, "--max-steps", "12", "--ckpt-every", "2")
+    killed = _cli_train(tmp_path / "b", data, compressor, "--max-steps", "12", "--ckpt-every", "2", *POST_HOC)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "b/checkpoints/0000004.pt").exists():
         time.sleep(0.01)
@@ -141,11 +145,20 @@ def test_resume_after_sigkill_is_bit_exact(data, compressor, tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "b/checkpoints/0000012.pt").exists()
-    again = _cli_train(tmp_path / "b", data, compressor, "--max-steps", "12", "--ckpt-every", "2")
+    again = _cli_train(tmp_path / "b", data, compressor, "--max-steps", "12", "--ckpt-every", "2", *POST_HOC)
     log = again.communicate(timeout=300)[0]
     assert again.returncode == 0, log
     assert "resumed from" in log
     _assert_bit_identical(tmp_path / "a/checkpoints/0000012.pt", tmp_path / "b/checkpoints/0000012.pt")
+    # the power-function EMAs' snapshots: the same files (pruned alike: multiples of 4 and the newest 2), same bits
+    snapshots = sorted(p.name for p in (tmp_path / "a/ema").glob("[0-9]*.pt"))
+    assert snapshots == ["0000004.pt", "0000008.pt", "0000010.pt", "0000012.pt"]
+    assert sorted(p.name for p in (tmp_path / "b/ema").glob("[0-9]*.pt")) == snapshots
+    for name in snapshots:
+        a, b = (torch.load(tmp_path / run / "ema" / name, weights_only=True) for run in "ab")
+        assert a["profiles"] == b["profiles"] and a["precision"] == b["precision"] == "fp16"
+        for wa, wb in zip(a["weights"], b["weights"]):
+            assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def test_torchrun_two_processes_match_one(data, compressor, tmp_path):

@@ -19,8 +19,8 @@ from reglue.config.sections import (
 )
 from reglue.errors import ConfigError
 
-__all__ = ["KINDS", "MOVED", "CompressorRun", "ConfigError", "DiffusionRun", "LatentData", "RunConfig", "SamplingConfig",
-           "TransportConfig", "defaults", "describe", "from_dict", "plain", "to_dict"]
+__all__ = ["KINDS", "MOVED", "CompressorRun", "ConfigError", "DiffusionRun", "LatentData", "RunConfig",
+           "SamplingConfig", "TransportConfig", "defaults", "describe", "from_dict", "plain", "to_dict"]
 
 # Keys older versions wrote that no longer exist, each with the only value that was ever honoured (None: any).
 # Checkpoints and run directories written before the typed configuration still load; a preset or --set holding

@@ -112,13 +112,20 @@ def classic_weights(decay: float, step: int) -> np.ndarray:
 
 
 def classic_sigma_rel(decay: float, step: int) -> float:
-    """Standard deviation (in steps) of the classic EMA's weight distribution over tau = 0..step, divided by step."""
+    """Standard deviation (in steps) of the classic EMA's weight distribution over tau = 0..step, divided by step.
+
+    Closed form, O(1) for any step: the age t - tau is min(G, t) for G geometric with P(G = k) = (1 - q) q^k, and
+    E[min(G, t)] = sum_{k<t} q^(k+1), E[min(G, t)^2] = sum_{k<t} (2k + 1) q^(k+1)."""
     t = _check_step(step)
-    w = classic_weights(decay, t)  # (t+1,) probabilities over tau = 0..t
-    tau = np.arange(t + 1, dtype=np.float64)
-    mean = float(w @ tau) / float(w.sum())
-    var = float(w @ (tau - mean) ** 2) / float(w.sum())  # two passes: no cancellation
-    return math.sqrt(var) / t
+    classic_weights(decay, 0)  # the decay's check
+    q = float(decay)
+    if q in (0.0, 1.0):
+        return 0.0  # every weight on one iterate (the newest, or the initial one)
+    qt = math.exp(t * math.log(q))
+    first = q * (1.0 - qt) / (1.0 - q)  # sum_{k<t} q^(k+1)
+    k_sum = q * q * (1.0 - t * qt / q + (t - 1) * qt) / (1.0 - q) ** 2  # sum_{k<t} k q^(k+1)
+    var = 2.0 * k_sum + first - first * first
+    return math.sqrt(max(var, 0.0)) / t
 
 
 @dataclasses.dataclass(frozen=True)
