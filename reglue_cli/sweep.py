@@ -115,7 +115,7 @@ RUN_OPTIONS = OptionGroup(RUN, [
 
 @click.command(cls=SectionedCommand,
                short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
-@with_options(INPUTS, GRID, EMA, GUIDANCE_CHANNELS, SAMPLER, DRAWS, SELECTION, EVALUATOR, OUTPUT, RUN_OPTIONS)
+@with_options(INPUTS, GRID, GUIDANCE_CHANNELS, SAMPLER, DRAWS, SELECTION, EMA, EVALUATOR, OUTPUT, RUN_OPTIONS)
 def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual, n, ref, out, repeats, fmt,
           inception_weights, batch_size, feature_chunk, wandb_project, new_set, overwrite, many_points, device, quiet,
           **sampling) -> None:

@@ -162,21 +162,27 @@ def test_resume_after_sigkill_is_bit_exact(data, compressor, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(data, compressor, tmp_path):
-    one = _cli_train(tmp_path / "one", data, compressor, "--max-steps", "3")
+    snapshot = ("--set", "ema.sigma_rels=[0.1]", "--set", "ema.snapshot_every=3")  # one, at the end
+    one = _cli_train(tmp_path / "one", data, compressor, "--max-steps", "3", *snapshot)
     assert one.wait(timeout=300) == 0, one.stdout.read()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m",
            "reglue_cli", "train", "--preset", "tiny-reglue", "--data", str(data), "--outdir", str(tmp_path / "two"),
            "--compressor", str(compressor), "--workers", "0", "--quiet", "--sample-every", "0", "--set",
-           "train.global_batch=8", "--max-steps", "3", "--batch-gpu", "2", "--ckpt-every", "2"]
-    # the checkpoint saves (steps 2 and 3) made slower (5 s on rank 0) than the collective timeout (3 s): step 3's
-    # all-reduce would time out on rank 1 if it had waited for the save on a collective
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REGLUE_DIST_TIMEOUT": "3", "REGLUE_SLOW_MAIN_PHASE": "checkpoint:5"}
+           "train.global_batch=8", "--max-steps", "3", "--batch-gpu", "2", "--ckpt-every", "2", *snapshot]
+    # the checkpoint saves (steps 2 and 3) and the EMA snapshot (step 3) made slower (5 and 4 s on rank 0) than the
+    # collective timeout (3 s): step 3's all-reduce would time out on rank 1 if it had waited for the save on a
+    # collective, and the end of the run if it had waited for the snapshot so
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REGLUE_DIST_TIMEOUT": "3",
+           "REGLUE_SLOW_MAIN_PHASE": "checkpoint:5,ema-snapshot:4"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (checkpoints.load_checkpoint(tmp_path / f"{r}/checkpoints/0000003.pt") for r in ("one", "two"))
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-4, atol=1e-5, msg=key)
+    a, b = (torch.load(tmp_path / f"{r}/ema/0000003.pt", weights_only=True)["weights"][0] for r in ("one", "two"))
+    for key in a:  # written once, by rank 0
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)  # fp16 snapshots
 
 
 def test_fp16_overflow_skips_the_step_and_keeps_weights_finite(data, tmp_path, monkeypatch):
