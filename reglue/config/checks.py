@@ -79,7 +79,8 @@ def _check_unread(run: DiffusionRun) -> None:
     if not m.cls_token:
         unread += [(k, "the model has no [CLS] token") for k in ("loss.cls", "vfm.cls_layer")]
     if m.projector is None:
-        unread += [(k, "the model has no REPA projector") for k in ("loss.repa", "vfm.repa_layer")]
+        unread += [(k, "the model has no REPA projector") for k in ("loss.repa", "vfm.repa_layer",
+                                                                     "loss.repa_schedule", "loss.repa_ramp")]
     if m.semantic_source != "compressor":
         unread += [(f"compressor.{k}", f"model.semantic_source is {m.semantic_source}, not compressor")
                    for k in ("channels", "path", "norm_stats")]

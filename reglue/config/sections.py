@@ -54,9 +54,15 @@ class LossWeights:
     repa: float = knob(0.5, "weight of the REPA term (the official --proj-coeff 0.5)", NON_NEGATIVE)
     semantic_schedule: tuple[tuple[int, float], ...] = knob(
         (), "[[step, lam], ...]: lam takes each value from that optimiser step on", SCHEDULE)
+    repa_schedule: tuple[tuple[int, float], ...] = knob(
+        (), "[[step, weight], ...]: the REPA weight takes each value from that optimiser step on (HASTE: [[N, 0]] "
+            "ends alignment at step N; 0 skips the VFM pass when nothing else needs it)", SCHEDULE)
+    repa_ramp: bool = knob(False, "join the repa_schedule points by straight lines (loss.repa before the first, "
+                                  "the last value after the last)")
 
     def __post_init__(self):
         object.__setattr__(self, "semantic_schedule", tuple(sorted(self.semantic_schedule)))
+        object.__setattr__(self, "repa_schedule", tuple(sorted(self.repa_schedule)))
 
     @classmethod
     def from_dict(cls, data: dict) -> "LossWeights":
@@ -65,11 +71,25 @@ class LossWeights:
 
     def semantic_at(self, step: int) -> float:
         """lam in force at optimiser step ``step`` (the last schedule entry whose step <= step)."""
-        lam = self.semantic
-        for start, value in self.semantic_schedule:
-            if step >= start:
-                lam = value
-        return lam
+        return scheduled(self.semantic, self.semantic_schedule, step)
+
+    def repa_at(self, step: int) -> float:
+        """The REPA weight in force at optimiser step ``step`` (steps count from 0 here: the step being taken)."""
+        return scheduled(self.repa, self.repa_schedule, step, self.repa_ramp)
+
+
+def scheduled(base: float, points: tuple[tuple[int, float], ...], step: int, ramp: bool = False) -> float:
+    """A weight over optimiser steps: ``base`` before the first (step, value) point; from each point on its value,
+    or with ``ramp`` the straight line to the next point's value; the last value after the last point."""
+    value = base
+    for k, (start, target) in enumerate(points):
+        if step < start:
+            if ramp and k > 0:
+                (s0, v0) = points[k - 1]
+                return v0 + (target - v0) * (step - s0) / (start - s0)
+            return value
+        value = target
+    return value
 
 
 @dataclass(frozen=True)

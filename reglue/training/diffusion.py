@@ -139,18 +139,20 @@ def _build(config: DiffusionRun, options: TrainOptions, dist, run, dataset) -> T
 
 
 def _joint_state(trainer: Trainer, images, moments, noise) -> tuple:
-    """Clean joint state of a micro-batch: x0 (latents + semantics), cls0, REPA target."""
+    """Clean joint state of a micro-batch: x0 (latents + semantics), cls0, REPA target (None at a step whose REPA
+    weight is 0: then a model that reads nothing else of the VFM skips its pass)."""
     if noise.flip is not None:  # data.flip: the mirrored image and its stored moments, per sample
         images, moments = flip_rows(images, moments, noise.flip)
     z = sample_latents(moments, trainer.config.data.latent_scale, eps=noise.posterior)
-    if trainer.semantics is None:
+    cfg = trainer.model.config
+    aligning = cfg.projector is not None and trainer.config.loss.repa_at(trainer.step) != 0
+    if trainer.semantics is None or not (cfg.semantic_channels or cfg.cls_token or aligning):
         return z, None, None
     with autocast(trainer.dist.device, trainer.train_cfg.precision):
         sem = trainer.semantics(images)
-    cfg = trainer.model.config
     x0 = torch.cat([z, sem.channels], dim=1) if cfg.semantic_channels else z
     cls0 = sem.cls if cfg.cls_token else None
-    return x0, cls0, (sem.repa_target if cfg.projector is not None else None)
+    return x0, cls0, (sem.repa_target if aligning else None)
 
 
 def noise_source(trainer: Trainer, split) -> NoiseAhead:
@@ -278,7 +280,9 @@ def _log(trainer: Trainer, loss_fn: JointLoss, result: StepResult) -> None:
     result.figures.update(_peak_memory(trainer))
     trainer.run.log(_status(trainer, result.logged, result.figures), trainer.options.echo)
     record = {**result.logged, "epoch": trainer.epoch, **result.figures,
-              "lam": loss_fn.weights.semantic_at(trainer.step - 1)}
+              "lam": loss_fn.weights.semantic_at(trainer.step - 1),
+              **({"repa_weight": loss_fn.weights.repa_at(trainer.step - 1)} if trainer.model.config.projector
+                 else {})}
     trainer.report(record, "train", line=_line(trainer, record))
 
 
@@ -333,7 +337,7 @@ def _loss(trainer: Trainer) -> JointLoss:
     config, model_cfg = trainer.config, trainer.model.config
     return JointLoss(config.loss, config.transport.path, config.transport.time_sampler, model_cfg.latent_channels,
                      *(model_cfg.projector.align_patch, model_cfg.projector.align_cls)
-                     if model_cfg.projector else (True, True))
+                     if model_cfg.projector else (True, True), projector=model_cfg.projector is not None)
 
 
 def _make_net(trainer: Trainer):

@@ -67,13 +67,17 @@ class JointLoss:
         latent_channels: int = LATENT_CHANNELS,
         align_patch: bool = True,
         align_cls: bool = True,
+        projector: bool = False,
     ):
+        """``projector``: the model has a REPA projector, kept in the graph (with a zero term) at steps whose REPA
+        weight is 0, so that data-parallel training sees the same parameters used at every step."""
         self.weights = weights
         self.path = get_path(path) if isinstance(path, str) else path
         self.time_sampler = time_sampler
         self.latent_channels = latent_channels
         self.align_patch = align_patch
         self.align_cls = align_cls
+        self.projector = projector
 
     def __call__(
         self,
@@ -88,7 +92,8 @@ class JointLoss:
         cls_noise: torch.Tensor | None = None,
         drop_mask: torch.Tensor | None = None,
     ) -> LossTerms:
-        """x0 (N, C, H, W) clean latents+semantics, y (N,), cls0 (N, cls_dim), repa_target (N, 1 + P, D)."""
+        """x0 (N, C, H, W) clean latents+semantics, y (N,), cls0 (N, cls_dim), repa_target (N, 1 + P, D) or None
+        (no alignment: at a step whose REPA weight is 0 the target is not needed)."""
         n = x0.shape[0]
         t = sample_time(n, self.time_sampler, self.path.name, device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
@@ -97,7 +102,9 @@ class JointLoss:
         if cls0 is not None:
             cls_noise = torch.randn_like(cls0) if cls_noise is None else cls_noise
             cls_t = self.path.interpolate(cls0, cls_noise, t)  # the same t as the spatial state
-        out = model(xt, t, y, cls=cls_t, return_projections=repa_target is not None, drop_mask=drop_mask)
+        aligning = repa_target is not None and self.weights.repa_at(step) != 0
+        out = model(xt, t, y, cls=cls_t, return_projections=aligning or self.projector, drop_mask=drop_mask)
+        repa_target = repa_target if aligning else None
         return self.combine(out, x0, noise, t, cls0, cls_noise, repa_target, step)
 
     def combine(self, out, x0, noise, t, cls0, cls_noise, repa_target, step) -> LossTerms:
@@ -113,10 +120,13 @@ class JointLoss:
             cls_target = self.path.velocity(cls0, cls_noise, t)
             cls = mean_flat((out.cls_velocity.float() - cls_target.float()) ** 2).mean()
         repa = zero
+        w = self.weights
+        total = w.latent * latent + w.semantic_at(step) * semantic + w.cls * cls
         if repa_target is not None and out.projections is not None:
             has_cls = cls0 is not None
             proj, tgt = select_aligned_tokens(out.projections, repa_target, has_cls, self.align_patch, self.align_cls)
             repa = repa_loss(proj, tgt).mean()
-        w = self.weights
-        total = w.latent * latent + w.semantic_at(step) * semantic + w.cls * cls + w.repa * repa
+            total = total + w.repa_at(step) * repa
+        elif out.projections is not None:  # alignment off this step: the projector stays in the graph, its term 0
+            total = total + 0.0 * out.projections.float().sum()
         return LossTerms(total, latent, semantic, cls, repa)
