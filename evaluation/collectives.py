@@ -27,8 +27,8 @@ MAIN_PHASE_WAIT_ENV = "REGLUE_MAIN_PHASE_WAIT"
 DEFAULT_MAIN_PHASE_WAIT_S = 24 * 3600
 # Tests: 'NAME:SECONDS[,NAME:SECONDS]' makes rank 0 sleep inside those phases (longer than a short timeout).
 SLOW_MAIN_PHASE_ENV = "REGLUE_SLOW_MAIN_PHASE"
-PHASES = ("encode-merge", "sample-merge", "checkpoint", "ema-snapshot", "pca", "from-main", "evaluate-metrics",
-          "reference-cache")
+PHASES = ("encode-merge", "sample-merge", "checkpoint", "ema-snapshot", "probe", "pca", "from-main",
+          "evaluate-metrics", "reference-cache")
 
 
 class DistributedSetupError(InputError, ValueError):

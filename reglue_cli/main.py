@@ -15,6 +15,7 @@ from reglue_cli.encode import encode
 from reglue_cli.errors import EXIT_USAGE, report
 from reglue_cli.eval import eval_
 from reglue_cli.make_ref import make_ref
+from reglue_cli.probe import probe
 from reglue_cli.sample import sample
 from reglue_cli.sweep import sweep
 from reglue_cli.train import train
@@ -52,13 +53,13 @@ def cli() -> None:
     Generate and score in one process: `eval --ckpt` (one setting), `sweep` (a grid of guidance settings),
     `train --eval-every N` (FID while training). ImageNet's reference batches are downloaded by name;
     `make-ref` builds one for another dataset or resolution. `ema` rebuilds any EMA length after training
-    from a run's snapshots (post-hoc EMA).
+    from a run's snapshots (post-hoc EMA); `probe` measures how each block aligns with the VFM.
 
     Run `reglue COMMAND --help` for the options of each step.
     """
 
 
-for command in (encode, train, ema, sample, make_ref, eval_, sweep, compare):
+for command in (encode, train, ema, sample, make_ref, eval_, sweep, probe, compare):
     cli.add_command(command)
 
 

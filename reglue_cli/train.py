@@ -16,6 +16,8 @@ from reglue.distributed import shutdown
 from reglue.ema.profiles import classic_sigma_rel
 from reglue.models import count_compressor_parameters, count_parameters
 from reglue.models.flops import forward_gflops
+from reglue.probe.during_training import TrainingProbe
+from reglue.probe.run import ProbeSettings
 from reglue.scoring.during_training import TrainingEvaluator
 from reglue.tracking import check_wandb
 from reglue.training.compressor import train_compressor
@@ -30,6 +32,7 @@ from reglue_cli.help_sections import (
     option,
     with_options,
 )
+from reglue_cli.probe import neighbours
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 EVAL_FAILURE = ("continue", "stop")  # --eval-failure: train on after a failed evaluation, or checkpoint and stop
@@ -160,6 +163,14 @@ OUTPUT = OptionGroup("Output", [
            help="Also log to Weights & Biases (pip install 'reglue[wandb]'; WANDB_MODE=offline honoured)."),
 ])
 
+PROBE = OptionGroup("Alignment probe", [
+    option("--probe-every", type=click.IntRange(min=1), metavar="N",
+           help="Every N steps and at the end: the alignment probe of the EMA weights (`reglue probe`) on rank 0: "
+                "run/probe/STEP.json and .png, metrics.jsonl, TensorBoard/W&B (docs/probe.md)."),
+    option("--probe-n", type=click.IntRange(min=3), default=1024, show_default=True,
+           help="Images of the probe's seeded subset (CKNNA's topk 10 and k-NN's 20 shrink below 22 images)."),
+])
+
 EVALUATOR = OptionGroup("Evaluator", [
     option("--eval-every", type=click.IntRange(min=1), metavar="N",
            help="Every N steps and at the end: generate --eval-n samples from the EMA weights with the preset's "
@@ -194,10 +205,10 @@ RUN_OPTIONS = OptionGroup(RUN, [
 
 
 @click.command(cls=SectionedCommand, short_help="Train a diffusion model or the semantic compressor from a preset.")
-@with_options(PRESET, INPUTS, OUTPUT, EVALUATOR, RUN_OPTIONS)
+@with_options(PRESET, INPUTS, OUTPUT, EVALUATOR, PROBE, RUN_OPTIONS)
 def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batch_gpu, workers, keep_last, keep_every,
           allow_other_data, use_compile, tensorboard, eval_every, eval_n, eval_ref, eval_failure, feature_chunk,
-          wandb_project, inception_weights, device, quiet, **options) -> None:
+          wandb_project, inception_weights, probe_every, probe_n, device, quiet, **options) -> None:
     """Train a preset. Every hyperparameter comes from the preset (see `--dry-run`) unless overridden.
 
     \b
@@ -220,11 +231,13 @@ def train(preset, assignments, data, outdir, dry_run, as_json, vfm_weights, batc
         return
     if not data or not outdir:
         fail("--data and --outdir are required to train (or pass --dry-run)")
-    if (eval_every or wandb_project) and config.kind != "diffusion":
-        fail("--eval-every and --wandb are for diffusion runs; a compressor run has no samples to score")
+    if (eval_every or wandb_project or probe_every) and config.kind != "diffusion":
+        fail("--eval-every, --probe-every and --wandb are for diffusion runs; a compressor run has no samples to "
+             "score")
     # every evaluation and W&B setting is checked before the run directory is touched (one line, exit 2)
     callbacks = ((_evaluator(config, eval_every, eval_n, eval_ref, inception_weights, feature_chunk, eval_failure),)
                  if eval_every else ())
+    callbacks += (TrainingProbe(probe_every, ProbeSettings(n=probe_n, **neighbours(probe_n))),) if probe_every else ()
     if wandb_project:
         _check_wandb(wandb_project, outdir)
     run_options = TrainOptions(data=data, outdir=outdir, batch_gpu=batch_gpu, workers=workers, compile=use_compile,

@@ -18,15 +18,16 @@ from PIL import Image
 from reglue_cli.help_sections import OptionGroup, SectionedCommand, option, with_options
 from reglue_cli.main import cli, main
 
-COMMANDS = ("encode", "train", "ema", "sample", "make-ref", "eval", "sweep", "compare")
+COMMANDS = ("encode", "train", "ema", "sample", "make-ref", "eval", "sweep", "probe", "compare")
 SECTIONS = {  # the --help sections of the commands with many options, in order
     "encode": ["Inputs", "Encoder", "Output", "Run"],
-    "train": ["Preset", "Inputs", "Output", "Evaluator", "Run"],
+    "train": ["Preset", "Inputs", "Output", "Evaluator", "Alignment probe", "Run"],
     "sample": ["Inputs", "Sampler", "Guidance", "Output", "Run"],
     "make-ref": ["Inputs", "Evaluator", "Output", "Run"],
     "eval": ["Inputs", "Sampler", "Guidance", "Evaluator", "Output", "Run"],
     "sweep": ["Inputs", "Guidance", "Sampler", "Post-hoc EMA", "Evaluator", "Output", "Run"],
     "ema": ["Target", "Output", "Inspect", "Run"],
+    "probe": ["Inputs", "Probe", "Output", "Run"],
 }
 DEPRECATED_EVAL_OPTIONS = [("--make-ref",), ("--out",), ("--resolution",)]  # `eval --make-ref`: hidden
 
