@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 from reglue.config.schema import (
     FRACTION,
@@ -24,6 +25,8 @@ from reglue.errors import ConfigError
 __all__ = ["ConfigError", "ModelConfig", "ProjectorConfig", "SEMANTIC_SOURCES"]
 
 SEMANTIC_SOURCES = ("none", "compressor", "pca")
+PROJECTOR_KINDS = ("mlp", "conv")
+TARGET_NORMS = ("none", "spatial")
 CLASS_DROPOUT = 0.1  # label dropout of a class-conditional model (the official --cfg-prob)
 MAX_MLP_RATIO = 64.0
 MAX_PARAMETERS = 10**10  # 15x SiT-XL/2's 675M: refused at load, before anything is built (estimated_parameters)
@@ -32,14 +35,21 @@ WIDTH = count(MAX_WIDTH)
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """The REPA projector: an MLP on the hidden states after block ``depth`` (counted from 1)."""
+    """REPA: the projector on the hidden states after block ``depth`` (counted from 1) and its target's form."""
 
     depth: int = knob(4, "block (counted from 1) whose hidden states are projected: 4 for B/2, 8 for L/2 and XL/2",
                       count(MAX_DEPTH))
-    hidden_dim: int = knob(2048, f"hidden width of the 3-layer SiLU MLP (1..{MAX_WIDTH})", WIDTH)
+    kind: Literal["mlp", "conv"] = knob("mlp", "mlp: REPA's per-token 3-layer SiLU MLP; conv: iREPA's 3x3 convolution "
+                                               "on the patch grid ([CLS]: its centre tap)")
+    hidden_dim: int = knob(2048, f"hidden width of the 3-layer SiLU MLP (1..{MAX_WIDTH}; kind mlp only)", WIDTH)
     out_dim: int = knob(768, f"output width: the VFM's token width (1..{MAX_WIDTH})", WIDTH)
     align_patch: bool = knob(True, "align the projected patch tokens to the VFM's patch tokens")
     align_cls: bool = knob(True, "also align the projected [CLS] token to the VFM's [CLS] (needs model.cls_token)")
+    target_norm: Literal["none", "spatial"] = knob("none", "the REPA target's patch tokens as the VFM gives them, or "
+                                                           "iREPA's spatial normalisation (per image and channel "
+                                                           "over the patches; [CLS] untouched)")
+    target_gamma: float = knob(0.6, "target_norm spatial: the fraction of each channel's spatial mean removed (iREPA's "
+                                    "SiT code 0.6, its paper's formula 1)", FRACTION)
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,30 @@ class ModelConfig:
         """Plain-data form (what checkpoints and config.yaml store)."""
         return plain(self)
 
+    def _validate_irepa(self, p: ProjectorConfig) -> None:
+        """The projector's kind and target normalisation: known values, and no key set that nothing would read."""
+        if p.kind not in PROJECTOR_KINDS or p.target_norm not in TARGET_NORMS:
+            raise ConfigError(f"model.projector.kind {p.kind!r} / target_norm {p.target_norm!r}: choose kind from "
+                              f"{', '.join(PROJECTOR_KINDS)} and target_norm from {', '.join(TARGET_NORMS)}")
+        if not 0.0 <= p.target_gamma <= 1.0:
+            raise ConfigError(f"model.projector.target_gamma {p.target_gamma} must lie in [0, 1]")
+        if p.kind == "conv" and not p.align_patch:
+            raise ConfigError("model.projector.kind conv convolves the patch grid, but align_patch is off (nothing "
+                              "would read the grid); use kind mlp")
+        if p.target_norm == "spatial" and not p.align_patch:
+            raise ConfigError("model.projector.target_norm spatial normalises the patch tokens, but align_patch is "
+                              "off, so nothing would read them")
+        if p.target_norm == "spatial" and self.num_patches < 2:
+            raise ConfigError(f"model.projector.target_norm spatial needs at least 2 patch tokens, the model has "
+                              f"{self.num_patches}")
+        default = {f.name: f.default for f in fields(ProjectorConfig)}
+        unread = [("hidden_dim", "kind is conv (no hidden layer)")] if p.kind == "conv" else []
+        unread += [("target_gamma", "target_norm is none")] if p.target_norm == "none" else []
+        for key, why in unread:
+            if getattr(p, key) != default[key]:
+                raise ConfigError(f"model.projector.{key}={getattr(p, key)!r}: {why}, so nothing would read it; "
+                                  f"leave it at {default[key]!r}")
+
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field."""
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "latent_channels", "cls_dim"):
@@ -139,6 +173,7 @@ class ModelConfig:
                 raise ConfigError("model.projector: align_patch and align_cls are both off; drop the projector instead")
             if p.align_cls and not self.cls_token:
                 raise ConfigError("model.projector.align_cls needs model.cls_token: true")
+            self._validate_irepa(p)
         if self.estimated_parameters > MAX_PARAMETERS:
             raise ConfigError(f"model: depth {self.depth} x hidden_size {self.hidden_size} gives about "
                               f"{self.estimated_parameters:.2e} parameters, above the {MAX_PARAMETERS:.0e} this "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from reglue.config.model import ModelConfig
 from reglue.constants import LAYER_NORM_EPS, TIME_FREQUENCY_DIM, TIME_MAX_PERIOD
-from reglue.models.projector import ReprProjector
+from reglue.models.projector import build_projector
 
 
 class ModelOutput(NamedTuple):
@@ -209,8 +209,7 @@ class SiT(nn.Module):
         num_tokens = config.num_patches + int(config.cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d), requires_grad=False)  # fixed sin-cos
         self.blocks = nn.ModuleList(SiTBlock(config) for _ in range(config.depth))
-        p = config.projector
-        self.projector = ReprProjector(d, p.hidden_dim, p.out_dim) if p is not None else None
+        self.projector = build_projector(config)  # MLP or conv (config.projector.kind), or None
         self.final_layer = FinalLayer(config)
         self.initialize_weights()
 

@@ -25,10 +25,14 @@ from tqdm import tqdm
 from evaluation.alignment import cka, cknna, knn_accuracy
 from evaluation.determinism import float32_matmuls
 from evaluation.environment import environment
+from reglue.checkpoints import load_model
+from reglue.data.dataset import EncodedDataset
 from reglue.encoders.vae import sample_latents
+from reglue.encoders.vfm import load_vfm
 from reglue.errors import UserError
 from reglue.fileio import atomic_path, atomic_write_text
 from reglue.probe.states import block_states, split_tokens, vfm_tokens
+from reglue.training.semantics import build_semantic_encoder
 from reglue.transport.path import get_path
 
 FORMAT = "reglue-probe"
@@ -213,11 +217,6 @@ def probe_checkpoint(ckpt, data, settings: ProbeSettings, device, weights: str =
                      compressor: str | None = None, progress: bool = False) -> dict:
     """Load ``ckpt`` (any preset, ours or official), its dataset check, its semantic encoder and VFM, then
     ``probe``; the JSON record."""
-    from reglue.checkpoints import load_model
-    from reglue.data.dataset import EncodedDataset
-    from reglue.encoders.vfm import load_vfm
-    from reglue.training.semantics import build_semantic_encoder
-
     model, config = load_model(ckpt, ema=weights == "ema")
     if compressor is not None:
         config = dataclasses.replace(config, compressor=dataclasses.replace(config.compressor, path=compressor))

@@ -30,15 +30,33 @@ def standardise(local: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (local - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+SPATIAL_NORM_EPS = 1e-6  # iREPA's epsilon, added to the standard deviation (ldm/utils.py spatial_zscore)
+
+
+def spatial_normalise(target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """iREPA's spatial normalisation of a REPA target (N, 1 + P, D), [CLS] first: every channel of every image's P
+    patch tokens becomes (x - gamma * mean) / (std + eps) over those P tokens (std with P - 1, as torch.std);
+    the [CLS] token passes unchanged."""
+    patches = target[:, 1:]  # (N, P, D)
+    mean = patches.mean(dim=1, keepdim=True)  # (N, 1, D)
+    std = patches.std(dim=1, keepdim=True)  # (N, 1, D)
+    return torch.cat([target[:, :1], (patches - gamma * mean) / (std + SPATIAL_NORM_EPS)], dim=1)
+
+
 class SemanticEncoder(nn.Module):
     """Frozen VFM (+ frozen compressor or PCA basis) producing the semantic inputs of one training batch."""
 
     def __init__(self, vfm: VisionFoundationModel, blocks, latent_size: int,
                  compressor: SemanticCompressor | None = None,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, pca: torch.Tensor | None = None):
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, pca: torch.Tensor | None = None,
+                 target_norm: str = "none", target_gamma: float = 0.6):
         """``blocks``: the local-semantics layers (a list), or a dict of VisionFoundationModel.forward's block
-        arguments (layers, cls_layer, repa_layer)."""
+        arguments (layers, cls_layer, repa_layer); ``target_norm`` "spatial" normalises the REPA target's patch
+        tokens (spatial_normalise with ``target_gamma``), "none" leaves them as the VFM gives them."""
         super().__init__()
+        if target_norm not in ("none", "spatial"):
+            raise ValueError(f"target_norm {target_norm!r}: expected none or spatial")
+        self.target_norm, self.target_gamma = target_norm, target_gamma
         if compressor is not None and (mean is None or std is None):
             raise ValueError("a compressor needs the per-channel norm statistics it was trained with")
         self.blocks = dict(blocks) if isinstance(blocks, dict) else {"layers": list(blocks)}
@@ -62,7 +80,10 @@ class SemanticEncoder(nn.Module):
             channels = project_pca(features.local.float(), self.pca)
         if channels is not None and channels.shape[-1] != self.latent_size:
             channels = F.interpolate(channels, size=self.latent_size, mode="bilinear", align_corners=False)
-        return Semantics(channels, features.cls.float(), features.tokens.float())
+        target = features.tokens.float()  # (N, 1 + P, D)
+        if self.target_norm == "spatial":
+            target = spatial_normalise(target, self.target_gamma)
+        return Semantics(channels, features.cls.float(), target)
 
 
 def project_pca(local: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -141,6 +162,8 @@ def build_semantic_encoder(config, dataset, vfm_weights: str | None, device, run
         return None
     vfm = load_vfm(v.name, v.image_size, vfm_weights).to(device)
     blocks = dict(layers=list(v.layers), cls_layer=v.cls_layer, repa_layer=v.repa_layer)
+    p = m.projector  # the REPA target's form: model.projector.target_norm (docs/models.md)
+    target = dict(target_norm=p.target_norm, target_gamma=p.target_gamma) if p is not None else {}
     if m.semantic_source == "compressor":
         path = config.compressor.path
         if not path:
@@ -154,11 +177,11 @@ def build_semantic_encoder(config, dataset, vfm_weights: str | None, device, run
             raise SemanticsError(f"{path}: compressor maps {compressor.channels[0]} -> {compressor.channels[-1]} "
                                  f"channels, the preset needs {expected[0]} -> {expected[1]}")
         return SemanticEncoder(vfm, blocks, m.input_size, compressor.to(device), stats[0].to(device),
-                               stats[1].to(device)).to(device)
+                               stats[1].to(device), **target).to(device)
     if m.semantic_source == "pca":
         def fit():
             return _fit_pca_from_dataset(vfm, list(v.layers), dataset, m.semantic_channels, device, config.train.seed)
 
         basis = pca_basis(Path(run_dir) / PCA_BASIS_FILE, fit, is_main) if run_dir is not None else fit()
-        return SemanticEncoder(vfm, blocks, m.input_size, pca=basis.to(device)).to(device)
-    return SemanticEncoder(vfm, blocks, m.input_size).to(device)
+        return SemanticEncoder(vfm, blocks, m.input_size, pca=basis.to(device), **target).to(device)
+    return SemanticEncoder(vfm, blocks, m.input_size, **target).to(device)
