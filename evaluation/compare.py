@@ -176,7 +176,7 @@ def load_ours(paths: list[str]) -> list[dict]:
                 rows.append(_row_from_metrics(f, given.name if given.is_dir() else f.parent.name or f.stem, data))
             elif f == given:
                 raise CompareError(f"{f}: not a metrics file from `reglue eval --json` (no 'fid')")
-        if given.is_dir() and not any(r["source"].startswith(str(given)) for r in rows):
+        if given.is_dir() and not any(r["source"].startswith(str(given)) for r in rows) and not load_alignment([given]):
             raise CompareError(f"{given}: no metrics.json from `reglue eval --json` inside")
     return rows
 
@@ -456,9 +456,10 @@ def _draw_curves(ax, curves: list[dict], title: str) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
-def fid_figure(rows: list[dict]):
+def fid_figure(rows: list[dict], alignment: list[dict] | None = None):
     """The FID figure: per panel (the paper's axis, then stand-in numbers apart) a ranked dot chart of the points at
-    one training length and FID-against-steps curves for series with several; its height grows with the rows."""
+    one training length and FID-against-steps curves for series with several; under them our runs' alignment
+    against steps (``alignment``: load_alignment's curves); its height grows with the rows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -472,6 +473,8 @@ def fid_figure(rows: list[dict]):
                            RANKED_ROW_INCHES * len(entries) + RANKED_EXTRA_INCHES))
         if curves:
             charts.append((name, _draw_curves, curves, prefix + "FID against training steps", CURVES_INCHES))
+    if alignment:
+        charts.append(("alignment", _draw_alignment, alignment, ALIGNMENT_TITLE, CURVES_INCHES))
     heights = [chart[-1] for chart in charts]
     fig = Figure(figsize=(FIGURE_WIDTH, max(sum(heights), 2.0)), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
@@ -484,25 +487,67 @@ def fid_figure(rows: list[dict]):
         if name == "stand-in":
             ax.set_facecolor(STAND_IN_FACE)
     return fig
-    axes = fig.subplots(len(charts), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
-    for ax, (name, data, title) in zip(axes, charts):
-        if "fid" in data[0]:
-            _draw_ranked(ax, data, title)
-        else:
-            _draw_curves(ax, data, title)
-        if name == "stand-in":
-            ax.set_facecolor(STAND_IN_FACE)
-    return fig
 
 
-def plot_fid(rows: list[dict], path) -> Path:
-    """Write ``fid_figure`` of ``rows`` to the PNG ``path`` (atomically: a partial file, then a rename)."""
-    fig = fid_figure(rows)
+def plot_fid(rows: list[dict], path, alignment: list[dict] | None = None) -> Path:
+    """Write ``fid_figure`` of ``rows`` (and the runs' ``alignment`` curves, load_alignment) to the PNG ``path``
+    (atomically: a partial file, then a rename)."""
+    fig = fid_figure(rows, alignment)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial.png")
     fig.savefig(tmp)
     tmp.replace(path)
     return path
+
+
+PROBE_FORMAT = "reglue-probe"  # `reglue probe` / `train --probe-every` records (RUN/probe/STEP.json)
+ALIGNMENT_T = 0.5  # the noise level an alignment curve follows (the probe's level nearest to it)
+ALIGNMENT_TITLE = f"Alignment with the VFM against training steps (CKNNA of the best block, t nearest {ALIGNMENT_T})"
+
+
+def _alignment_point(data: dict) -> tuple[int, float] | None:
+    """(step, the best block's CKNNA at the noise level nearest ALIGNMENT_T) of a probe record, or None when the
+    record is not one or is damaged."""
+    try:
+        ts, table = [float(t) for t in data["t"]], data["metrics"]["cknna"]
+        k = min(range(len(ts)), key=lambda i: abs(ts[i] - ALIGNMENT_T))
+        value, step = max(float(row[k]) for row in table), int(data["step"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return (step, value) if _finite(value) and _count(step) else None
+
+
+def load_alignment(paths: list[str]) -> list[dict]:
+    """Our runs' alignment curves: per run directory among ``paths``, the probe records under it as (step, CKNNA)
+    points; {"label", "points"} each, runs without probes left out."""
+    curves = []
+    for given in map(Path, paths):
+        if not given.is_dir():
+            continue
+        points = []
+        for f in sorted(given.rglob("*.json")):
+            try:
+                data = read_json(f)
+            except InputError:
+                continue
+            if isinstance(data, dict) and data.get("format") == PROBE_FORMAT:
+                point = _alignment_point(data)
+                points += [point] if point else []
+        if points:
+            curves.append({"label": given.name, "points": sorted(set(points))})
+    return curves
+
+
+def _draw_alignment(ax, curves: list[dict], title: str) -> None:
+    """CKNNA against training steps, one line per run."""
+    for i, curve in enumerate(curves):
+        ax.plot(*zip(*curve["points"]), marker="o", markersize=6, linewidth=2.0,
+                color=OURS_COLOURS[i % len(OURS_COLOURS)], label=curve["label"])
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("CKNNA")
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
 def features_distance(a, b, pr_precision: str = "fp32") -> dict:

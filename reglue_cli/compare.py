@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from evaluation.compare import GROUPS, features_distance, format_rows, load_baselines, load_ours, plot_fid
+from evaluation.compare import (
+    GROUPS,
+    features_distance,
+    format_rows,
+    load_alignment,
+    load_baselines,
+    load_ours,
+    plot_fid,
+)
 from reglue.fileio import atomic_write_text
 from reglue_cli.errors import fail
 
@@ -21,7 +29,8 @@ from reglue_cli.errors import fail
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the table here instead of printing it.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Also draw the FIDs into this PNG: ranked at one training length, curves where a series has "
-                   "several steps, stand-in numbers on their own panel.")
+                   "several steps, stand-in numbers on their own panel; runs with probes (train --probe-every) add "
+                   "their alignment against steps.")
 def compare(inputs, baselines, fmt, out, plot) -> None:
     """Put INPUTS (run directories or `reglue eval --json` files) beside published numbers.
 
@@ -54,7 +63,7 @@ def compare(inputs, baselines, fmt, out, plot) -> None:
         click.echo(text)
     if plot:
         try:
-            plot_fid(rows, plot)
+            plot_fid(rows, plot, load_alignment(list(inputs)))
         except ImportError:
             fail("--plot needs matplotlib: pip install 'reglue[plot]'")
         click.echo(f"plot: {plot}")

@@ -85,3 +85,19 @@ def test_bad_probe_requests_are_one_line(run, toy_encoded, argv, words, capsys):
                  "--out", str(Path(run) / "unused.json"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_compare_draws_the_alignment_curve_beside_the_fid(run, tmp_path):
+    from evaluation.compare import ALIGNMENT_TITLE, fid_figure, load_alignment, load_baselines
+
+    [curve] = load_alignment([str(run)])
+    expected = []
+    for step in (4, 8):
+        result = json.loads((run / f"probe/{step:07d}.json").read_text())
+        k = result["t"].index(0.5)
+        expected.append((step, max(row[k] for row in result["metrics"]["cknna"])))
+    assert curve == {"label": "run", "points": expected}
+    titles = [ax.get_title(loc="left") for ax in fid_figure(load_baselines(["sit-b2"]), [curve]).axes]
+    assert ALIGNMENT_TITLE in titles
+    assert main(["compare", str(run), "--baselines", "sit-b2", "--plot", str(tmp_path / "fid.png")]) == 0
+    assert (tmp_path / "fid.png").stat().st_size > 1000

@@ -116,6 +116,18 @@ TABLE = [
     ("sweep --ckpt {ckpt} --out {tmp}/o --cfg 2 --ema-step 5", 2, ("--ema-step goes with --ema",)),
     ("sweep --ckpt {tmp} --out {tmp}/o --cfg 2 --ema -0.1", 2, ("--ema -0.1", "sigma_rel values are >= 0")),
     ("sweep --ckpt {tmp} --out {tmp}/o --cfg 2 --ema 0.05", 2, ("no EMA snapshots",)),
+    # probe (docs/probe.md)
+    ("probe {tmp}/missing.pt --data {ref}", 2, ("missing.pt", "no such file")),
+    ("probe {ckpt} --data {tmp}/nope.h5", 2, ("--data", "does not exist")),
+    ("probe {ckpt} --data {ref}", 2, ("ref.npz", "HDF5")),
+    ("probe {ckpt} --data {ref} --t 2", 2, ("--t 2", "[0, 1]")),
+    ("probe {ckpt} --data {ref} --t x", 2, ("--t 'x'", "noise levels")),
+    ("probe {ckpt} --data {ref} --layers 1,x", 2, ("--layers '1,x'", "counted from 1")),
+    ("probe {ckpt} --data {ref} --n 1", 2, ("--n",)),
+    ("probe {ckpt} --data {ref} --n 8 --knn-k 7", 2, ("--knn-k 7", "at most --n - 2 = 6")),
+    ("train --preset tiny-sit --dry-run --probe-every 0", 2, ("--probe-every",)),
+    ("train --preset compressor-tiny --data {ref} --outdir {tmp}/o --probe-every 5", 2, ("--probe-every",
+                                                                                         "diffusion runs")),
     # sweep
     ("sweep --ckpt {tmp}/missing.pt --out {tmp}/o --cfg nan", 2, ("--cfg nan", "finite")),
     ("sweep --ckpt {tmp}/missing.pt --out {tmp}/o --cfg 2 --repeats " + TOO_MANY, 2, ("--repeats " + TOO_MANY,)),

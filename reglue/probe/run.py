@@ -218,6 +218,9 @@ def probe_checkpoint(ckpt, data, settings: ProbeSettings, device, weights: str =
     """Load ``ckpt`` (any preset, ours or official), its dataset check, its semantic encoder and VFM, then
     ``probe``; the JSON record."""
     model, config = load_model(ckpt, ema=weights == "ema")
+    if compressor is not None and config.model.semantic_source != "compressor":
+        raise ProbeError(f"--compressor {compressor}: {ckpt} has no compressed semantic channels, nothing would read "
+                         "it")
     if compressor is not None:
         config = dataclasses.replace(config, compressor=dataclasses.replace(config.compressor, path=compressor))
     dataset = EncodedDataset(data)
