@@ -48,6 +48,9 @@ SAMPLER = OptionGroup(SAMPLING, [
                 "[default: the checkpoint's sampling.sampler, sde for every preset]."),
     option("--steps", type=click.IntRange(min=1), default=None,
            help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets]."),
+    option("--time-shift", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
+           help="Shift the time grid, s t / (1 + (s - 1) t): s > 1 spends more steps near noise (SD3, RAE) "
+                "[default: the checkpoint's sampling.time_shift, 1: the reference's grid]."),
 ])
 
 GUIDANCE_CHANNELS = OptionGroup(GUIDANCE, [
@@ -91,7 +94,7 @@ def check_scale(flag: str, value: float | None) -> None:
 
 def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, interval=None, cfg_channels=None,
                  reference_vae_cfg=False, seed=0, chunk=DEFAULT_CHUNK, balanced=False, classes=(), weights="ema",
-                 vae=None, tf32=False) -> SampleRequest:
+                 vae=None, tf32=False, time_shift=None) -> SampleRequest:
     """The SampleRequest of the flags above (None: the checkpoint's sampling section decides), checked."""
     check_scale("--cfg", cfg)
     check_scale("--cls-cfg", cls_cfg)
@@ -102,4 +105,5 @@ def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, inter
         fail("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
     return SampleRequest(n=n, sampler=sampler, steps=steps, cfg=cfg, cls_cfg=cls_cfg, interval=low_high,
                          channels=cfg_channels, reference_vae_cfg=reference_vae_cfg, seed=seed, balanced=balanced,
-                         classes=tuple(classes) or None, weights=weights, vae=vae, chunk=chunk, tf32=tf32)
+                         classes=tuple(classes) or None, weights=weights, vae=vae, chunk=chunk, tf32=tf32,
+                         time_shift=time_shift)

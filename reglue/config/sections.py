@@ -272,6 +272,8 @@ class SamplingConfig:
                                                               "noise)", INTERVAL)
     cfg_channels: Literal["all", "latents"] = knob(CFG_CHANNELS, "guide every channel (REGLUE) or only the VAE "
                                                                  "latents")
+    time_shift: float = knob(1.0, "shift of the time grid, s t / (1 + (s - 1) t) (SD3, RAE; 1: the reference's "
+                                  "grid)", POSITIVE)
 
 
 # ------------------------------------------------------------------------------------------------------ roots

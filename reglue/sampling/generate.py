@@ -47,7 +47,7 @@ class GeneratedImages:
         attrs = self.prepared.attrs
         return {**{k: attrs[k] for k in PROVENANCE_KEYS}, "settings": json.loads(attrs["settings"]),
                 "environment": json.loads(attrs["environment"]), "stand_ins": json.loads(attrs["stand_ins"]),
-                "ema": json.loads(attrs["ema"]), "generated_in_process": True}
+                "ema": json.loads(attrs["ema"]), "nfe": attrs["nfe"], "generated_in_process": True}
 
     def batches(self, batch: int, start: int = 0, stop: int | None = None):
         """uint8 (b, H, W, 3) arrays for images [start, stop)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,15 @@ from reglue.sampling.seeds import MAX_SAMPLES, MAX_SEED, SampleError, SampleNois
 from reglue.sampling.store import SampleStoreError, check_out_dir, done_indices, merge, open_part
 from reglue.transport.path import Path as InterpolantPath
 from reglue.transport.path import get_path
-from reglue.transport.samplers import SAMPLERS, Guidance, guided_velocity, sample_ode, sample_sde, time_grid
+from reglue.transport.samplers import (
+    SAMPLERS,
+    Guidance,
+    function_evaluations,
+    guided_velocity,
+    sample_ode,
+    sample_sde,
+    time_grid,
+)
 
 DEFAULT_CHUNK = 32  # samples per model and decoder call (the reference's per-GPU batch in generate.py)
 
@@ -55,6 +64,7 @@ class SampleSettings:
     vae: str | None = None  # default: the config's data.vae_decoder (sd-vae-ft-ema)
     chunk: int = DEFAULT_CHUNK  # samples per model/decoder call: part of what decides the pixels (see above)
     tf32: bool = False  # TF32 matmuls on a GPU: faster, other last bits than the strict fp32 default
+    time_shift: float = 1.0  # the time grid's shift (transport.samplers.shift_time); 1: the reference's grid
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -66,6 +76,8 @@ class SampleSettings:
                               f"most {MAX_SAMPLES:,} samples (reglue.sampling.seeds)")
         if self.guidance.reference_vae_cfg and self.sampler != "sde":
             raise SampleError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
+        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
+            raise SampleError(f"time shift {self.time_shift}: must be a finite number > 0")
 
     def describe(self) -> dict:
         """Plain-data form for attributes and the run id."""
@@ -73,7 +85,17 @@ class SampleSettings:
         data["guidance"] = {**asdict(self.guidance), "cls_scale": self.guidance.effective_cls_scale}
         if not self.tf32:  # strict fp32, the default: recorded by its absence, so runs made before keep their ids
             del data["tf32"]
+        if self.time_shift == 1.0:  # the reference's grid: likewise
+            del data["time_shift"]
         return data
+
+    def grid(self) -> torch.Tensor:
+        """The time grid these settings integrate on."""
+        return time_grid(self.steps, self.time_shift)
+
+    def function_evaluations(self) -> int:
+        """Model evaluations per sample (a guided step counts its two passes)."""
+        return function_evaluations(self.sampler, self.grid(), self.guidance)
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,7 @@ class SampleRequest:
     vae: str | None = None
     chunk: int = DEFAULT_CHUNK
     tf32: bool = False
+    time_shift: float | None = None
 
     def resolve(self, sampling: SamplingConfig) -> tuple[SampleSettings, list[str]]:
         """(settings, names of the settings taken from ``sampling``)."""
@@ -104,8 +127,8 @@ class SampleRequest:
         cls_cfg = sampling.cfg_cls_scale if cls_from_checkpoint else self.cls_cfg
         taken = [name for name, from_checkpoint in (
             ("sampler", self.sampler is None), ("steps", self.steps is None), ("cfg", self.cfg is None),
-            ("cls_cfg", cls_from_checkpoint), ("interval", self.interval is None), ("channels", self.channels is None))
-            if from_checkpoint]
+            ("cls_cfg", cls_from_checkpoint), ("interval", self.interval is None), ("channels", self.channels is None),
+            ("time_shift", self.time_shift is None and sampling.time_shift != 1.0)) if from_checkpoint]
         guidance = Guidance(scale=pick(self.cfg, sampling.cfg_scale), cls_scale=cls_cfg,
                             interval=tuple(pick(self.interval, sampling.guidance_interval)),
                             channels=pick(self.channels, sampling.cfg_channels),
@@ -113,7 +136,8 @@ class SampleRequest:
         settings = SampleSettings(n=self.n, sampler=pick(self.sampler, sampling.sampler),
                                   steps=pick(self.steps, sampling.steps), guidance=guidance, seed=self.seed,
                                   balanced=self.balanced, classes=self.classes, weights=self.weights, vae=self.vae,
-                                  chunk=self.chunk, tf32=self.tf32)
+                                  chunk=self.chunk, tf32=self.tf32, time_shift=pick(self.time_shift,
+                                                                                    sampling.time_shift))
         return settings, taken
 
 
@@ -151,7 +175,7 @@ def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.T
                         cfg.cls_dim if cfg.cls_token else None, device)
     x, cls = noise.initial()
     velocity = guided_velocity(model, settings.guidance)
-    grid = time_grid(settings.steps)
+    grid = settings.grid()
     if settings.sampler == "sde":
         return sample_sde(velocity, x, cls, labels.to(device), grid, noise.step, path)
     return sample_ode(velocity, x, cls, labels.to(device), grid, heun=settings.sampler == "ode-heun")
@@ -247,7 +271,8 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
              "latent_scale": config.data.latent_scale, "settings": json.dumps(settings.describe()),
              "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env),
              "stand_ins": json.dumps(stand_ins(config, vae_id)),
-             "ema": json.dumps(ema_of(config, settings.weights, in_memory))}
+             "ema": json.dumps(ema_of(config, settings.weights, in_memory)),
+             "nfe": settings.function_evaluations()}
     return Prepared(model, config, settings, taken, path, vae_id, attrs)
 
 
@@ -323,4 +348,5 @@ def _shown(settings: SampleSettings) -> dict:
     """The settings a SampleRequest may leave to the checkpoint, by their flag names."""
     g = settings.guidance
     return {"sampler": settings.sampler, "steps": settings.steps, "cfg": g.scale, "cls_cfg": g.effective_cls_scale,
-            "interval": ",".join(f"{v:g}" for v in g.interval), "channels": g.channels}
+            "interval": ",".join(f"{v:g}" for v in g.interval), "channels": g.channels,
+            "time_shift": settings.time_shift}

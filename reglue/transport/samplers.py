@@ -30,13 +30,38 @@ SAMPLERS = ("sde", "ode-euler", "ode-heun")
 SDE_LAST_TIME = 0.04  # the reference's grid ends at 0.04, then one deterministic step to 0
 
 
-def time_grid(steps: int) -> torch.Tensor:
-    """linspace(1, 0.04, steps) then 0: ``steps`` intervals, float64 (the reference's grid, used by every sampler)."""
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The time shift of SD3 and RAE, s t / (1 + (s - 1) t): 0 and 1 stay, s > 1 spends more steps near noise
+    (t = 1), s < 1 near data; s = 1 is the identity."""
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"time shift must be a finite number > 0, got {shift}")
+    return t if shift == 1.0 else shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """linspace(1, 0.04, steps) then 0: ``steps`` intervals, float64 (the reference's grid, used by every sampler),
+    each time then shifted by ``shift`` (shift_time; 1: the reference's grid exactly)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     body = torch.linspace(TIME_NOISE, SDE_LAST_TIME, steps, dtype=torch.float64) if steps > 1 else \
         torch.tensor([TIME_NOISE], dtype=torch.float64)
-    return torch.cat([body, torch.tensor([TIME_DATA], dtype=torch.float64)])
+    return shift_time(torch.cat([body, torch.tensor([TIME_DATA], dtype=torch.float64)]), shift)
+
+
+def function_evaluations(sampler: str, grid: torch.Tensor, guidance: "Guidance") -> int:
+    """Model evaluations per sample of ``sampler`` on ``grid``: one per velocity call, two where guidance is active
+    (the conditional and the null-class rows); Heun calls the velocity twice an interval."""
+    def calls(t: float, final: bool = False) -> int:
+        rule = guidance.final_step() if final else guidance
+        return 2 if rule.active(t) else 1
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    total = 0
+    for i in range(len(times) - 1):
+        total += calls(times[i], final=sampler == "sde" and i == last)
+        if sampler == "ode-heun":
+            total += calls(times[i + 1])
+    return total
 
 
 def diffusion_coefficient(t: float) -> float:
