@@ -233,7 +233,7 @@ def sample_provenance(path) -> dict:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     except OSError:
         return {}
-    keys = ("preset", "step", "decoder", "quantisation", "checkpoint", "num_classes", "nfe")
+    keys = ("preset", "step", "decoder", "quantisation", "checkpoint", "num_classes", "nfe", "guide_sha256")
     info = {k: attrs[k] for k in keys if k in attrs}
     for key in ("settings", "environment", "stand_ins", "ema"):  # older samples lack the last three
         if key in attrs:

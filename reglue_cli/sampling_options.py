@@ -40,6 +40,12 @@ GUIDANCE_SCALES = OptionGroup(GUIDANCE, [
     option("--interval", default=None, metavar="LOW,HIGH",
            help="Guidance acts only for t in [LOW, HIGH] (t = 1 is noise); one conditional pass elsewhere "
                 "[default: the checkpoint's sampling.guidance_interval, 0,0.9]."),
+    option("--guide-ckpt", default=None, metavar="PATH|STEP",
+           help="Autoguidance (Karras et al. 2024): a weaker model guides instead of the null class, v_g + S (v - "
+                "v_g) with S = --cfg, on the same labels and interval; a checkpoint file, or a step of CKPT's run "
+                "directory (e.g. 20000). It may be smaller; channels, classes and resolution must agree."),
+    option("--guide-weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+           help="The guide's EMA or raw model weights."),
 ])
 
 SAMPLER = OptionGroup(SAMPLING, [
@@ -94,7 +100,7 @@ def check_scale(flag: str, value: float | None) -> None:
 
 def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, interval=None, cfg_channels=None,
                  reference_vae_cfg=False, seed=0, chunk=DEFAULT_CHUNK, balanced=False, classes=(), weights="ema",
-                 vae=None, tf32=False, time_shift=None) -> SampleRequest:
+                 vae=None, tf32=False, time_shift=None, guide_ckpt=None, guide_weights="ema") -> SampleRequest:
     """The SampleRequest of the flags above (None: the checkpoint's sampling section decides), checked."""
     check_scale("--cfg", cfg)
     check_scale("--cls-cfg", cls_cfg)
@@ -103,7 +109,11 @@ def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, inter
         fail("--reference-vae-cfg only applies with --cfg-channels latents")
     if reference_vae_cfg and sampler not in (None, "sde"):
         fail("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
+    if guide_ckpt is not None and reference_vae_cfg:
+        fail("--reference-vae-cfg is the reference's classifier-free guidance; it does not go with --guide-ckpt")
+    if guide_ckpt is None and guide_weights != "ema":
+        fail("--guide-weights goes with --guide-ckpt")
     return SampleRequest(n=n, sampler=sampler, steps=steps, cfg=cfg, cls_cfg=cls_cfg, interval=low_high,
                          channels=cfg_channels, reference_vae_cfg=reference_vae_cfg, seed=seed, balanced=balanced,
                          classes=tuple(classes) or None, weights=weights, vae=vae, chunk=chunk, tf32=tf32,
-                         time_shift=time_shift)
+                         time_shift=time_shift, guide=guide_ckpt, guide_weights=guide_weights)

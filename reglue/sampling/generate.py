@@ -47,7 +47,9 @@ class GeneratedImages:
         attrs = self.prepared.attrs
         return {**{k: attrs[k] for k in PROVENANCE_KEYS}, "settings": json.loads(attrs["settings"]),
                 "environment": json.loads(attrs["environment"]), "stand_ins": json.loads(attrs["stand_ins"]),
-                "ema": json.loads(attrs["ema"]), "nfe": attrs["nfe"], "generated_in_process": True}
+                "ema": json.loads(attrs["ema"]), "nfe": attrs["nfe"],
+                **({"guide_sha256": attrs["guide_sha256"]} if "guide_sha256" in attrs else {}),
+                "generated_in_process": True}
 
     def batches(self, batch: int, start: int = 0, stop: int | None = None):
         """uint8 (b, H, W, 3) arrays for images [start, stop)."""
@@ -72,4 +74,4 @@ class GeneratedImages:
     def _generate(self, indices: range) -> np.ndarray:
         p = self.prepared
         return sample_chunk(p.model, self.vae, p.settings, indices, self.labels, self.device, p.path,
-                            p.config.data.latent_scale)["images"]
+                            p.config.data.latent_scale, p.guide)["images"]

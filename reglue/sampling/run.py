@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +65,8 @@ class SampleSettings:
     chunk: int = DEFAULT_CHUNK  # samples per model/decoder call: part of what decides the pixels (see above)
     tf32: bool = False  # TF32 matmuls on a GPU: faster, other last bits than the strict fp32 default
     time_shift: float = 1.0  # the time grid's shift (transport.samplers.shift_time); 1: the reference's grid
+    guide: str | None = None  # autoguidance: the guide checkpoint's path (None: classifier-free guidance)
+    guide_weights: str = "ema"  # the guide's EMA or raw weights
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -78,6 +80,8 @@ class SampleSettings:
             raise SampleError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
         if not (math.isfinite(self.time_shift) and self.time_shift > 0):
             raise SampleError(f"time shift {self.time_shift}: must be a finite number > 0")
+        if self.guide is not None and self.guidance.reference_vae_cfg:
+            raise SampleError("--reference-vae-cfg is the reference's classifier-free guidance; not with --guide-ckpt")
 
     def describe(self) -> dict:
         """Plain-data form for attributes and the run id."""
@@ -87,6 +91,8 @@ class SampleSettings:
             del data["tf32"]
         if self.time_shift == 1.0:  # the reference's grid: likewise
             del data["time_shift"]
+        if self.guide is None:  # classifier-free guidance: likewise
+            del data["guide"], data["guide_weights"]
         return data
 
     def grid(self) -> torch.Tensor:
@@ -119,6 +125,8 @@ class SampleRequest:
     chunk: int = DEFAULT_CHUNK
     tf32: bool = False
     time_shift: float | None = None
+    guide: str | None = None
+    guide_weights: str = "ema"
 
     def resolve(self, sampling: SamplingConfig) -> tuple[SampleSettings, list[str]]:
         """(settings, names of the settings taken from ``sampling``)."""
@@ -137,7 +145,8 @@ class SampleRequest:
                                   steps=pick(self.steps, sampling.steps), guidance=guidance, seed=self.seed,
                                   balanced=self.balanced, classes=self.classes, weights=self.weights, vae=self.vae,
                                   chunk=self.chunk, tf32=self.tf32, time_shift=pick(self.time_shift,
-                                                                                    sampling.time_shift))
+                                                                                    sampling.time_shift),
+                                  guide=self.guide, guide_weights=self.guide_weights)
         return settings, taken
 
 
@@ -168,13 +177,14 @@ def passes_of(chunks: list[range], batch_size: int, chunk: int) -> list[list[ran
 
 
 def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.Tensor, device,
-              path: InterpolantPath) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Final joint state (x (B, C, H, W), cls (B, D) or None) in float64 of one chunk of samples."""
+              path: InterpolantPath, guide=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final joint state (x (B, C, H, W), cls (B, D) or None) in float64 of one chunk of samples (``guide``: the
+    autoguidance model of ``settings.guide``)."""
     cfg = model.config
     noise = SampleNoise(seeds, (cfg.in_channels, cfg.input_size, cfg.input_size),
                         cfg.cls_dim if cfg.cls_token else None, device)
     x, cls = noise.initial()
-    velocity = guided_velocity(model, settings.guidance)
+    velocity = guided_velocity(model, settings.guidance, guide)
     grid = settings.grid()
     if settings.sampler == "sde":
         return sample_sde(velocity, x, cls, labels.to(device), grid, noise.step, path)
@@ -182,13 +192,13 @@ def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.T
 
 
 def sample_chunk(model, vae, settings: SampleSettings, indices: range, labels: torch.Tensor, device,
-                 path: InterpolantPath, latent_scale: float) -> dict:
+                 path: InterpolantPath, latent_scale: float, guide=None) -> dict:
     """One chunk, integrated and decoded in single calls, in the float32 precision its settings name (strict fp32
     unless ``tf32``, whatever the process set): the rows a part file receives."""
     batch = list(indices)
     seeds = [sample_seed(settings.seed, i) for i in batch]
     with float32_matmuls(settings.tf32):
-        x, _ = integrate(model, settings, seeds, labels[batch], device, path)
+        x, _ = integrate(model, settings, seeds, labels[batch], device, path, guide)
         images = decode_latents(vae, x[:, : model.config.latent_channels].float(), latent_scale).numpy()
     return {"index": np.array(batch), "images": images, "labels": labels[batch].numpy(), "seeds": np.array(seeds)}
 
@@ -221,10 +231,11 @@ def sample_to_dir(ckpt, out, settings: SampleSettings | SampleRequest, batch_siz
 
 
 def check_settings(settings: SampleSettings, num_classes: int) -> None:
-    """SampleError when the settings ask for labels or guidance the model does not have."""
+    """SampleError when the settings ask for labels or guidance the model does not have (an unconditional model is
+    guided by a guide model only)."""
     if num_classes == 0:
         g = settings.guidance
-        if g.scale != 1.0 or g.effective_cls_scale != 1.0:
+        if (g.scale != 1.0 or g.effective_cls_scale != 1.0) and settings.guide is None:
             raise SampleError(f"guidance scale {g.scale} / [CLS] {g.effective_cls_scale}: an unconditional model has "
                               "no classifier-free guidance; use --cfg 1")
         if settings.classes or settings.balanced:
@@ -245,6 +256,28 @@ class Prepared:
     path: InterpolantPath
     vae_id: str
     attrs: dict  # what samples.h5 records
+    guide: torch.nn.Module | None = None  # the autoguidance model (settings.guide), on the model's device
+
+
+def guide_path(guide: str, ckpt) -> Path:
+    """--guide-ckpt as a file: a path, or a step of the checkpoint's own run directory (RUN/checkpoints/NNNNNNN.pt)."""
+    if guide.isdigit() and ckpt is not None:
+        return Path(ckpt).parent / f"{int(guide):07d}.pt"
+    return Path(guide)
+
+
+def load_guide(settings: SampleSettings, model, device) -> torch.nn.Module:
+    """The guide model of ``settings``, checked against ``model``: the same channels, [CLS] token, classes and
+    resolution (its depth and width may differ); SampleError naming the difference otherwise."""
+    guide, _ = load_model(settings.guide, ema=settings.guide_weights == "ema")
+    a, b = model.config, guide.config
+    for name in ("in_channels", "cls_token", "num_classes", "input_size"):
+        if getattr(a, name) != getattr(b, name):
+            raise SampleError(f"--guide-ckpt {settings.guide}: its {name} is {getattr(b, name)}, the model's "
+                              f"{getattr(a, name)}; a guide must denoise the same state")
+    if a.cls_token and a.cls_dim != b.cls_dim:
+        raise SampleError(f"--guide-ckpt {settings.guide}: its [CLS] width is {b.cls_dim}, the model's {a.cls_dim}")
+    return guide.to(device).eval()
 
 
 def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, config=None) -> Prepared:
@@ -258,7 +291,10 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
         settings, taken = settings.resolve(config.sampling)
     model = model.to(device).eval()
     cfg = model.config
+    if settings.guide is not None:
+        settings = replace(settings, guide=str(guide_path(settings.guide, ckpt)))
     check_settings(settings, cfg.num_classes)
+    guide = load_guide(settings, model, device) if settings.guide is not None else None
     path = get_path(config.transport.path)
     vae_id = settings.vae or config.data.vae_decoder
     sha = file_sha256(ckpt) if ckpt is not None and Path(ckpt).is_file() else ""  # "": an in-memory model
@@ -272,8 +308,9 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
              "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env),
              "stand_ins": json.dumps(stand_ins(config, vae_id)),
              "ema": json.dumps(ema_of(config, settings.weights, in_memory)),
-             "nfe": settings.function_evaluations()}
-    return Prepared(model, config, settings, taken, path, vae_id, attrs)
+             "nfe": settings.function_evaluations(),
+             **({"guide_sha256": file_sha256(settings.guide)} if guide is not None else {})}
+    return Prepared(model, config, settings, taken, path, vae_id, attrs, guide)
 
 
 def ema_of(config, weights: str, in_memory: bool) -> dict:
@@ -312,7 +349,9 @@ def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_siz
     cfg = model.config
     if dist.is_main:
         log_taken(prepared, log)
-    run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe()]).encode()).hexdigest()
+    guide = [attrs["guide_sha256"]] if "guide_sha256" in attrs else []  # unguided runs keep their ids
+    run_id = hashlib.sha256(json.dumps([attrs["checkpoint_sha256"], vae_id, settings.describe(), *guide]).encode()
+                            ).hexdigest()
     if from_main(lambda: check_out_dir(out, run_id, overwrite), dist):  # rank 0 alone deletes (--overwrite)
         return SampleSummary(out, settings.n, settings.n, time.time() - started, reused=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +371,7 @@ def _sample(ckpt, out: Path, settings: SampleSettings | SampleRequest, batch_siz
         with deterministic_kernels(torch.device(dist.device)):
             for chunks in passes_of(todo, batch_size, settings.chunk):
                 part.append(_concat([sample_chunk(model, vae, settings, c, labels, dist.device, path,
-                                                  config.data.latent_scale) for c in chunks]))
+                                                  config.data.latent_scale, prepared.guide) for c in chunks]))
                 bar.update(sum(map(len, chunks)) * dist.world)
     finally:
         part.close()

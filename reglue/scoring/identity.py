@@ -41,7 +41,8 @@ def evaluator_identity(ref: str | None, inception_weights: str | None, options: 
 def sampling_identity(prepared) -> dict:
     """What decides the images of a prepared checkpoint (reglue.sampling.run.Prepared)."""
     return {"checkpoint_sha256": prepared.attrs["checkpoint_sha256"], "decoder": prepared.vae_id,
-            "settings": prepared.settings.describe()}
+            "settings": prepared.settings.describe(),
+            **({"guide_sha256": prepared.attrs["guide_sha256"]} if "guide_sha256" in prepared.attrs else {})}
 
 
 # Shown to the user, never compared: where a file was read from may change while its content stays.

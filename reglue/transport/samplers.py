@@ -137,10 +137,16 @@ def model_velocity(model, x: torch.Tensor, t: float, y: torch.Tensor, cls: torch
     return out.velocity.double(), None if out.cls_velocity is None else out.cls_velocity.double()
 
 
-def guided_velocity(model, guidance: Guidance) -> VelocityFn:
+def guided_velocity(model, guidance: Guidance, guide=None) -> VelocityFn:
     """A velocity function over ``model``: one conditional pass, or a doubled batch (conditional rows, then the
     same noisy x and cls with the model's null class) inside the guidance interval. ``final=True`` asks for the
-    last deterministic SDE step's guidance (Guidance.final_step)."""
+    last deterministic SDE step's guidance (Guidance.final_step).
+
+    With a ``guide`` model (autoguidance, Karras et al. 2024): inside the interval the guide's velocity on the same
+    x, cls and labels takes the null-class pass's place, v_guide + w (v_model - v_guide), each model called once on
+    the chunk (the model's call is the unguided one, so a guide equal to the model gives the unguided samples)."""
+    if guide is not None:
+        return _autoguided_velocity(model, guide, guidance)
 
     def velocity(x, cls, t, y, final: bool = False):
         rule = guidance.final_step() if final else guidance
@@ -151,6 +157,20 @@ def guided_velocity(model, guidance: Guidance) -> VelocityFn:
         v_c, v_u = v.chunk(2)
         cls_c, cls_u = (None, None) if cls_v is None else cls_v.chunk(2)
         return rule.combine(v_c, v_u), rule.combine_cls(cls_c, cls_u)
+
+    return velocity
+
+
+def _autoguided_velocity(model, guide, guidance: Guidance) -> VelocityFn:
+    """guided_velocity with a guide model in place of the null class."""
+
+    def velocity(x, cls, t, y, final: bool = False):
+        rule = guidance.final_step() if final else guidance
+        v, cls_v = model_velocity(model, x, t, y, cls)
+        if not rule.active(t):
+            return v, cls_v
+        g, cls_g = model_velocity(guide, x, t, y, cls)
+        return rule.combine(v, g), rule.combine_cls(cls_v, cls_g)
 
     return velocity
 
