@@ -23,6 +23,7 @@ from reglue.scoring.sweep import (  # for --many-points' help
     exact,
     format_table,
     grid,
+    parse_steps,
     parse_values,
     plan_sweep,
     plot,
@@ -49,7 +50,8 @@ from reglue_cli.sampling_options import (
     parse_interval,
 )
 
-FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "json"}
+# the table's file, OUT/sweep.EXT: never OUT/sweep.json, which is the sweep's manifest (reglue.scoring.sweep.MANIFEST)
+FORMATS = {"table": "txt", "markdown": "md", "csv": "csv", "json": "table.json"}
 
 
 INPUTS = OptionGroup("Inputs", [
@@ -84,6 +86,13 @@ EMA = OptionGroup("Post-hoc EMA", [
            help="Refuse an EMA length whose profile the snapshots reproduce only to a larger relative error."),
 ])
 
+# the sampler flags of `sample`, with --steps taking a list here: a steps axis (FID against NFE)
+SWEEP_SAMPLER = OptionGroup(SAMPLER.title, [o for o in SAMPLER if o[0][0] != "--steps"] + [
+    option("--steps", "steps_spec", metavar="N|N,N,...",
+           help="Integration steps; several (8,16,32,64,250) make a steps axis: FID against the number of model "
+                "evaluations, same seeds [default: the checkpoint's sampling.steps]."),
+])
+
 EVALUATOR = OptionGroup("Evaluator", [
     option("--inception-weights", type=click.Path(dir_okay=False),
            help="torch-fidelity's InceptionV3 weights [default: $REGLUE_INCEPTION_WEIGHTS or download]."),
@@ -95,7 +104,7 @@ OUTPUT = OptionGroup("Output", [
     option("--out", required=True, type=click.Path(file_okay=False),
            help="Sweep directory: points/*.json, sweep.json, the table and sweep.png. Run again to resume."),
     option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table", show_default=True,
-           help="The table printed and written to OUT/sweep.{txt,md,csv,json}."),
+           help="The table printed and written to OUT/sweep.{txt,md,csv,table.json}."),
     option("--new-set", is_flag=True,
            help="--out holds a sweep with other settings: start a new set beside its points (kept, never mixed "
                 "in)."),
@@ -115,8 +124,8 @@ RUN_OPTIONS = OptionGroup(RUN, [
 
 @click.command(cls=SectionedCommand,
                short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
-@with_options(INPUTS, GRID, GUIDANCE_CHANNELS, SAMPLER, DRAWS, SELECTION, EMA, EVALUATOR, OUTPUT, RUN_OPTIONS)
-def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual, n, ref, out, repeats, fmt,
+@with_options(INPUTS, GRID, GUIDANCE_CHANNELS, SWEEP_SAMPLER, DRAWS, SELECTION, EMA, EVALUATOR, OUTPUT, RUN_OPTIONS)
+def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual, steps_spec, n, ref, out, repeats, fmt,
           inception_weights, batch_size, feature_chunk, wandb_project, new_set, overwrite, many_points, device, quiet,
           **sampling) -> None:
     """Generate and score CKPT at every combination of --cfg, --cls-cfg and --interval, all with the same seeds
@@ -136,8 +145,10 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual,
 
     try:  # the grammar, the grid's size and the seed range: before anything is loaded
         emas = parse_values(ema_spec, "--ema") if ema_spec else None
+        steps = parse_steps(steps_spec) if steps_spec else None
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
-                      [parse_interval(i) for i in intervals] or [None], many_points, emas)
+                      [parse_interval(i) for i in intervals] or [None], many_points, emas,
+                      steps if steps and len(steps) > 1 else None)
         check_repeats(sampling["seed"], repeats)
     except (SweepError, SampleError) as exc:
         fail(str(exc))
@@ -148,7 +159,7 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual,
     if wandb_project:
 
         check_wandb(wandb_project, Path(out))  # the package, the project name, a stored run id: nothing opened
-    base = make_request(n, **sampling)
+    base = make_request(n, steps=steps[0] if steps and len(steps) == 1 else None, **sampling)
     dist = init_distributed(device)
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), progress=not quiet,
                           feature_chunk=feature_chunk)
@@ -175,7 +186,8 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual,
     atomic_write_text(Path(out) / f"sweep.{FORMATS[fmt]}", text + "\n")
     click.echo(text)
     top = best(rows)
-    where = f"ema {exact(top['ema'])}, " if "ema" in top else ""
+    where = (f"ema {exact(top['ema'])}, " if "ema" in top else "") + (f"{top['steps']} steps (NFE {top['nfe']}), "
+                                                                     if "steps" in top else "")
     click.echo(f"best: FID {top['fid']:.4f} at {where}cfg {exact(top['cfg'])}, [CLS] {exact(top['cls_cfg'])}, "
                f"interval {top['interval']}")
     try:

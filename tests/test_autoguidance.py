@@ -65,7 +65,7 @@ def test_a_guide_equal_to_the_model_gives_exactly_the_unguided_samples(run, tmp_
 
 
 def test_another_guide_follows_a_float64_replay_of_the_guided_update(run):
-    (model, config), (guide, _) = checkpoints.load_model(run / "0000005.pt"), checkpoints.load_model(
+    (model, _), (guide, _) = checkpoints.load_model(run / "0000005.pt"), checkpoints.load_model(
         run / "0000002.pt")
     settings = SampleSettings(n=2, sampler="ode-euler", steps=3, guidance=Guidance(scale=2.5, interval=(0.0, 1.0)),
                               guide=str(run / "0000002.pt"))

@@ -88,3 +88,21 @@ def _sampling():
     from reglue import presets
 
     return presets.load("tiny-reglue").sampling
+
+
+def test_a_steps_sweep_tabulates_and_plots_fid_against_the_model_evaluations(random_reglue_checkpoint, tmp_path):
+    from conftest import random_reference
+
+    ref, out = random_reference(tmp_path / "ref.npz", 6), tmp_path / "sweep"
+    assert main(["sweep", "--ckpt", str(random_reglue_checkpoint), "--steps", "2,5", "--cfg", "2", "--n", "4",
+                 "--chunk", "2", "--vae", "tiny", "--sampler", "ode-heun", "--ref", str(ref), "--inception-weights",
+                 "random", "--feature-chunk", "4", "--out", str(out), "--quiet", "--format", "json"]) == 0
+    table = json.loads((out / "sweep.table.json").read_text())
+    guided = Guidance(scale=2.0, interval=(0.0, 0.9))  # tiny-reglue's sampling interval
+    assert [(r["steps"], r["nfe"]) for r in table["points"]] == [
+        (s, function_evaluations("ode-heun", time_grid(s), guided)) for s in (2, 5)]
+    assert (out / "sweep.png").stat().st_size > 1000
+    identity = json.loads(next((out / "points").glob("steps2_*.json")).read_text())["identity"]
+    assert identity["sampling"]["settings"]["steps"] == 2
+    manifest = json.loads((out / "sweep.json").read_text())["identity"]  # what the points share: not the steps
+    assert "steps" not in manifest["sampling"]["settings"] and manifest["sampling"]["checkpoint_sha256"]

@@ -45,6 +45,7 @@ MANIFEST = "sweep.json"  # the identity every point of the current set shares: a
 POINTS = "points"  # one `reglue eval --json` result per point, named by its identity
 MAX_POINTS = 200  # points in one sweep (--cfg x --cls-cfg x --interval) without --many-points
 HARD_MAX_POINTS = 10_000  # points in one sweep, whatever the flags: split a larger grid over several sweeps
+MAX_SWEEP_STEPS = 100_000  # integration steps of a steps sweep's point (SamplingConfig's own bound)
 GUIDANCE_KEYS = ("scale", "cls_scale", "interval")  # the settings that differ between points of one sweep
 EMA_SHARED_KEYS = ("run", "step", "snapshots")  # of an EMA point's identity, what every point of an EMA sweep shares
 EMA_CACHE = "ema"  # OUT/ema/: the post-hoc EMA checkpoints of an EMA sweep, each computed once
@@ -111,36 +112,52 @@ class Point:
     cls_cfg: float | None  # None: follows cfg
     interval: tuple[float, float] | None  # None: the checkpoint's sampling.guidance_interval
     ema: float | None = None  # sigma_rel of the post-hoc EMA (reglue.ema.reconstruct); None: the checkpoint's weights
+    steps: int | None = None  # integration steps in a steps sweep (FID against NFE); None: the request's
 
     @property
     def label(self) -> str:
         """The point in words, its scales exact."""
         ema = "" if self.ema is None else f"ema {exact(self.ema)}, "
+        steps = "" if self.steps is None else f"{self.steps} steps, "
         cls = "" if self.cls_cfg is None else f", [CLS] {exact(self.cls_cfg)}"
         interval = "" if self.interval is None else f", interval {exact(self.interval[0])},{exact(self.interval[1])}"
-        return f"{ema}cfg {exact(self.cfg)}{cls}{interval}"
+        return f"{ema}{steps}cfg {exact(self.cfg)}{cls}{interval}"
 
     def file_prefix(self) -> str:
         """The readable start of its file name (the identity key that follows is what names it)."""
         ema = "" if self.ema is None else f"ema{exact(self.ema)}_"
+        steps = "" if self.steps is None else f"steps{self.steps}_"
         cls = "same" if self.cls_cfg is None else exact(self.cls_cfg)
-        return f"{ema}cfg{exact(self.cfg)}_cls{cls}_t{exact(self.interval[0])}-{exact(self.interval[1])}"
+        return f"{ema}{steps}cfg{exact(self.cfg)}_cls{cls}_t{exact(self.interval[0])}-{exact(self.interval[1])}"
+
+
+def parse_steps(text: str) -> list[int]:
+    """'8,16,32,64,250' or '250' -> integration step counts, each once, in order."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SweepError(f"--steps {text!r}: expected step counts, e.g. 8,16,32,64,250") from None
+    if not all(1 <= v <= MAX_SWEEP_STEPS for v in values):
+        raise SweepError(f"--steps {text}: step counts lie in 1..{MAX_SWEEP_STEPS:,}")
+    return list(dict.fromkeys(values))
 
 
 def grid(cfgs: list[float], cls_cfgs: list[float] | None, intervals: list[tuple[float, float] | None],
-         many_points: bool = False, emas: list[float] | None = None) -> list[Point]:
-    """Every combination, EMA-major then interval-major, each once; its size checked against MAX_POINTS before it is
-    built."""
+         many_points: bool = False, emas: list[float] | None = None, steps: list[int] | None = None) -> list[Point]:
+    """Every combination, EMA-major, then steps, then interval-major, each once; its size checked against
+    MAX_POINTS before it is built."""
     intervals = list(dict.fromkeys(intervals))
-    count = len(emas or [None]) * len(cfgs) * len(cls_cfgs or [None]) * len(intervals)
-    axes = "--ema x --cfg x --cls-cfg x --interval" if emas else "--cfg x --cls-cfg x --interval"
+    count = len(emas or [None]) * len(steps or [None]) * len(cfgs) * len(cls_cfgs or [None]) * len(intervals)
+    axes = " x ".join([*(["--ema"] if emas else []), *(["--steps"] if steps else []), "--cfg", "--cls-cfg",
+                       "--interval"])
     if count > HARD_MAX_POINTS:
         raise SweepError(f"{count:,} points ({axes}): one sweep has at most {HARD_MAX_POINTS:,}; split the grid over "
                          "several sweeps")
     if count > MAX_POINTS and not many_points:
         raise SweepError(f"{count:,} points ({axes}), more than {MAX_POINTS}: each is N samples generated and scored; "
                          "pass --many-points if you mean it")
-    return [Point(c, k, i, e) for e, i, c, k in itertools.product(emas or [None], intervals, cfgs, cls_cfgs or [None])]
+    combinations = itertools.product(emas or [None], steps or [None], intervals, cfgs, cls_cfgs or [None])
+    return [Point(c, k, i, e, s) for e, s, i, c, k in combinations]
 
 
 def _plain(data: dict) -> dict:
@@ -148,13 +165,15 @@ def _plain(data: dict) -> dict:
     return json.loads(json.dumps(data))
 
 
-def shared_identity(identity: dict) -> dict:
-    """A point's identity without its guidance point and its EMA length: what every point of its sweep shares
-    (OUT/sweep.json)."""
+def shared_identity(identity: dict, steps_axis: bool = False) -> dict:
+    """A point's identity without its guidance point, its EMA length and (``steps_axis``) its step count: what every
+    point of its sweep shares (OUT/sweep.json)."""
     shared = _plain(identity)
     guidance = shared["sampling"]["settings"]["guidance"]
     for key in GUIDANCE_KEYS:
         guidance.pop(key, None)
+    if steps_axis:
+        shared["sampling"]["settings"].pop("steps", None)
     if "ema" in shared:
         shared["ema"] = {k: v for k, v in shared["ema"].items() if k in EMA_SHARED_KEYS}
     return shared
@@ -206,7 +225,7 @@ def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, incepti
                            "repeats": repeats, **({"ema": ema.identity(point.ema)} if point.ema is not None else {})})
         unique.setdefault(identity_key(identity), (point, settings, identity))  # --interval given twice: once
     kept_points, kept_guided, identities = (list(column) for column in zip(*unique.values()))
-    shared = shared_identity(identities[0])
+    shared = shared_identity(identities[0], steps_axis=any(p.steps is not None for p in kept_points))
     check_directory(Path(out), shared, overwrite or new_set)
     return Plan(Path(out), prepared, kept_points, kept_guided, identities, shared, ref, inception_weights, options,
                 repeats, overwrite, ema)
@@ -216,10 +235,12 @@ def _guided(prepared: Prepared, point: Point) -> Prepared:
     """``prepared`` with the point's guidance, checked against the model (no guidance without labels)."""
     guidance = dataclasses.replace(prepared.settings.guidance, scale=point.cfg, cls_scale=point.cls_cfg,
                                    interval=point.interval)
-    settings = dataclasses.replace(prepared.settings, guidance=guidance)
+    settings = dataclasses.replace(prepared.settings, guidance=guidance,
+                                   steps=prepared.settings.steps if point.steps is None else point.steps)
     check_settings(settings, prepared.model.config.num_classes)
     return dataclasses.replace(prepared, settings=settings,
-                               attrs={**prepared.attrs, "settings": json.dumps(settings.describe())})
+                               attrs={**prepared.attrs, "settings": json.dumps(settings.describe()),
+                                      "nfe": settings.function_evaluations()})
 
 
 class _Damaged(ValueError):
@@ -366,7 +387,8 @@ def _metrics(result: dict) -> dict:
 def row_of(point: Point, result: dict) -> dict:
     """A table row: the point (its EMA length first in an EMA sweep) and its metrics (the mean over repeats, with
     the std, when there were repeats)."""
-    return {**({"ema": point.ema} if point.ema is not None else {}),
+    steps = {"steps": point.steps, "nfe": result.get("sample_info", {}).get("nfe")} if point.steps is not None else {}
+    return {**({"ema": point.ema} if point.ema is not None else {}), **steps,
             "interval": f"{exact(point.interval[0])},{exact(point.interval[1])}", "cfg": point.cfg,
             "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg, **_metrics(result)}
 
@@ -404,38 +426,48 @@ def _cell(column: str, value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _series_label(row: dict, by_ema: bool) -> str:
-    """The curve a row belongs to: its interval and [CLS] scale, and in an EMA sweep its CFG scale too."""
+def _series_label(row: dict, across: str) -> str:
+    """The curve a row belongs to: its interval and [CLS] scale; its CFG scale too when the x axis is not the scale
+    (``across`` "ema" or "nfe"), and its EMA length in a steps sweep of several."""
     label = f"interval {row['interval']}" + ("" if row["cls_cfg"] == row["cfg"] else f", [CLS] {exact(row['cls_cfg'])}")
-    return f"cfg {exact(row['cfg'])}, {label}" if by_ema else label
+    if across == "cfg":
+        return label
+    ema = f"ema {exact(row['ema'])}, " if across == "nfe" and "ema" in row else ""
+    return f"{ema}cfg {exact(row['cfg'])}, {label}"
+
+
+AXES = {"nfe": "model evaluations per sample (NFE)", "ema": "EMA length (sigma_rel)", "cfg": "CFG scale"}
 
 
 def plot(rows: list[dict], path) -> Path:
     """FID and IS against the CFG scale, one line per interval (and [CLS] scale); in an EMA sweep against the EMA
-    length (sigma_rel), one line per guidance setting; the best point ringed."""
+    length (sigma_rel), in a steps sweep against the model evaluations (log axis), one line per guidance setting;
+    the best point ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_ema = "ema" in rows[0]
-    x_key, x_name = ("ema", "EMA length (sigma_rel)") if by_ema else ("cfg", "CFG scale")
+    across = next(key for key in AXES if key in rows[0])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     series: dict[str, list[dict]] = {}
     for r in rows:
-        series.setdefault(_series_label(r, by_ema), []).append(r)
+        series.setdefault(_series_label(r, across), []).append(r)
     for ax, key, name in ((axes[0], "fid", "FID"), (axes[1], "inception_score", "Inception Score")):
         for label, points in series.items():
-            points = sorted(points, key=lambda r: r[x_key])
-            xs, ys = [r[x_key] for r in points], [r[key] for r in points]
+            points = sorted(points, key=lambda r: r[across])
+            xs, ys = [r[across] for r in points], [r[key] for r in points]
             errors = [r.get(f"{key}_std", 0.0) for r in points]
             ax.errorbar(xs, ys, yerr=errors if any(errors) else None, marker="o", capsize=3, label=label)
-        ax.set_xlabel(x_name)
+        ax.set_xlabel(AXES[across])
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
+        if across == "nfe":
+            ax.set_xscale("log")
     top = best(rows)
-    where = f"ema {exact(top['ema'])}, " if by_ema else ""
-    axes[0].scatter([top[x_key]], [top["fid"]], s=160, facecolors="none", edgecolors="crimson", linewidths=2,
+    where = (f"ema {exact(top['ema'])}, " if "ema" in top else "") + (f"{top['steps']} steps, " if "steps" in top
+                                                                     else "")
+    axes[0].scatter([top[across]], [top["fid"]], s=160, facecolors="none", edgecolors="crimson", linewidths=2,
                     label=f"best: {where}cfg {exact(top['cfg'])}, {top['interval']}", zorder=5)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
