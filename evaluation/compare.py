@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,15 +19,23 @@ from evaluation.fid import frechet_distance
 from evaluation.fileio import read_json_value
 from evaluation.inception import is_published_weights
 from evaluation.precision_recall import precision_recall
-from evaluation.reference import REGISTRY
+from evaluation.reference import REGISTRY, registry
 
 BASELINES = REGISTRY.parent / "baselines.yaml"
-GROUPS = ("sit-b2", "sit-xl2", "cfg", "ablation", "uncond")
+GROUPS = ("sit-b2", "sit-xl2", "cfg", "ablation", "uncond", "frontier")
 CONDITIONINGS = ("class-conditional", "unconditional")  # a row's `conditioning`; the defaults say class-conditional
 UNCOND_MARK = " [uncond]"  # after the method of an unconditional row, in tables and in the plot's legend
 UNCOND_PRESET_SUFFIX = "-uncond"  # our run is unconditional when its samples say num_classes 0, or its preset is
 # named so (sit-b2-uncond, ...; samples written before num_classes was recorded)
 REQUIRED = ("group", "method", "model", "steps", "fid", "source")
+# The fields that make a comparison honest (baselines.yaml's header; null: the source does not say)
+LATENTS = ("sd-vae", "va-vae", "e2e-vae", "rae-dinov2-b", "rae", "pixels", "stand-in", "other")
+GUIDANCE_METHODS = ("none", "cfg", "cfg+interval", "autoguidance", "path-drop", "other")
+LABELS = ("random", "balanced")
+REFERENCES = ("adm", "other")  # adm: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz at 256 px)
+CHOICES = {"latent": LATENTS, "guidance_method": GUIDANCE_METHODS, "labels": LABELS, "reference": REFERENCES}
+LATENT_NAMES = ((("e2e", "end-to-end"), "e2e-vae"), (("sd-vae",), "sd-vae"), (("va-vae", "vavae"), "va-vae"))
+STEPS_SAMPLER = re.compile(r"(?:SDE Euler-Maruyama|ODE Euler|DDPM) (\d+)")  # one network evaluation per step
 METRICS = (("FID", "fid", "{:.2f}"), ("sFID", "sfid", "{:.2f}"), ("IS", "is", "{:.1f}"),
            ("Prec", "precision", "{:.3f}"), ("Rec", "recall", "{:.3f}"))
 
@@ -51,14 +60,72 @@ def validate_baselines(data: dict) -> list[str]:
         for _, key, _ in METRICS:
             if row.get(key) is not None and not isinstance(row[key], (int, float)):
                 problems.append(f"row {i}: {key} is not a number")
+        problems += _field_problems(i, row)
     return problems
 
 
+def _field_problems(i: int, row: dict) -> list[str]:
+    """Problems with a row's comparison fields (latent, guidance_method, labels, reference, sampler, nfe, cfg,
+    also_in); each optional, null meaning "not stated"."""
+    problems = []
+    for key, allowed in CHOICES.items():
+        if row.get(key) is not None and row[key] not in allowed:
+            problems.append(f"row {i} ({row.get('method')}): {key} {row[key]!r} unknown, expected one of "
+                            f"{', '.join(allowed)} or null")
+    if row.get("sampler") is not None and not isinstance(row["sampler"], str):
+        problems.append(f"row {i} ({row.get('method')}): sampler {row['sampler']!r} is not text")
+    nfe = row.get("nfe")
+    if nfe is not None and not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe > 0):
+        problems.append(f"row {i} ({row.get('method')}): nfe {nfe!r} is not a positive whole number")
+    if row.get("cfg") is not None and not isinstance(row["cfg"], dict):
+        problems.append(f"row {i} ({row.get('method')}): cfg {row['cfg']!r} is not a mapping or null")
+    also = row.get("also_in", [])
+    if not isinstance(also, list) or any(g not in GROUPS for g in also):
+        problems.append(f"row {i} ({row.get('method')}): also_in {also!r}, expected a list of {', '.join(GROUPS)}")
+    return problems
+
+
+def latent_of(decoder) -> str | None:
+    """The latent space a decoder name implies: sd-vae-ft-ema/-mse -> 'sd-vae', VA-VAE -> 'va-vae', an end-to-end
+    tuned VAE (E2E-...) -> 'e2e-vae', the random 'tiny' test VAE -> 'stand-in'; None when the name says nothing."""
+    name = str(decoder or "").lower()
+    for needles, latent in LATENT_NAMES:  # an E2E-VAVAE is end-to-end tuned: that first
+        if any(needle in name for needle in needles):
+            return latent
+    return "stand-in" if name.rstrip("/").rsplit("/", 1)[-1] == "tiny" else None
+
+
+def guidance_method_of(cfg) -> str:
+    """A guidance mapping's method: 'none' without one, 'cfg+interval' when it acts on an interval other than
+    [0, 1], else 'cfg'."""
+    if not cfg:
+        return "none"
+    interval = cfg.get("interval")
+    return "cfg+interval" if interval is not None and [float(x) for x in interval] != [0.0, 1.0] else "cfg"
+
+
+def nfe_of_sampler(sampler) -> int | None:
+    """Network evaluations per sample a published sampler text states: 'SDE Euler-Maruyama 250', 'ODE Euler 50',
+    'DDPM 250' -> the steps; None for any other text (Heun and multistep solvers count differently)."""
+    match = STEPS_SAMPLER.fullmatch(str(sampler or ""))
+    return int(match.group(1)) if match else None
+
+
+def _comparison_fields(row: dict) -> dict:
+    """The row with latent, guidance_method and nfe filled in where it does not give them (from its decoder, cfg
+    and sampler), and no labels when unconditional."""
+    derived = {"latent": lambda: latent_of(row.get("decoder")), "guidance_method": lambda: guidance_method_of(
+        row.get("cfg")), "nfe": lambda: nfe_of_sampler(row.get("sampler"))}
+    row = {**{key: make() for key, make in derived.items() if key not in row}, **row}
+    return {**row, "labels": None} if is_unconditional(row) else row
+
+
 def load_baselines(groups: list[str] | None = None) -> list[dict]:
-    """Published rows of the chosen groups (all when None), defaults filled in."""
+    """Published rows of the chosen groups (all when None; a row's ``also_in`` adds groups), defaults filled in."""
     data = yaml.safe_load(BASELINES.read_text())
-    rows = [{"conditioning": CONDITIONINGS[0], **data["defaults"], **row, "ours": False} for row in data["rows"]]
-    return [r for r in rows if groups is None or r["group"] in groups]
+    rows = [_comparison_fields({"conditioning": CONDITIONINGS[0], **data["defaults"], **row, "ours": False})
+            for row in data["rows"]]
+    return [r for r in rows if groups is None or {r["group"], *r.get("also_in", [])} & set(groups)]
 
 
 METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -113,9 +180,11 @@ def _row_from_metrics(path: Path, label: str, m: dict | None = None) -> dict:
     if guidance and (guidance.get("scale", 1) != 1 or guidance.get("cls_scale", 1) != 1):
         cfg = {"scale": guidance["scale"], "cls_scale": guidance.get("cls_scale"), "channels": guidance["channels"],
                "interval": guidance.get("interval")}
-    sampler = settings.get("sampler", "unknown")
+    kind = settings.get("sampler", "unknown")
     steps = settings.get("steps")
-    sampler = f"SDE Euler-Maruyama {steps}" if sampler == "sde" else f"{sampler} {steps}"
+    sampler = f"SDE Euler-Maruyama {steps}" if kind == "sde" else f"{kind} {steps}"
+    shift = settings.get("time_shift")
+    sampler += f", time shift {shift:g}" if _finite(shift) and shift != 1 else ""
     stand_in = info.get("decoder") == "tiny" or str(info.get("preset", "")).startswith("tiny") or \
         bool(info.get("stand_ins")) or not is_published_weights(m.get("inception_weights_sha256", ""))
     unconditional = info.get("num_classes") == 0 or str(info.get("preset", "")).endswith(UNCOND_PRESET_SUFFIX)
@@ -126,7 +195,60 @@ def _row_from_metrics(path: Path, label: str, m: dict | None = None) -> dict:
             "decoder": decoder_name(info.get("decoder", "?")), "samples": m.get("n"), "evaluator": "ADM (reglue eval)",
             "source": str(path), "note": None, "conditioning": conditioning, "ours": True, "stand_in": stand_in,
             "ema": ema_label(info.get("ema")),
-            "reference_sha256": m.get("reference_sha256"), "inception_sha256": m.get("inception_weights_sha256")}
+            "reference_sha256": m.get("reference_sha256"), "inception_sha256": m.get("inception_weights_sha256"),
+            **our_comparison_fields(m, unconditional)}
+
+
+def our_comparison_fields(m: dict, unconditional: bool = False) -> dict:
+    """Latent, guidance method, labels, reference, NFE of our metrics ``m`` (from its sample_info); None where the
+    file does not say. ``evaluations``: the samples' own count of model evaluations (guided passes counted twice),
+    when they record it."""
+    info = m.get("sample_info", {})
+    settings = info.get("settings", {}) if isinstance(info.get("settings"), dict) else {}
+    decoder = info.get("decoder")
+    stand_ins = info.get("stand_ins") if isinstance(info.get("stand_ins"), list) else []
+    stand_in = decoder == "tiny" or bool({"decoder", "vae"} & set(map(str, stand_ins)))
+    latent = "stand-in" if stand_in else latent_of(decoder) or ("other" if decoder else None)
+    labels = None if unconditional or not settings else "balanced" if settings.get("balanced") else "random"
+    return {"latent": latent, "guidance_method": _our_guidance_method(settings), "labels": labels,
+            "reference": reference_kind(m.get("reference_sha256"), m.get("reference")),
+            "nfe": steps_nfe(settings.get("sampler"), settings.get("steps")),
+            "evaluations": info.get("nfe") if _count(info.get("nfe")) else None}
+
+
+def _our_guidance_method(settings: dict) -> str | None:
+    """'none' when both scales are 1, 'autoguidance' with a guide model (``reglue sample --guide-ckpt``),
+    'cfg+interval' when guidance acts on an interval other than [0, 1], else 'cfg'; None when the samples record no
+    settings."""
+    if not settings:
+        return None
+    guidance = settings.get("guidance") or {}
+    if guidance.get("scale", 1) == 1 and guidance.get("cls_scale", 1) in (1, None):
+        return "none"
+    return "autoguidance" if settings.get("guide") else guidance_method_of({"interval": guidance.get("interval")})
+
+
+def steps_nfe(sampler, steps) -> int | None:
+    """Network evaluations per sample for ``reglue sample``'s steps, guidance's second pass not counted: the SDE and
+    the Euler ODE evaluate once a step, our Heun twice (its corrector runs on the last step too); None when the
+    sampler or steps are not known."""
+    if not _count(steps) or not steps:
+        return None
+    return {"sde": steps, "ode-euler": steps, "ode-heun": 2 * steps}.get(sampler)
+
+
+def reference_kind(sha256, path) -> str | None:
+    """'adm' when a reference batch is one of the registry's (ADM's VIRTUAL_imagenet*.npz): its sha256 is a
+    registered one, or, for an entry whose sha256 is not yet recorded, its file has that entry's name; 'other'
+    otherwise; None when the metrics name no reference."""
+    if not sha256 and not path:
+        return None
+    sha256 = str(sha256) if sha256 else None
+    entries = registry().values()
+    if sha256 and sha256 in {e.get("sha256") for e in entries if e.get("sha256")}:
+        return "adm"
+    unverified = {e.get("file") for e in entries if not e.get("sha256")}
+    return "adm" if path and Path(str(path)).name in unverified else "other"
 
 
 def ema_label(ema) -> str | None:
@@ -182,14 +304,16 @@ def load_ours(paths: list[str]) -> list[dict]:
 
 
 def _family(sampler: str) -> str:
+    """SDE, ODE (Euler, Heun, DPM-Solver) or DDPM: the kind of a sampler text."""
     s = sampler.lower()
-    return "SDE" if "sde" in s else "ODE" if "ode" in s or "heun" in s else "DDPM" if "ddpm" in s else s
+    return "SDE" if "sde" in s else "ODE" if any(k in s for k in ("ode", "heun", "dpm")) else \
+        "DDPM" if "ddpm" in s else s
 
 
 def caveats(rows: list[dict]) -> list[str]:
     """What makes the numbers in ``rows`` not directly comparable (baselines.md, section 2d)."""
     notes = []
-    families = sorted({_family(r["sampler"]) for r in rows})
+    families = sorted({_family(r["sampler"]) for r in rows if r.get("sampler")})
     if len(families) > 1:
         notes.append(f"Samplers differ ({', '.join(families)}): SiT-XL/2's 8.3 is an SDE number, its ODE gives ~9.5 "
                      "(SiT #31); compare SDE with SDE.")
@@ -200,7 +324,7 @@ def caveats(rows: list[dict]) -> list[str]:
     guided = [r for r in rows if r["cfg"]]
     if guided and len(guided) < len(rows):
         notes.append("Guided and unguided numbers are mixed: a CFG FID is not comparable with one without CFG.")
-    channel_sets = sorted({str(r["cfg"].get("channels")) for r in guided})
+    channel_sets = sorted({str(r["cfg"]["channels"]) for r in guided if r["cfg"].get("channels")})
     if len(channel_sets) > 1:
         notes.append(f"Guidance touches different channels ({', '.join(channel_sets)}); guidance intervals differ too.")
     if any(r["cfg"] and r["cfg"].get("interval") for r in guided):
@@ -210,7 +334,7 @@ def caveats(rows: list[dict]) -> list[str]:
     if len(emas) > 1:
         notes.append(f"Our rows average the weights differently (EMA {', '.join(emas)}): the EMA length alone moves "
                      "FID by more than most differences between methods (docs/ema.md).")
-    decoders = sorted({str(r["decoder"]) for r in rows})
+    decoders = sorted({str(r["decoder"]) for r in rows if r.get("decoder")})
     if len(decoders) > 1:
         notes.append(f"VAE decoders differ ({', '.join(decoders)}).")
     counts = sorted({r["samples"] for r in rows if r["samples"]})
@@ -222,20 +346,78 @@ def caveats(rows: list[dict]) -> list[str]:
     if any(r.get("stand_in") for r in rows):
         notes.append("Rows marked '!' were computed with stand-ins (a tiny or toy VAE/VFM, or Inception weights "
                      "other than the published file): not comparable to papers.")
+    notes += field_caveats(rows)
     if any(r["ours"] for r in rows):
         notes.append("Reruns of one baseline vary by 1-3 FID (REPA SiT-B/2: 24.4 published, 22.38-27.33 rerun).")
     return notes
 
 
+FIELD_CAVEATS = (  # (field, what differs, why it matters): one caveat each when published rows differ from ours
+    ("latent", "Latent spaces differ",
+     "FID scores the whole system, its autoencoder included; a number from another latent space ranks systems, not "
+     "the method on our latents."),
+    ("guidance_method", "Guidance methods differ",
+     "plain CFG, interval CFG, autoguidance and path-drop guidance reach different FIDs from one model; compare like "
+     "with like."),
+    ("labels", "Label sampling differs",
+     "balanced labels (N/1000 per class, `reglue sample --balanced`) lower FID by about 0.1 against uniform random "
+     "ones."),
+    ("reference", "Reference statistics differ",
+     "an FID against another batch than ADM's VIRTUAL_imagenet256_labeled.npz is on another scale."),
+    ("nfe", "Sampler NFE differs",
+     "network evaluations per sample for the sampler's steps (Euler and SDE: the steps; our Heun: twice the steps; "
+     "guidance's extra pass not counted); fewer evaluations usually cost FID."),
+)
+
+
+def _values_text(values) -> str:
+    """Distinct values of a field, in order (numbers by size), joined."""
+    return ", ".join(map(str, sorted(values, key=lambda v: (isinstance(v, str), v))))
+
+
+def field_caveats(rows: list[dict]) -> list[str]:
+    """One caveat per comparison field (FIELD_CAVEATS) whose values differ between our rows and the published rows
+    shown, naming both sides' values; none without both kinds of rows, and none for a field all rows that state it
+    share (null, "not stated", never counts as a difference; the caveat says how many published rows leave it out)."""
+    ours = [r for r in rows if r["ours"]]
+    published = [r for r in rows if not r["ours"]]
+    notes = []
+    for key, what, why in FIELD_CAVEATS:
+        mine = {r.get(key) for r in ours} - {None}
+        theirs = {r.get(key) for r in published} - {None}
+        if not mine or not theirs or len(mine | theirs) == 1:
+            continue
+        unstated = sum(r.get(key) is None for r in published)
+        left_out = f"; not stated for {unstated} published row{'s' * (unstated > 1)}" if unstated else ""
+        notes.append(f"{what} ({_values_text(mine)} for ours; {_values_text(theirs)} for published rows{left_out}): "
+                     f"{why}")
+    return notes
+
+
+def _cfg_cell(cfg) -> str:
+    """A guidance mapping as the table shows it: its scale ('?' when not stated) and the channels it touches."""
+    if not cfg:
+        return "-"
+    scale = "?" if cfg.get("scale") is None else str(cfg["scale"])
+    return f"{scale} ({cfg['channels']})" if cfg.get("channels") else scale
+
+
 def _cells(row: dict) -> list[str]:
+    """One table row: marks, method, model, steps (epochs when only they are known), metrics, guidance, the
+    comparison fields ('?' where not stated), EMA, source."""
     mark = ("*" if row["ours"] else "") + ("!" if row.get("stand_in") else "")
-    cfg = "-" if not row["cfg"] else f"{row['cfg'].get('scale')} ({row['cfg'].get('channels')})"
     steps = "-" if row["steps"] is None else f"{row['steps'] / 1000:g}K"
+    steps = f"{row['epochs']} ep" if row["steps"] is None and row.get("epochs") else steps
     metrics = ["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in METRICS]
-    return [mark, method_label(row), str(row["model"]), steps, *metrics, cfg, row.get("ema") or "-", row["source"]]
+    fields = ["?" if row.get(key) is None else str(row[key]) for key in COMPARISON_COLUMNS.values()]
+    return [mark, method_label(row), str(row["model"]), steps, *metrics, _cfg_cell(row["cfg"]), *fields,
+            row.get("ema") or "-", row["source"]]
 
 
-HEADER = ["", "method", "model", "steps", *[name for name, _, _ in METRICS], "CFG", "EMA", "source"]
+COMPARISON_COLUMNS = {"guidance": "guidance_method", "latent": "latent", "labels": "labels", "ref": "reference",
+                      "NFE": "nfe"}
+HEADER = ["", "method", "model", "steps", *[name for name, _, _ in METRICS], "CFG", *COMPARISON_COLUMNS, "EMA",
+          "source"]
 
 
 def format_rows(rows: list[dict], fmt: str = "table") -> str:
@@ -287,7 +469,8 @@ def series(rows: list[dict]) -> list[dict]:
     return out
 
 
-PUBLISHED_SERIES_KEYS = ("model", "sampler", "decoder", "cfg")  # with the method: what one published curve shares
+# with the method: what one published curve shares
+PUBLISHED_SERIES_KEYS = ("model", "sampler", "decoder", "cfg", "guidance_method")
 RANKED_ROW_INCHES = 0.3  # one row of the ranked chart: 9 pt labels never touch
 RANKED_EXTRA_INCHES = 1.5  # its title, x axis and label
 CURVES_INCHES = 4.2
@@ -325,7 +508,9 @@ def _published_series(rows: list[dict]) -> list[dict]:
     for members in groups.values():
         first = members[0]
         label = method_label(first) + (f" ({first['model']})" if several_models else "")
-        label += f", CFG {first['cfg'].get('scale')}" if first.get("cfg") else ""
+        if first.get("cfg"):
+            scale = first["cfg"].get("scale")
+            label += f", CFG {scale}" if scale is not None else f", {first.get('guidance_method') or 'guided'}"
         out.append({"label": label, "ours": False, "sampler": first.get("sampler"), "decoder": first.get("decoder"),
                     "points": sorted(((r["steps"], r["fid"]) for r in members), key=_point_order)})
     labels = Counter(s["label"] for s in out)

@@ -25,7 +25,7 @@ def test_baselines_file_is_valid_and_every_row_has_a_source():
     assert validate_baselines(data) == []
     rows = load_baselines()
     assert len(rows) > 50 and all(r["source"] for r in rows)
-    assert {r["group"] for r in rows} == {"sit-b2", "sit-xl2", "cfg", "ablation", "uncond"}
+    assert {r["group"] for r in rows} == {"sit-b2", "sit-xl2", "cfg", "ablation", "uncond", "frontier"}
     broken = {"defaults": data["defaults"], "rows": [{"group": "sit-b2", "method": "X", "model": "SiT-B/2",
                                                       "steps": 1, "fid": "12"}]}
     problems = validate_baselines(broken)
@@ -325,3 +325,147 @@ def test_a_run_whose_samples_record_stand_ins_is_marked_even_with_the_published_
     metrics["sample_info"]["stand_ins"] = ["decoder", "vae"]
     (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
     assert load_ours([str(run)])[0]["stand_in"]
+
+
+FRONTIER_METHODS = {"RAE", "RAEv2", "REPA-E", "DDT", "LightningDiT", "REG", "SR-DiT", "SPRINT + REPA", "PixelDiT"}
+
+
+def test_the_frontier_rows_load_validate_and_carry_the_comparison_fields():
+    from evaluation.compare import CHOICES, GROUPS
+
+    rows = load_baselines(["frontier"])
+    assert "frontier" in GROUPS and {r["method"] for r in rows} == FRONTIER_METHODS
+    for r in rows:
+        assert r["source"] and (r["group"] == "frontier" or "frontier" in r["also_in"]), r
+        for key, allowed in CHOICES.items():
+            assert r[key] is None or r[key] in allowed, (key, r)
+        assert r["nfe"] is None or (isinstance(r["nfe"], int) and r["nfe"] > 0)
+        assert (r["guidance_method"] == "none") == (r["cfg"] is None), r  # unguided and guided rows apart
+        if r["group"] == "frontier":
+            assert r["note"] and "onfirmed" in r["note"], r  # each says what was checked against its source
+    for method in ("RAE", "REPA-E", "LightningDiT", "REG"):  # unguided and guided numbers: separate rows
+        assert {r["cfg"] is None for r in rows if r["method"] == method} == {True, False}, method
+    # rows of other groups that join frontier (also_in) appear once under 'all', once under their own group
+    everything = load_baselines(None)
+    assert all(sum(r == other for other in everything) == 1 for r in rows)
+    for r in rows:
+        if r["group"] != "frontier":
+            assert r in load_baselines([r["group"]])
+    # the older rows get the fields from what they already say: decoder, guidance, sampler, the defaults
+    for r in load_baselines(["sit-b2", "cfg"]):
+        assert r["latent"] == "sd-vae" or r["decoder"] != "sd-vae-ft-ema"
+        assert r["guidance_method"] != "none" if r["cfg"] else r["guidance_method"] == "none"
+    assert all(r["labels"] is None for r in load_baselines(["uncond"]))  # unconditional: no labels at all
+
+
+def test_a_bad_comparison_field_is_refused_by_name():
+    data = yaml.safe_load(BASELINES.read_text())
+    good = {"group": "frontier", "method": "X", "model": "M", "steps": None, "fid": 1.0, "source": "s",
+            "latent": None, "guidance_method": None, "labels": None, "reference": None, "nfe": None}
+    assert validate_baselines({"defaults": data["defaults"], "rows": [good]}) == []
+    for key, value in (("latent", "sdvae"), ("guidance_method", "cfg-interval"), ("labels", "uniform"),
+                       ("reference", "inception"), ("nfe", 0), ("nfe", "250"), ("nfe", True), ("sampler", 250),
+                       ("also_in", ["frontiers"]), ("cfg", 2.3)):
+        problems = validate_baselines({"defaults": data["defaults"], "rows": [{**good, key: value}]})
+        assert len(problems) == 1 and key in problems[0] and repr(value) in problems[0], (key, problems)
+
+
+def _metrics(tmp_path, name="m", sampler="sde", steps=250, scale=1.0, interval=(0.0, 0.9), balanced=False,
+             decoder="stabilityai/sd-vae-ft-ema", reference="/refs/VIRTUAL_imagenet256_labeled.npz", settings=None,
+             **info):
+    """A synthetic `reglue eval --json` file and the row compare makes of it (``settings``: more sampling settings,
+    ``info``: more sample_info)."""
+    from evaluation.compare import _row_from_metrics
+
+    settings = {"sampler": sampler, "steps": steps, "balanced": balanced, **(settings or {}),
+                "guidance": {"scale": scale, "cls_scale": scale, "channels": "all", "interval": list(interval)}}
+    metrics = {"fid": 2.0, "n": 50000, "inception_weights_sha256": "6726825d" + "0" * 56, "reference": reference,
+               "reference_sha256": "ab" * 32 if reference else None,
+               "sample_info": {"preset": "sit-xl2-reglue", "step": 400_000, "decoder": decoder, "settings": settings,
+                               **info}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(metrics))
+    return _row_from_metrics(path, name)
+
+
+def test_our_rows_record_the_comparison_fields_from_the_eval_json(tmp_path):
+    from evaluation.reference import registry
+
+    plain = _metrics(tmp_path)
+    assert (plain["latent"], plain["guidance_method"], plain["labels"], plain["nfe"]) == ("sd-vae", "none", "random",
+                                                                                          250)
+    assert _metrics(tmp_path, balanced=True)["labels"] == "balanced"
+    assert _metrics(tmp_path, scale=2.8)["guidance_method"] == "cfg+interval"  # [0, 0.9]: an interval
+    assert _metrics(tmp_path, scale=2.8, interval=(0.0, 1.0))["guidance_method"] == "cfg"
+    assert _metrics(tmp_path, scale=1.0, interval=(0.0, 1.0))["guidance_method"] == "none"
+    assert _metrics(tmp_path, scale=2.0, settings={"guide": "runs/small/0100000.pt"})["guidance_method"] == \
+        "autoguidance"
+    assert _metrics(tmp_path, sampler="ode-euler", steps=50)["nfe"] == 50
+    assert _metrics(tmp_path, sampler="ode-heun", steps=125)["nfe"] == 2 * 125  # Heun: two evaluations a step
+    assert _metrics(tmp_path, scale=4.0)["nfe"] == 250  # guidance's second pass is not counted
+    assert _metrics(tmp_path, nfe=400)["evaluations"] == 400  # the samples' own count, when recorded
+    for decoder, latent in (("tiny", "stand-in"), ("/models/sd-vae-ft-mse/", "sd-vae"), ("/runs/my-vae", "other")):
+        assert _metrics(tmp_path, decoder=decoder)["latent"] == latent, decoder
+    assert _metrics(tmp_path, decoder="/work/demo_out/vae", stand_ins=["decoder"])["latent"] == "stand-in"
+    assert _metrics(tmp_path, num_classes=0)["labels"] is None  # unconditional: no labels to sample
+    assert _metrics(tmp_path, sampler="ode-euler", steps=50, settings={"time_shift": 3.0})["sampler"] == \
+        "ode-euler 50, time shift 3"
+    # the reference: ADM's batch by its registered sha256, or by its file name while the registry has no sha256
+    entry = registry()["imagenet256"]
+    assert (_metrics(tmp_path)["reference"] == "adm") == (not entry["sha256"])
+    assert _metrics(tmp_path, reference="/refs/my_own_stats.npz")["reference"] == "other"
+    assert _metrics(tmp_path, reference=None)["reference"] is None
+
+
+def test_a_field_caveat_appears_exactly_when_our_run_and_the_published_rows_differ(tmp_path):
+    from evaluation.compare import FIELD_CAVEATS, field_caveats
+
+    published = load_baselines(["sit-b2"])  # SD-VAE, no guidance, random labels, ADM reference, SDE 250
+    assert field_caveats([_metrics(tmp_path)] + published) == []  # all agree
+    assert not any("differ" in n and "for ours" in n for n in caveats([_metrics(tmp_path)] + published))
+    assert field_caveats(published) == [] and field_caveats([_metrics(tmp_path)]) == []  # one side only
+    for changed, what, values in (
+            (dict(balanced=True), "Label sampling differs", "(balanced for ours; random for published rows)"),
+            (dict(sampler="ode-euler", steps=50), "Sampler NFE differs", "(50 for ours; 250 for published rows)"),
+            (dict(scale=2.8), "Guidance methods differ", "(cfg+interval for ours; none for published rows)"),
+            (dict(decoder="tiny"), "Latent spaces differ", "(stand-in for ours; sd-vae for published rows)"),
+            (dict(reference="/refs/mine.npz"), "Reference statistics differ",
+             "(other for ours; adm for published rows)")):
+        notes = field_caveats([_metrics(tmp_path, **changed)] + published)
+        assert len(notes) == 1 and notes[0].startswith(f"{what} {values}: "), (changed, notes)
+    # beside the frontier: each field's published values come from the rows, those leaving it out are counted
+    frontier = load_baselines(["frontier"])
+    ours = _metrics(tmp_path)
+    notes = {n.split(" (")[0]: n for n in field_caveats([ours] + frontier)}
+    assert set(notes) == {what for key, what, _ in FIELD_CAVEATS if {r[key] for r in frontier} - {None, ours[key]}}
+    assert "Latent spaces differ" in notes and "Reference statistics differ" not in notes  # the anchors: ADM or unsaid
+    latents = sorted({r["latent"] for r in frontier} - {None})
+    unstated = sum(r["latent"] is None for r in frontier)
+    assert notes["Latent spaces differ"].startswith(
+        f"Latent spaces differ (sd-vae for ours; {', '.join(latents)} for published rows; not stated for "
+        f"{unstated} published row")
+    # a published row that states nothing never makes a caveat
+    silent = [{**r, **dict.fromkeys(("latent", "guidance_method", "labels", "reference", "nfe"))} for r in frontier]
+    assert field_caveats([_metrics(tmp_path, balanced=True, decoder="tiny")] + silent) == []
+
+
+def test_compare_baselines_frontier_prints_the_anchors(tmp_path, capsys):
+    code = main(["compare", "--baselines", "frontier"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = load_baselines(["frontier"])
+    for r in rows:
+        line = next(line for line in out.splitlines() if r["source"] in line and f"{r['fid']:.2f}" in line)
+        for key in ("latent", "guidance_method", "labels", "reference"):
+            assert (r[key] or "?") in line, (key, line)
+    rae = [r for r in rows if r["method"] == "RAE"]
+    assert sum("arXiv 2510.11690" in line for line in out.splitlines()) == len(rae) == 2
+    code = main(["compare", "--baselines", "all"])
+    everything = capsys.readouterr().out
+    assert all(r["source"] in everything for r in rows)
+    assert sum("arXiv 2510.11690" in line for line in everything.splitlines()) == 2  # once each under 'all'
+    # our run beside the anchors: the caveats name both sides
+    run = _fake_run(tmp_path, "xl", fid=2.5, preset="sit-xl2-reglue")
+    code = main(["compare", str(run), "--baselines", "frontier"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Latent spaces differ (sd-vae for ours;" in out and "Label sampling differs" in out
