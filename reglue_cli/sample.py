@@ -46,9 +46,9 @@ RUN_OPTIONS = OptionGroup(RUN, [
 @click.command(cls=SectionedCommand,
                short_help="Generate samples (ADM .npz + HDF5) from any checkpoint, on any number of GPUs.")
 @with_options(INPUTS, SAMPLER, DRAWS, SELECTION, GUIDANCE_SCALES, GUIDANCE_CHANNELS, OUTPUT, RUN_OPTIONS)
-def sample(ckpt, out, n, sampler, steps, time_shift, cfg, cls_cfg, interval, guide_ckpt, guide_weights, cfg_channels,
-           reference_vae_cfg, seed, chunk, batch_size, balanced, classes, weights, tf32, vae, grid, overwrite, device,
-           quiet) -> None:
+def sample(ckpt, out, n, sampler, steps, rtol, atol, time_shift, cfg, cls_cfg, interval, guide_ckpt, guide_weights,
+           cfg_channels, reference_vae_cfg, seed, chunk, batch_size, balanced, classes, weights, tf32, vae, grid,
+           overwrite, device, quiet) -> None:
     """Sample N images from CKPT into OUT/samples.h5 and OUT/samples.npz (arr_0: uint8 N x H x W x 3).
 
     \b
@@ -64,7 +64,7 @@ def sample(ckpt, out, n, sampler, steps, time_shift, cfg, cls_cfg, interval, gui
           --out samples/b2 --num-samples 50000
     """
     request = make_request(n, sampler, steps, cfg, cls_cfg, interval, cfg_channels, reference_vae_cfg, seed, chunk,
-                           balanced, classes, weights, vae, tf32, time_shift, guide_ckpt, guide_weights)
+                           balanced, classes, weights, vae, tf32, time_shift, guide_ckpt, guide_weights, rtol, atol)
     dist = init_distributed(device)
     try:
         summary = sample_to_dir(ckpt, out, request, batch_size, dist, overwrite, progress=not quiet)

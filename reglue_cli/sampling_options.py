@@ -54,6 +54,10 @@ SAMPLER = OptionGroup(SAMPLING, [
                 "[default: the checkpoint's sampling.sampler, sde for every preset]."),
     option("--steps", type=click.IntRange(min=1), default=None,
            help="Integration steps [default: the checkpoint's sampling.steps, 250 for the paper presets]."),
+    option("--rtol", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+           help="--sampler ode-dopri5: relative tolerance (its steps adapt; --steps caps them)."),
+    option("--atol", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
+           help="--sampler ode-dopri5: absolute tolerance."),
     option("--time-shift", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
            help="Shift the time grid, s t / (1 + (s - 1) t): s > 1 spends more steps near noise (SD3, RAE) "
                 "[default: the checkpoint's sampling.time_shift, 1: the reference's grid]."),
@@ -100,7 +104,8 @@ def check_scale(flag: str, value: float | None) -> None:
 
 def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, interval=None, cfg_channels=None,
                  reference_vae_cfg=False, seed=0, chunk=DEFAULT_CHUNK, balanced=False, classes=(), weights="ema",
-                 vae=None, tf32=False, time_shift=None, guide_ckpt=None, guide_weights="ema") -> SampleRequest:
+                 vae=None, tf32=False, time_shift=None, guide_ckpt=None, guide_weights="ema", rtol=1e-3,
+                 atol=1e-6) -> SampleRequest:
     """The SampleRequest of the flags above (None: the checkpoint's sampling section decides), checked."""
     check_scale("--cfg", cfg)
     check_scale("--cls-cfg", cls_cfg)
@@ -111,9 +116,11 @@ def make_request(n: int, sampler=None, steps=None, cfg=None, cls_cfg=None, inter
         fail("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
     if guide_ckpt is not None and reference_vae_cfg:
         fail("--reference-vae-cfg is the reference's classifier-free guidance; it does not go with --guide-ckpt")
+    if (rtol, atol) != (1e-3, 1e-6) and sampler != "ode-dopri5":
+        fail("--rtol and --atol are the tolerances of --sampler ode-dopri5")
     if guide_ckpt is None and guide_weights != "ema":
         fail("--guide-weights goes with --guide-ckpt")
     return SampleRequest(n=n, sampler=sampler, steps=steps, cfg=cfg, cls_cfg=cls_cfg, interval=low_high,
                          channels=cfg_channels, reference_vae_cfg=reference_vae_cfg, seed=seed, balanced=balanced,
                          classes=tuple(classes) or None, weights=weights, vae=vae, chunk=chunk, tf32=tf32,
-                         time_shift=time_shift, guide=guide_ckpt, guide_weights=guide_weights)
+                         time_shift=time_shift, guide=guide_ckpt, guide_weights=guide_weights, rtol=rtol, atol=atol)

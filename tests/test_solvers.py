@@ -106,3 +106,19 @@ def test_a_steps_sweep_tabulates_and_plots_fid_against_the_model_evaluations(ran
     assert identity["sampling"]["settings"]["steps"] == 2
     manifest = json.loads((out / "sweep.json").read_text())["identity"]  # what the points share: not the steps
     assert "steps" not in manifest["sampling"]["settings"] and manifest["sampling"]["checkpoint_sha256"]
+
+
+def test_dopri5_meets_its_tolerance_and_counts_its_evaluations():
+    from reglue.transport.samplers import sample_dopri5
+
+    z = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64)[:, None]
+    results = []
+    for tol in (1e-5, 1e-7, 1e-9):  # the error control is per step: the global error stays within a few tol here
+        x, cls, nfe = sample_dopri5(gaussian_velocity, z, None, None, rtol=tol, atol=tol)
+        error = float((x - (MU + SIGMA * z)).abs().max())
+        assert cls is None and error < 10 * tol, (tol, error)
+        results.append((error, nfe))
+    assert results[0][1] < results[1][1] < results[2][1]  # tighter tolerances cost more evaluations
+    assert results[0][0] > results[2][0]
+    with pytest.raises(AssertionError, match="max_num_steps"):
+        sample_dopri5(gaussian_velocity, z, None, None, rtol=1e-12, atol=1e-12, max_steps=3)

@@ -47,7 +47,7 @@ class GeneratedImages:
         attrs = self.prepared.attrs
         return {**{k: attrs[k] for k in PROVENANCE_KEYS}, "settings": json.loads(attrs["settings"]),
                 "environment": json.loads(attrs["environment"]), "stand_ins": json.loads(attrs["stand_ins"]),
-                "ema": json.loads(attrs["ema"]), "nfe": attrs["nfe"],
+                "ema": json.loads(attrs["ema"]), **({"nfe": attrs["nfe"]} if "nfe" in attrs else {}),
                 **({"guide_sha256": attrs["guide_sha256"]} if "guide_sha256" in attrs else {}),
                 "generated_in_process": True}
 

@@ -37,10 +37,12 @@ from reglue.sampling.store import SampleStoreError, check_out_dir, done_indices,
 from reglue.transport.path import Path as InterpolantPath
 from reglue.transport.path import get_path
 from reglue.transport.samplers import (
+    ADAPTIVE,
     SAMPLERS,
     Guidance,
     function_evaluations,
     guided_velocity,
+    sample_dopri5,
     sample_ode,
     sample_sde,
     time_grid,
@@ -67,6 +69,8 @@ class SampleSettings:
     time_shift: float = 1.0  # the time grid's shift (transport.samplers.shift_time); 1: the reference's grid
     guide: str | None = None  # autoguidance: the guide checkpoint's path (None: classifier-free guidance)
     guide_weights: str = "ema"  # the guide's EMA or raw weights
+    rtol: float = 1e-3  # ode-dopri5's tolerances (SiT's); its steps are capped by ``steps``
+    atol: float = 1e-6
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -80,6 +84,8 @@ class SampleSettings:
             raise SampleError("--reference-vae-cfg reproduces the reference's SDE sampler; use it with --sampler sde")
         if not (math.isfinite(self.time_shift) and self.time_shift > 0):
             raise SampleError(f"time shift {self.time_shift}: must be a finite number > 0")
+        if not (self.rtol > 0 and self.atol > 0 and math.isfinite(self.rtol) and math.isfinite(self.atol)):
+            raise SampleError(f"tolerances rtol {self.rtol}, atol {self.atol}: must be finite numbers > 0")
         if self.guide is not None and self.guidance.reference_vae_cfg:
             raise SampleError("--reference-vae-cfg is the reference's classifier-free guidance; not with --guide-ckpt")
 
@@ -93,6 +99,8 @@ class SampleSettings:
             del data["time_shift"]
         if self.guide is None:  # classifier-free guidance: likewise
             del data["guide"], data["guide_weights"]
+        if self.sampler not in ADAPTIVE:  # the tolerances only matter to an adaptive sampler
+            del data["rtol"], data["atol"]
         return data
 
     def grid(self) -> torch.Tensor:
@@ -127,6 +135,8 @@ class SampleRequest:
     time_shift: float | None = None
     guide: str | None = None
     guide_weights: str = "ema"
+    rtol: float = 1e-3
+    atol: float = 1e-6
 
     def resolve(self, sampling: SamplingConfig) -> tuple[SampleSettings, list[str]]:
         """(settings, names of the settings taken from ``sampling``)."""
@@ -146,7 +156,7 @@ class SampleRequest:
                                   balanced=self.balanced, classes=self.classes, weights=self.weights, vae=self.vae,
                                   chunk=self.chunk, tf32=self.tf32, time_shift=pick(self.time_shift,
                                                                                     sampling.time_shift),
-                                  guide=self.guide, guide_weights=self.guide_weights)
+                                  guide=self.guide, guide_weights=self.guide_weights, rtol=self.rtol, atol=self.atol)
         return settings, taken
 
 
@@ -188,6 +198,8 @@ def integrate(model, settings: SampleSettings, seeds: list[int], labels: torch.T
     grid = settings.grid()
     if settings.sampler == "sde":
         return sample_sde(velocity, x, cls, labels.to(device), grid, noise.step, path)
+    if settings.sampler == "ode-dopri5":
+        return sample_dopri5(velocity, x, cls, labels.to(device), settings.rtol, settings.atol, settings.steps)[:2]
     return sample_ode(velocity, x, cls, labels.to(device), grid, heun=settings.sampler == "ode-heun")
 
 
@@ -308,7 +320,7 @@ def prepare(ckpt, settings: SampleSettings | SampleRequest, device, model=None, 
              "settings_from_checkpoint": json.dumps(taken), "environment": json.dumps(env),
              "stand_ins": json.dumps(stand_ins(config, vae_id)),
              "ema": json.dumps(ema_of(config, settings.weights, in_memory)),
-             "nfe": settings.function_evaluations(),
+             **({"nfe": settings.function_evaluations()} if settings.sampler not in ADAPTIVE else {}),
              **({"guide_sha256": file_sha256(settings.guide)} if guide is not None else {})}
     return Prepared(model, config, settings, taken, path, vae_id, attrs, guide)
 

@@ -7,7 +7,8 @@ Kept apart from the model, as SiT keeps its integrators: a sampler sees only a v
   linspace(1, 0.04, steps) followed by 0; the score follows from the velocity through the interpolant path
   the model was trained with (linear: s = (-(1 - t) v - x) / t); drift d = v - w/2 s;
   x <- x + d dt + sqrt(w |dt|) xi; the last step is deterministic (no noise).
-- ODE: Euler (x <- x + v dt) or Heun (trapezoid with an Euler predictor) on the same grid.
+- ODE: Euler (x <- x + v dt) or Heun (trapezoid with an Euler predictor) on the same grid, or Dormand-Prince 5(4)
+  with adaptive steps from t = 1 to 0 (torchdiffeq's dopri5, SiT's own ODE sampler), its tolerances settings.
 
 Classifier-free guidance acts on velocities: since the drift is affine in v with the same x for both
 halves (and the guidance weights sum to 1), guiding the velocity and guiding the drift are the same thing.
@@ -26,7 +27,8 @@ import torch
 from reglue.constants import CFG_CHANNEL_SETS, LATENT_CHANNELS, TIME_DATA, TIME_NOISE
 from reglue.transport.path import LinearPath, Path
 
-SAMPLERS = ("sde", "ode-euler", "ode-heun")
+SAMPLERS = ("sde", "ode-euler", "ode-heun", "ode-dopri5")
+ADAPTIVE = ("ode-dopri5",)  # samplers whose steps the error decides: steps caps them, their NFE is counted
 SDE_LAST_TIME = 0.04  # the reference's grid ends at 0.04, then one deterministic step to 0
 
 
@@ -48,9 +50,12 @@ def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_time(torch.cat([body, torch.tensor([TIME_DATA], dtype=torch.float64)]), shift)
 
 
-def function_evaluations(sampler: str, grid: torch.Tensor, guidance: "Guidance") -> int:
+def function_evaluations(sampler: str, grid: torch.Tensor, guidance: "Guidance") -> int | None:
     """Model evaluations per sample of ``sampler`` on ``grid``: one per velocity call, two where guidance is active
-    (the conditional and the null-class rows); Heun calls the velocity twice an interval."""
+    (the conditional and the null-class rows); Heun calls the velocity twice an interval. None for an adaptive
+    sampler (sample_dopri5 counts its own)."""
+    if sampler in ADAPTIVE:
+        return None
     def calls(t: float, final: bool = False) -> int:
         rule = guidance.final_step() if final else guidance
         return 2 if rule.active(t) else 1
@@ -200,6 +205,27 @@ def sample_sde(velocity: VelocityFn, x, cls, y, grid: torch.Tensor, noise: Calla
             cls_next = None if cls is None else cls_next + (w * abs(dt)) ** 0.5 * cls_xi.to(cls)
         x, cls = x_next, cls_next
     return x, cls
+
+
+@torch.no_grad()
+def sample_dopri5(velocity: VelocityFn, x, cls, y, rtol: float = 1e-3, atol: float = 1e-6, max_steps: int = 10_000):
+    """Dormand-Prince 5(4) with adaptive steps from t = 1 (noise) to t = 0 (torchdiffeq; SiT's ODE defaults rtol
+    1e-3, atol 1e-6), at most ``max_steps`` steps. Returns the final (x, cls) in float64 and the velocity calls made
+    (each a model call on the whole batch, two under guidance)."""
+    from torchdiffeq import odeint
+
+    calls = [0]
+
+    def derivative(t, state):
+        calls[0] += 1
+        v, cls_v = velocity(state[0], state[1] if len(state) > 1 else None, float(t), y)
+        return (v,) if cls_v is None else (v, cls_v)
+
+    start = (x.double(),) if cls is None else (x.double(), cls.double())
+    times = torch.tensor([TIME_NOISE, TIME_DATA], dtype=torch.float64, device=x.device)
+    out = odeint(derivative, start, times, method="dopri5", rtol=rtol, atol=atol,
+                 options={"max_num_steps": max_steps})
+    return out[0][-1], (None if cls is None else out[1][-1]), calls[0]
 
 
 @torch.no_grad()
