@@ -9,6 +9,7 @@ import dataclasses
 from reglue.distributed import main_phase
 from reglue.encoders.vfm import load_vfm
 from reglue.probe.run import METRICS, ProbeSettings, probe, record, write
+from reglue.training.loop import due
 
 PROBE_DIR = "probe"  # run/probe/STEP.json
 
@@ -33,13 +34,8 @@ class TrainingProbe:
     settings: ProbeSettings = dataclasses.field(default_factory=ProbeSettings)
     _vfm: object = None  # the probe's VFM when the model reads none in training (loaded once)
 
-    def due(self, trainer) -> bool:
-        """Whether this step is one to probe (a multiple of ``every``, or the last step)."""
-        step = trainer.step
-        return step > 0 and (step % self.every == 0 or step == trainer.train_cfg.max_steps)
-
     def __call__(self, trainer) -> None:
-        if not self.due(trainer):
+        if not due(trainer.step, self.every, trainer.train_cfg.max_steps):
             return
         out = trainer.run.root / PROBE_DIR / f"{trainer.step:07d}.json"
         with main_phase("probe"):  # minutes for a big model on one GPU: the others wait through gloo

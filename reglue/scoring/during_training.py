@@ -21,6 +21,7 @@ from reglue.sampling.seeds import MAX_SAMPLES
 from reglue.scoring import generate_and_score
 from reglue.scoring.generate_and_score import METRICS
 from reglue.scoring.identity import describe_differences, differences, evaluator_identity, identity_key
+from reglue.training.loop import due
 
 EVAL_DIR = "eval"  # run/eval/STEP.json: one `reglue eval --json` result per evaluated step
 # The evaluator keys of a `reglue eval --json` result, for series written before results carried their identity.
@@ -130,14 +131,8 @@ class TrainingEvaluator:
                 f"launch with the old settings, or move {directory} aside (e.g. to {directory}-{identity_key(old)}) "
                 "to start a new series")
 
-    def due(self, trainer) -> bool:
-        """Whether this step is one to score (a multiple of ``every``, or the last step)."""
-        step = trainer.step
-        return step > 0 and (step % self.every == 0 or step == trainer.train_cfg.max_steps)
-
     def __call__(self, trainer) -> None:
-
-        if not self.due(trainer):
+        if not due(trainer.step, self.every, trainer.train_cfg.max_steps):
             return
         out = trainer.run.root / EVAL_DIR / f"{trainer.step:07d}.json"
         if all_sum([float(out.exists() and trainer.dist.is_main)])[0]:  # rank 0 decides for all

@@ -68,6 +68,12 @@ class StepResult(Protocol):
         """The figures the progress bar shows."""
 
 
+def due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a callback that runs every ``every`` steps and at the last one (--eval-every, --probe-every) runs after
+    optimiser step ``step``."""
+    return step > 0 and (step % every == 0 or step == max_steps)
+
+
 def _nothing() -> None:
     """No work after the step."""
 
