@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -72,6 +73,11 @@ GRID = OptionGroup(GUIDANCE, [  # the scales and intervals are the grid's own; t
            help="[CLS] guidance scales, crossed with --cfg [default: each point's --cfg]."),
     option("--interval", "intervals", multiple=True, metavar="LOW,HIGH",
            help="Guidance intervals, crossed with the scales (repeatable) [default: the checkpoint's]."),
+    option("--guide-ckpt", "guide_spec", metavar="PATH|STEP,...",
+           help="Autoguidance guides crossed with the scales (docs/sample.md): checkpoint files or steps of CKPT's "
+                "run directory, e.g. 20000,50000; --cfg is then the autoguidance weight."),
+    option("--guide-weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+           help="The guides' EMA or raw weights."),
     option("--many-points", is_flag=True,
            help=f"Allow more than {MAX_POINTS} points (--cfg x --cls-cfg x --interval; never more than "
                 f"{HARD_MAX_POINTS:,})."),
@@ -125,9 +131,9 @@ RUN_OPTIONS = OptionGroup(RUN, [
 @click.command(cls=SectionedCommand,
                short_help="Score a grid of CFG scales and intervals of one checkpoint (FID, IS, ... per point).")
 @with_options(INPUTS, GRID, GUIDANCE_CHANNELS, SWEEP_SAMPLER, DRAWS, SELECTION, EMA, EVALUATOR, OUTPUT, RUN_OPTIONS)
-def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual, steps_spec, n, ref, out, repeats, fmt,
-          inception_weights, batch_size, feature_chunk, wandb_project, new_set, overwrite, many_points, device, quiet,
-          **sampling) -> None:
+def sweep(ckpt, cfg_spec, cls_spec, intervals, guide_spec, guide_weights, ema_spec, ema_step, max_residual, steps_spec,
+          n, ref, out, repeats, fmt, inception_weights, batch_size, feature_chunk, wandb_project, new_set, overwrite,
+          many_points, device, quiet, **sampling) -> None:
     """Generate and score CKPT at every combination of --cfg, --cls-cfg and --interval, all with the same seeds
     (common random numbers: the differences between points are not seed noise).
 
@@ -148,7 +154,7 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual,
         steps = parse_steps(steps_spec) if steps_spec else None
         points = grid(parse_values(cfg_spec, "--cfg"), parse_values(cls_spec, "--cls-cfg") if cls_spec else None,
                       [parse_interval(i) for i in intervals] or [None], many_points, emas,
-                      steps if steps and len(steps) > 1 else None)
+                      steps if steps and len(steps) > 1 else None, guide_spec.split(",") if guide_spec else None)
         check_repeats(sampling["seed"], repeats)
     except (SweepError, SampleError) as exc:
         fail(str(exc))
@@ -159,7 +165,10 @@ def sweep(ckpt, cfg_spec, cls_spec, intervals, ema_spec, ema_step, max_residual,
     if wandb_project:
 
         check_wandb(wandb_project, Path(out))  # the package, the project name, a stored run id: nothing opened
-    base = make_request(n, steps=steps[0] if steps and len(steps) == 1 else None, **sampling)
+    if guide_spec is None and guide_weights != "ema":
+        fail("--guide-weights goes with --guide-ckpt")
+    base = dataclasses.replace(make_request(n, steps=steps[0] if steps and len(steps) == 1 else None, **sampling),
+                               guide_weights=guide_weights)  # the guides themselves are the grid's
     dist = init_distributed(device)
     options = EvalOptions(batch_size=batch_size, device=str(dist.device), progress=not quiet,
                           feature_chunk=feature_chunk)

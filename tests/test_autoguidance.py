@@ -112,3 +112,19 @@ def test_a_guide_of_another_shape_or_missing_is_one_line(run, tmp_path):
     assert_one_line(reglue(*base, "--guide-ckpt", "77"), "0000077.pt", "no such file")
     assert_one_line(reglue(*base, "--guide-weights", "model"), "--guide-weights goes with --guide-ckpt")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.npz"))
+
+
+def test_a_sweep_crosses_guides_with_the_scales(run, tmp_path):
+    from conftest import random_reference
+
+    ref, out = random_reference(tmp_path / "ref.npz", 6), tmp_path / "sweep"
+    assert main(["sweep", "--ckpt", str(run / "0000005.pt"), "--guide-ckpt", f"2,{run.parent / '0000009.pt'}",
+                 "--cfg", "2", "--n", "4", "--steps", "2", "--chunk", "2", "--vae", "tiny", "--ref", str(ref),
+                 "--inception-weights", "random", "--feature-chunk", "4", "--out", str(out), "--quiet"]) == 0
+    table = (out / "sweep.txt").read_text().splitlines()
+    assert table[0].split()[0] == "guide" and [line.split()[0] for line in table[1:]] == [
+        "2", str(run.parent / "0000009.pt")]
+    points = sorted((out / "points").glob("guide*.json"))
+    guides = {json.loads(p.read_text())["identity"]["sampling"]["settings"]["guide"] for p in points}
+    assert guides == {str(run / "0000002.pt"), str(run.parent / "0000009.pt")}
+    assert "guide" not in json.loads((out / "sweep.json").read_text())["identity"]["sampling"]["settings"]

@@ -30,7 +30,7 @@ from reglue.ema.source import PostHocSource
 from reglue.encoders.vae import load_vae
 from reglue.errors import UserError
 from reglue.fileio import atomic_path, atomic_write_text
-from reglue.sampling.run import Prepared, SampleRequest, check_settings, prepare
+from reglue.sampling.run import Prepared, SampleRequest, check_settings, file_sha256, guide_path, load_guide, prepare
 from reglue.sampling.seeds import check_repeats
 from reglue.scoring.generate_and_score import METRICS, score_repeats
 from reglue.scoring.identity import (
@@ -113,12 +113,14 @@ class Point:
     interval: tuple[float, float] | None  # None: the checkpoint's sampling.guidance_interval
     ema: float | None = None  # sigma_rel of the post-hoc EMA (reglue.ema.reconstruct); None: the checkpoint's weights
     steps: int | None = None  # integration steps in a steps sweep (FID against NFE); None: the request's
+    guide: str | None = None  # autoguidance: the guide as given (a path or a step of the run); None: the request's
 
     @property
     def label(self) -> str:
         """The point in words, its scales exact."""
         ema = "" if self.ema is None else f"ema {exact(self.ema)}, "
-        steps = "" if self.steps is None else f"{self.steps} steps, "
+        steps = ("" if self.steps is None else f"{self.steps} steps, ") + (
+            "" if self.guide is None else f"guide {self.guide}, ")
         cls = "" if self.cls_cfg is None else f", [CLS] {exact(self.cls_cfg)}"
         interval = "" if self.interval is None else f", interval {exact(self.interval[0])},{exact(self.interval[1])}"
         return f"{ema}{steps}cfg {exact(self.cfg)}{cls}{interval}"
@@ -126,7 +128,8 @@ class Point:
     def file_prefix(self) -> str:
         """The readable start of its file name (the identity key that follows is what names it)."""
         ema = "" if self.ema is None else f"ema{exact(self.ema)}_"
-        steps = "" if self.steps is None else f"steps{self.steps}_"
+        steps = ("" if self.steps is None else f"steps{self.steps}_") + (
+            "" if self.guide is None else f"guide{Path(self.guide).stem}_")
         cls = "same" if self.cls_cfg is None else exact(self.cls_cfg)
         return f"{ema}{steps}cfg{exact(self.cfg)}_cls{cls}_t{exact(self.interval[0])}-{exact(self.interval[1])}"
 
@@ -143,21 +146,24 @@ def parse_steps(text: str) -> list[int]:
 
 
 def grid(cfgs: list[float], cls_cfgs: list[float] | None, intervals: list[tuple[float, float] | None],
-         many_points: bool = False, emas: list[float] | None = None, steps: list[int] | None = None) -> list[Point]:
-    """Every combination, EMA-major, then steps, then interval-major, each once; its size checked against
-    MAX_POINTS before it is built."""
+         many_points: bool = False, emas: list[float] | None = None, steps: list[int] | None = None,
+         guides: list[str] | None = None) -> list[Point]:
+    """Every combination, EMA-major, then steps, then guides, then interval-major, each once; its size checked
+    against MAX_POINTS before it is built."""
     intervals = list(dict.fromkeys(intervals))
-    count = len(emas or [None]) * len(steps or [None]) * len(cfgs) * len(cls_cfgs or [None]) * len(intervals)
-    axes = " x ".join([*(["--ema"] if emas else []), *(["--steps"] if steps else []), "--cfg", "--cls-cfg",
-                       "--interval"])
+    count = (len(emas or [None]) * len(steps or [None]) * len(guides or [None]) * len(cfgs) * len(cls_cfgs or [None])
+             * len(intervals))
+    axes = " x ".join([*(["--ema"] if emas else []), *(["--steps"] if steps else []),
+                       *(["--guide-ckpt"] if guides else []), "--cfg", "--cls-cfg", "--interval"])
     if count > HARD_MAX_POINTS:
         raise SweepError(f"{count:,} points ({axes}): one sweep has at most {HARD_MAX_POINTS:,}; split the grid over "
                          "several sweeps")
     if count > MAX_POINTS and not many_points:
         raise SweepError(f"{count:,} points ({axes}), more than {MAX_POINTS}: each is N samples generated and scored; "
                          "pass --many-points if you mean it")
-    combinations = itertools.product(emas or [None], steps or [None], intervals, cfgs, cls_cfgs or [None])
-    return [Point(c, k, i, e, s) for e, s, i, c, k in combinations]
+    combinations = itertools.product(emas or [None], steps or [None], list(dict.fromkeys(guides or [None])), intervals,
+                                     cfgs, cls_cfgs or [None])
+    return [Point(c, k, i, e, s, g) for e, s, g, i, c, k in combinations]
 
 
 def _plain(data: dict) -> dict:
@@ -165,15 +171,18 @@ def _plain(data: dict) -> dict:
     return json.loads(json.dumps(data))
 
 
-def shared_identity(identity: dict, steps_axis: bool = False) -> dict:
-    """A point's identity without its guidance point, its EMA length and (``steps_axis``) its step count: what every
-    point of its sweep shares (OUT/sweep.json)."""
+def shared_identity(identity: dict, steps_axis: bool = False, guide_axis: bool = False) -> dict:
+    """A point's identity without its guidance point, its EMA length, (``steps_axis``) its step count and
+    (``guide_axis``) its guide: what every point of its sweep shares (OUT/sweep.json)."""
     shared = _plain(identity)
     guidance = shared["sampling"]["settings"]["guidance"]
     for key in GUIDANCE_KEYS:
         guidance.pop(key, None)
     if steps_axis:
         shared["sampling"]["settings"].pop("steps", None)
+    if guide_axis:
+        shared["sampling"]["settings"].pop("guide", None)
+        shared["sampling"].pop("guide_sha256", None)
     if "ema" in shared:
         shared["ema"] = {k: v for k, v in shared["ema"].items() if k in EMA_SHARED_KEYS}
     return shared
@@ -216,7 +225,8 @@ def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, incepti
         prepared = prepare(ckpt, base, options.device or "cpu")
     default_interval = tuple(prepared.settings.guidance.interval)  # the checkpoint's, when no --interval is given
     resolved = [dataclasses.replace(p, interval=p.interval or default_interval) for p in points]
-    guided = [_guided(prepared, p) for p in resolved]  # every point checked before the first is scored
+    guides = _guides(ckpt, prepared, {p.guide for p in resolved if p.guide is not None})
+    guided = [_guided(prepared, p, guides) for p in resolved]  # every point checked before the first is scored
     side = prepared.model.config.input_size * VAE_DOWNSAMPLE
     evaluator = evaluator_identity(ref, inception_weights, options, side)  # opens the reference: fails before sampling
     unique: dict[str, tuple] = {}
@@ -225,21 +235,38 @@ def plan_sweep(ckpt, base: SampleRequest, points: list[Point], out, ref, incepti
                            "repeats": repeats, **({"ema": ema.identity(point.ema)} if point.ema is not None else {})})
         unique.setdefault(identity_key(identity), (point, settings, identity))  # --interval given twice: once
     kept_points, kept_guided, identities = (list(column) for column in zip(*unique.values()))
-    shared = shared_identity(identities[0], steps_axis=any(p.steps is not None for p in kept_points))
+    shared = shared_identity(identities[0], steps_axis=any(p.steps is not None for p in kept_points),
+                             guide_axis=any(p.guide is not None for p in kept_points))
     check_directory(Path(out), shared, overwrite or new_set)
     return Plan(Path(out), prepared, kept_points, kept_guided, identities, shared, ref, inception_weights, options,
                 repeats, overwrite, ema)
 
 
-def _guided(prepared: Prepared, point: Point) -> Prepared:
-    """``prepared`` with the point's guidance, checked against the model (no guidance without labels)."""
+def _guides(ckpt, prepared: Prepared, given: set[str]) -> dict[str, tuple[str, object, str]]:
+    """Each guide of a guide axis, loaded once: given -> (its path, the model, its content hash)."""
+    out = {}
+    for text in sorted(given):
+        settings = dataclasses.replace(prepared.settings, guide=str(guide_path(text, ckpt)))
+        out[text] = (settings.guide, load_guide(settings, prepared.model, next(prepared.model.parameters()).device),
+                     file_sha256(settings.guide))
+    return out
+
+
+def _guided(prepared: Prepared, point: Point, guides: dict | None = None) -> Prepared:
+    """``prepared`` with the point's guidance (and guide, steps), checked against the model (no guidance without
+    labels or a guide)."""
     guidance = dataclasses.replace(prepared.settings.guidance, scale=point.cfg, cls_scale=point.cls_cfg,
                                    interval=point.interval)
     settings = dataclasses.replace(prepared.settings, guidance=guidance,
                                    steps=prepared.settings.steps if point.steps is None else point.steps)
+    attrs, guide = prepared.attrs, prepared.guide
+    if point.guide is not None:
+        path, guide, sha = guides[point.guide]
+        settings = dataclasses.replace(settings, guide=path)
+        attrs = {**attrs, "guide_sha256": sha}
     check_settings(settings, prepared.model.config.num_classes)
-    return dataclasses.replace(prepared, settings=settings,
-                               attrs={**prepared.attrs, "settings": json.dumps(settings.describe()),
+    return dataclasses.replace(prepared, settings=settings, guide=guide,
+                               attrs={**attrs, "settings": json.dumps(settings.describe()),
                                       "nfe": settings.function_evaluations()})
 
 
@@ -389,6 +416,7 @@ def row_of(point: Point, result: dict) -> dict:
     the std, when there were repeats)."""
     steps = {"steps": point.steps, "nfe": result.get("sample_info", {}).get("nfe")} if point.steps is not None else {}
     return {**({"ema": point.ema} if point.ema is not None else {}), **steps,
+            **({"guide": point.guide} if point.guide is not None else {}),
             "interval": f"{exact(point.interval[0])},{exact(point.interval[1])}", "cfg": point.cfg,
             "cls_cfg": point.cfg if point.cls_cfg is None else point.cls_cfg, **_metrics(result)}
 
@@ -430,6 +458,7 @@ def _series_label(row: dict, across: str) -> str:
     """The curve a row belongs to: its interval and [CLS] scale; its CFG scale too when the x axis is not the scale
     (``across`` "ema" or "nfe"), and its EMA length in a steps sweep of several."""
     label = f"interval {row['interval']}" + ("" if row["cls_cfg"] == row["cfg"] else f", [CLS] {exact(row['cls_cfg'])}")
+    label = (f"guide {row['guide']}, " if "guide" in row else "") + label
     if across == "cfg":
         return label
     ema = f"ema {exact(row['ema'])}, " if across == "nfe" and "ema" in row else ""
